@@ -1,0 +1,506 @@
+"""Read and write image folders: the project's own layout and the official ISIC 2018 Task 1 one.
+
+Project layout (written by write_project, read by read_project):
+
+    DIR/dataset.json        format, version, ARTEFACTS order, spurious artefacts, source, extras
+    DIR/labels.csv          id,label,split,<one 0/1 column per name in ARTEFACTS>
+    DIR/images/<id>.png     RGB
+    DIR/masks/<id>.png      fine mask: 0 background, 1 benign, 2 malignant
+    DIR/artefacts/<id>.png  per-pixel artefact bit field (only when the set has one)
+
+ISIC 2018 Task 1 layout (read by read_isic, masks written back by write_isic_masks):
+
+    DIR/ISIC2018_Task1-2_<Split>_Input/ISIC_<7 digits>.jpg
+    DIR/ISIC2018_Task1_<Split>_GroundTruth/ISIC_<7 digits>_segmentation.png  (0/255)
+    DIR/*.csv               labels: see LABEL_FORMATS
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from shortcut_unlearning.data.lesion_set import ARTEFACTS, SPLITS, LesionSet
+
+FORMAT, VERSION = "shortcut-unlearning", 1
+ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
+ISIC_ID = re.compile(r"ISIC_(\d{7})")
+ISIC_IMAGE = re.compile(r"ISIC_(\d{7})\.jpg")
+# Split names are stored wide enough for every split, so assigning "train" later never truncates.
+SPLIT_DTYPE = f"U{max(map(len, SPLITS))}"
+# Task 3 diagnoses counted as malignant: melanoma, basal cell carcinoma and actinic keratosis /
+# Bowen's disease (AKIEC, premalignant or in-situ carcinoma). NV, BKL, DF and VASC are benign.
+TASK3_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+TASK3_MALIGNANT = ("MEL", "BCC", "AKIEC")
+LABEL_FORMATS = (
+    "Bissoto et al.'s artefact annotation (';' or ',' separated: image, the artefact columns, "
+    "label), an 'image,label' CSV (label 0/1 or benign/malignant), or the ISIC Task 3 ground "
+    "truth (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)"
+)
+# A labels CSV whose file name holds one of these words assigns that split to its images.
+CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
+
+
+class FolderError(ValueError):
+    """A folder or file that cannot be read or written as asked; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _load(path: Path, mode: str) -> np.ndarray:
+    """Pixels of one image file in PIL mode `mode`; an undecodable file names itself."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
+        raise FolderError(
+            f"cannot decode {path} ({error}); replace it with an intact copy or delete it"
+        ) from error
+
+
+def _resize(pixels: np.ndarray, size: int | None, resample: Image.Resampling) -> np.ndarray:
+    """Pixels resized to (size, size); bilinear for images, nearest for label maps."""
+    if size is None or pixels.shape[:2] == (size, size):
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize((size, size), resample))
+
+
+def _stack(arrays: list[np.ndarray], names: list[str], folder: Path) -> np.ndarray:
+    """One array of same-sized images; differing sizes need an explicit working size."""
+    for array, name in zip(arrays, names, strict=True):
+        if array.shape[:2] != arrays[0].shape[:2]:
+            raise FolderError(
+                f"images in {folder} differ in size: {names[0]} is {_hw(arrays[0])} but {name} "
+                f"is {_hw(array)} (height x width); pass image_size=N to resize all to N x N"
+            )
+    return np.stack(arrays)
+
+
+def _hw(pixels: np.ndarray) -> str:
+    return f"{pixels.shape[0]}x{pixels.shape[1]}"
+
+
+def _check_image_size(image_size: int | None) -> None:
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Project layout
+
+
+def write_project(
+    data: LesionSet,
+    out: Path | str,
+    metadata: dict | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write `data` in the project layout under `out` and return `out`.
+
+    `metadata` adds keys to dataset.json (the format keys always win). Flags missing from
+    data.flags are written as 0. Refuses a folder that already holds a dataset.json unless
+    overwrite=True.
+    """
+    out = Path(out)
+    info_path = out / "dataset.json"
+    if info_path.exists() and not overwrite:
+        raise FolderError(
+            f"{info_path} already exists; choose an empty folder or pass overwrite=True"
+        )
+    unknown = sorted(set(data.flags) - set(ARTEFACTS))
+    if unknown:
+        raise FolderError(
+            f"flags {unknown} are not artefacts of ARTEFACTS {ARTEFACTS}, so labels.csv in {out} "
+            "cannot hold them; rename or drop them before writing"
+        )
+    if len(set(data.ids)) != len(data.ids) or any(not _safe_id(i) for i in data.ids):
+        raise FolderError(
+            f"cannot write {out}: ids must be unique file names without path separators; "
+            "rename the offending ids"
+        )
+    folders = {"images": data.images, "masks": data.masks}
+    if data.artefacts is not None:
+        folders["artefacts"] = data.artefacts
+    for name, stack in folders.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for image_id, pixels in zip(data.ids, stack, strict=True):
+            Image.fromarray(np.asarray(pixels, np.uint8)).save(out / name / f"{image_id}.png")
+
+    with open(out / "labels.csv", "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["id", "label", "split", *ARTEFACTS])
+        for i, image_id in enumerate(data.ids):
+            flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
+            writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
+
+    info = {
+        "format": FORMAT,
+        "version": VERSION,
+        "artefacts": list(ARTEFACTS),
+        "spurious": list(data.spurious),
+        "source": data.source,
+        # Recorded so an overwrite without artefacts is not read with a stale artefacts folder.
+        "artefact_masks": data.artefacts is not None,
+    }
+    info.update({k: v for k, v in (metadata or {}).items() if k not in info})
+    # dataset.json is written last: a folder that has it is complete.
+    info_path.write_text(json.dumps(info, indent=2, default=_json_value) + "\n")
+    return out
+
+
+def _safe_id(image_id: str) -> bool:
+    return bool(image_id) and not set(image_id) & set("/\\") and image_id not in (".", "..")
+
+
+def _json_value(value):
+    """numpy values and paths that callers put in metadata, in a form json can write."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON")
+
+
+def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
+    """Read a folder written by write_project, resized to image_size x image_size if given."""
+    _check_image_size(image_size)
+    path = Path(path)
+    info = _read_info(path / "dataset.json")
+    labels_path = path / "labels.csv"
+    if not labels_path.is_file():
+        raise FolderError(f"{labels_path} is missing; rewrite the folder with write_project")
+    with open(labels_path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    if not rows:
+        raise FolderError(f"{labels_path} lists no images; rewrite the folder with write_project")
+    for column in ("id", "label", "split"):
+        if column not in rows[0]:
+            raise FolderError(f"{labels_path} has no {column!r} column; it needs id,label,split")
+    for line, row in enumerate(rows, start=2):
+        if row["label"] not in ("0", "1") or row["split"] not in SPLITS:
+            raise FolderError(
+                f"{labels_path} line {line}: label must be 0 or 1 and split one of {SPLITS}, "
+                f"got {row['label']!r} and {row['split']!r}; correct that row"
+            )
+
+    ids = [row["id"] for row in rows]
+    with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
+    folders = {"images": "RGB", "masks": "L", **({"artefacts": "L"} if with_artefacts else {})}
+    stacks, original_sizes = {}, []
+    for name, mode in folders.items():
+        arrays = []
+        for i, image_id in enumerate(ids):
+            file = path / name / f"{image_id}.png"
+            if not file.is_file():
+                raise FolderError(
+                    f"{file} is missing but {labels_path} lists {image_id!r}; restore the file "
+                    "or remove its row"
+                )
+            pixels = _load(file, mode)
+            if name == "images":
+                original_sizes.append(pixels.shape[:2])
+            elif pixels.shape[:2] != original_sizes[i]:
+                raise FolderError(
+                    f"{file} is {_hw(pixels)} but its image is "
+                    f"{'x'.join(map(str, original_sizes[i]))} (height x width); "
+                    "rewrite the folder with write_project"
+                )
+            resample = Image.Resampling.BILINEAR if name == "images" else Image.Resampling.NEAREST
+            arrays.append(_resize(pixels, image_size, resample))
+        stacks[name] = _stack(arrays, ids, path / name)
+
+    present = [n for n in ARTEFACTS if n in rows[0]]
+    return LesionSet(
+        ids=ids,
+        images=stacks["images"],
+        masks=stacks["masks"],
+        labels=np.array([int(row["label"]) for row in rows], np.int64),
+        splits=np.array([row["split"] for row in rows], SPLIT_DTYPE),
+        flags={n: np.array([row[n] not in ("", "0") for row in rows]) for n in present},
+        artefacts=stacks.get("artefacts"),
+        original_sizes=[tuple(size) for size in original_sizes],
+        source=info.get("source") or "project",
+        spurious=tuple(info.get("spurious", ())),
+    )
+
+
+def _read_info(info_path: Path) -> dict:
+    """dataset.json, checked to be ours and to use our artefact bit order."""
+    if not info_path.is_file():
+        raise FolderError(f"{info_path} is missing; write the folder with write_project")
+    try:
+        info = json.loads(info_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FolderError(f"{info_path} is not valid JSON ({error}); rewrite the folder") from error
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise FolderError(f"{info_path} does not say format {FORMAT!r}; it is not a project folder")
+    if info.get("version", VERSION) > VERSION:
+        raise FolderError(
+            f"{info_path} has version {info['version']}, newer than this reader ({VERSION}); "
+            "update shortcut_unlearning"
+        )
+    if tuple(info.get("artefacts", ARTEFACTS)) != ARTEFACTS:
+        raise FolderError(
+            f"{info_path} orders artefact bits as {info['artefacts']}, not {list(ARTEFACTS)}; "
+            "regenerate the folder with this version"
+        )
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# ISIC 2018 Task 1 layout
+
+
+def read_isic(
+    path: Path | str,
+    image_size: int | None = None,
+    labels: Path | str | Sequence[Path | str] | None = None,
+) -> LesionSet:
+    """Read the official ISIC 2018 Task 1 folders under `path` with labels from CSVs.
+
+    `labels` names one or more labels CSVs; by default every *.csv in `path` is tried.
+    Images with no label are left out with a warning.
+    """
+    _check_image_size(image_size)
+    path = Path(path)
+    found = _isic_images(path)
+    table = _read_labels(path, labels)
+    labelled = [item for item in found if item[0] in table]
+    if not labelled:
+        raise FolderError(
+            f"none of the {len(found)} images in {path} has a label in the CSVs used; put a "
+            f"labels CSV in {path} or pass labels=: {LABEL_FORMATS}"
+        )
+    if len(labelled) < len(found):
+        warnings.warn(
+            f"{len(found) - len(labelled)} of {len(found)} images in {path} have no label and "
+            "are left out; add them to an 'image,label' CSV to use them",
+            stacklevel=2,
+        )
+
+    ids, images, masks, labels_, splits, original_sizes = [], [], [], [], [], []
+    flag_names = [n for n in ARTEFACTS if any(n in row["flags"] for row in table.values())]
+    flags = {n: [] for n in flag_names}
+    for number, split, image_path, mask_path in labelled:
+        row = table[number]
+        if not mask_path.is_file():
+            raise FolderError(f"image {image_path} has no mask; expected {mask_path}")
+        image, truth = _load(image_path, "RGB"), _load(mask_path, "L")
+        if truth.shape != image.shape[:2]:
+            raise FolderError(
+                f"mask {mask_path} is {_hw(truth)} but its image {image_path} is {_hw(image)} "
+                "(height x width); replace the mask with one of the image's size"
+            )
+        fine = ((truth > 127) * (1 + row["label"])).astype(np.uint8)
+        ids.append(f"ISIC_{number}")
+        images.append(_resize(image, image_size, Image.Resampling.BILINEAR))
+        masks.append(_resize(fine, image_size, Image.Resampling.NEAREST))
+        labels_.append(row["label"])
+        splits.append(row["split"] or split)
+        original_sizes.append(image.shape[:2])
+        for name in flag_names:
+            flags[name].append(row["flags"].get(name, False))
+
+    return LesionSet(
+        ids=ids,
+        images=_stack(images, ids, path),
+        masks=_stack(masks, ids, path),
+        labels=np.array(labels_, np.int64),
+        splits=np.array(splits, SPLIT_DTYPE),
+        flags={name: np.array(values, bool) for name, values in flags.items()},
+        original_sizes=original_sizes,
+        source="isic2018",
+    )
+
+
+def _isic_images(path: Path) -> list[tuple[str, str, Path, Path]]:
+    """(7-digit id, split, image path, expected mask path) of every image in the split folders."""
+    found, seen = [], {}
+    for folder_split, split in ISIC_SPLITS.items():
+        input_dir = path / f"ISIC2018_Task1-2_{folder_split}_Input"
+        truth_dir = path / f"ISIC2018_Task1_{folder_split}_GroundTruth"
+        if not input_dir.is_dir():
+            continue
+        for image_path in sorted(input_dir.iterdir()):
+            match = ISIC_IMAGE.fullmatch(image_path.name)
+            if not match:  # LICENSE.txt, ATTRIBUTION.txt, .DS_Store, ...
+                continue
+            number = match.group(1)
+            if number in seen:
+                raise FolderError(
+                    f"ISIC_{number} is both {seen[number]} and {image_path}; keep one of them"
+                )
+            seen[number] = image_path
+            mask_path = truth_dir / f"ISIC_{number}_segmentation.png"
+            found.append((number, split, image_path, mask_path))
+    if not found:
+        raise FolderError(
+            f"no ISIC_<7 digits>.jpg images in ISIC2018_Task1-2_<Training|Validation|Test>_Input "
+            f"folders under {path}; unpack the official ISIC 2018 Task 1 archives there"
+        )
+    return found
+
+
+def _read_labels(path: Path, labels) -> dict[str, dict]:
+    """7-digit id -> {"label", "split" (or None), "flags"}, merged from all labels CSVs."""
+    explicit = labels is not None
+    if labels is None:
+        files = sorted(path.glob("*.csv"))
+    elif isinstance(labels, (str, Path)):
+        files = [Path(labels)]
+    else:
+        files = [Path(file) for file in labels]
+    table, used = {}, {}
+    for file in files:
+        if not file.is_file():
+            raise FolderError(f"labels file {file} does not exist; check the labels= path")
+        rows = _read_label_csv(file, explicit)
+        for number, row in rows.items():
+            old = table.get(number)
+            if old and old["label"] != row["label"]:
+                raise FolderError(
+                    f"ISIC_{number} is labelled {old['label']} in {used[number]} but "
+                    f"{row['label']} in {file}; correct one of the files"
+                )
+            if old:
+                row = {
+                    "label": row["label"],
+                    "split": row["split"] or old["split"],
+                    "flags": {**old["flags"], **row["flags"]},
+                }
+            table[number], used[number] = row, file
+    if not table:
+        raise FolderError(
+            f"no usable labels CSV in {path}; put one there or pass labels=: {LABEL_FORMATS}"
+        )
+    return table
+
+
+def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
+    """Rows of one labels CSV by 7-digit id; unknown headers are skipped unless asked for."""
+    text = file.read_text(encoding="utf-8-sig", errors="replace")
+    first_line = text.split("\n", 1)[0]
+    delimiter = max(",;\t", key=first_line.count)  # Bissoto's annotation uses ';'
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    header = [name.strip() for name in next(reader, [])]
+    is_task3 = all(name in header for name in TASK3_CLASSES)
+    if "image" not in header or not ("label" in header or is_task3):
+        if explicit:
+            raise FolderError(f"{file} has an unknown header {header}; use {LABEL_FORMATS}")
+        warnings.warn(f"ignoring {file}: its header is not a labels CSV", stacklevel=3)
+        return {}
+    column = {name: i for i, name in enumerate(header) if name}  # the unnamed index is dropped
+    flag_names = [name for name in ARTEFACTS if name in column]
+    split_match = CSV_SPLIT.search(file.stem.lower())
+    rows = {}
+    for line, values in enumerate(reader, start=2):
+        if not any(value.strip() for value in values):
+            continue
+        row = dict(zip(header, (v.strip() for v in values), strict=False))  # short rows fail below
+        match = ISIC_ID.search(row.get("image", ""))
+        if not match:
+            raise FolderError(
+                f"{file} line {line}: image {row.get('image')!r} has no ISIC_<7 digits> id; "
+                "fix or remove that row"
+            )
+        try:
+            if is_task3:
+                label = int(any(float(row[name]) >= 0.5 for name in TASK3_MALIGNANT))
+            else:
+                label = {"0": 0, "1": 1, "benign": 0, "malignant": 1}[row["label"].lower()]
+            flags = {name: float(row[name]) != 0 for name in flag_names}
+        except (KeyError, ValueError) as error:
+            raise FolderError(
+                f"{file} line {line}: cannot read the label or artefact flags ({error}); labels "
+                "are 0/1 or benign/malignant and flags 0/1: fix that row"
+            ) from error
+        split = split_match.group(1) if split_match else None
+        rows[match.group(1)] = {"label": label, "split": split, "flags": flags}
+    return rows
+
+
+def write_isic_masks(
+    masks: np.ndarray,
+    ids: Sequence[str],
+    original_sizes: Sequence[tuple[int, int]],
+    out_dir: Path | str,
+    split: str = "Training",
+    *,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write masks as official ISIC 2018 Task 1 ground truth, back at each image's own size.
+
+    Any lesion class becomes 255, background 0. `split` is Training, Validation or Test
+    (or train, val, test). Existing files are refused unless overwrite=True.
+    """
+    folder_split = {v: k for k, v in ISIC_SPLITS.items()}.get(split, split)
+    if folder_split not in ISIC_SPLITS:
+        raise ValueError(f"split must be one of {list(ISIC_SPLITS)}, got {split!r}")
+    if not len(masks) == len(ids) == len(original_sizes):
+        raise ValueError(
+            f"got {len(masks)} masks, {len(ids)} ids and {len(original_sizes)} sizes; "
+            "pass one id and one original size per mask"
+        )
+    folder = Path(out_dir) / f"ISIC2018_Task1_{folder_split}_GroundTruth"
+    paths = []
+    for image_id in ids:
+        match = ISIC_ID.fullmatch(str(image_id))
+        if not match:
+            raise ValueError(f"id {image_id!r} is not of the form ISIC_<7 digits>")
+        paths.append(folder / f"ISIC_{match.group(1)}_segmentation.png")
+    # Check every target before writing any, so a refusal leaves no half-written set.
+    for file in paths:
+        if file.exists() and not overwrite:
+            raise FolderError(f"{file} already exists; write elsewhere or pass overwrite=True")
+    folder.mkdir(parents=True, exist_ok=True)
+    for mask, (height, width), file in zip(masks, original_sizes, paths, strict=True):
+        binary = Image.fromarray(np.where(np.asarray(mask) != 0, 255, 0).astype(np.uint8))
+        binary.resize((int(width), int(height)), Image.Resampling.NEAREST).save(file)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def detect_layout(path: Path | str) -> str:
+    """'project' or 'isic2018': the layout of the folder at `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise FolderError(f"{path} does not exist; check the path")
+    if not path.is_dir():
+        raise FolderError(f"{path} is not a folder; pass the dataset's folder")
+    if (path / "dataset.json").is_file():
+        return "project"
+    if any((path / f"ISIC2018_Task1-2_{s}_Input").is_dir() for s in ISIC_SPLITS):
+        return "isic2018"
+    raise FolderError(
+        f"{path} has neither a dataset.json (project layout, see write_project) nor "
+        "ISIC2018_Task1-2_<Training|Validation|Test>_Input folders (official ISIC 2018 Task 1 "
+        "layout); point to the folder that holds one of them"
+    )
+
+
+def read_folder(
+    path: Path | str,
+    image_size: int | None = None,
+    labels: Path | str | Sequence[Path | str] | None = None,
+) -> LesionSet:
+    """Read a project or ISIC 2018 folder, whichever `path` holds."""
+    if detect_layout(path) == "isic2018":
+        return read_isic(path, image_size, labels)
+    if labels is not None:
+        raise FolderError(
+            f"{path} is a project folder whose labels are in its labels.csv; drop labels="
+        )
+    return read_project(path, image_size)

@@ -1,0 +1,297 @@
+"""Synthetic dermoscopy with planted shortcuts.
+
+Each image holds one lesion (benign or malignant) on shaded skin, and artefacts from the ISIC
+catalogue (METHOD.md section 8), each with its exact pixel mask. The *spurious* artefacts are
+painted inside the default coarse mask's dilation band (so a coarse mask labels them lesion)
+and follow the label: P(artefact | malignant) = p and P(artefact | benign) = 1 - p in the train
+split, reversed in the test split. The others are nuisances at ISIC prevalence, independent of
+the label.
+
+Difficulty, fixed once from first principles rather than tuned to a result: each lesion has a
+latent severity s ~ N(0.5 -/+ signal/2, 0.2) (benign/malignant) that drives border
+irregularity, colour variegation and blue-grey areas. With the default signal 0.5 the
+Bayes-optimal AUROC from s is Phi(0.5 / (0.2 sqrt 2)) = 0.96: the class signal is real but
+noisy, while the planted artefact is a cleaner, easier cue (AUROC 0.9 on its own in train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy.ndimage import distance_transform_edt, gaussian_filter
+from scipy.stats import norm
+from skimage.draw import bezier_curve, circle_perimeter, disk, polygon2mask
+
+from .. import masks as masklib
+from .lesion_set import ARTEFACTS, BENIGN, LesionSet, artefact_bit
+
+# Share of ISIC 2018 images with each artefact (Bissoto et al. 2020); used for nuisances.
+ISIC_PREVALENCE = {
+    "dark_corner": 0.37,
+    "hair": 0.58,
+    "gel_border": 0.26,
+    "gel_bubble": 0.49,
+    "ruler": 0.50,
+    "ink": 0.17,
+    "patches": 0.07,
+}
+# Artefacts that can be painted inside the dilation band, hence serve as spurious.
+BAND_ARTEFACTS = ("ink", "patches", "gel_bubble")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of the generator; the defaults are the benchmark's."""
+
+    n: int = 200
+    size: int = 128
+    seed: int = 0
+    p: float = 0.9  # P(spurious artefact | malignant) in train; reversed in test
+    spurious: tuple[str, ...] = ("ink", "patches")
+    class_signal: float = 0.5  # distance between the class means of the latent severity
+    malignant_fraction: float = 0.5
+    test_fraction: float = 0.3
+    coarse_method: str = masklib.DEFAULT_COARSE_METHOD
+    coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
+
+    def __post_init__(self):
+        bad = [a for a in self.spurious if a not in BAND_ARTEFACTS]
+        if bad:
+            raise ValueError(
+                f"spurious artefacts {bad} cannot be placed in the dilation band; "
+                f"choose from {BAND_ARTEFACTS}"
+            )
+        if self.n < 1 or self.size < 32:
+            raise ValueError(f"need n >= 1 and size >= 32 pixels, got n={self.n}, size={self.size}")
+        for name in ("p", "malignant_fraction", "test_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def bayes_auroc(self) -> float:
+        """AUROC of the ideal classifier that sees the latent severity."""
+        return float(norm.cdf(self.class_signal / (SEVERITY_SD * np.sqrt(2))))
+
+
+SEVERITY_SD = 0.2
+
+
+def generate(config: SynthConfig | None = None, **overrides) -> LesionSet:
+    """A synthetic LesionSet; deterministic in the config (seed included)."""
+    cfg = SynthConfig(**{**(asdict(config) if config else {}), **overrides})
+    rng = np.random.default_rng(cfg.seed)
+    labels = (rng.random(cfg.n) < cfg.malignant_fraction).astype(np.int64)
+    splits = np.full(cfg.n, "train", dtype=object)
+    splits[rng.permutation(cfg.n)[: round(cfg.n * cfg.test_fraction)]] = "test"
+    # The shortcut: spurious artefacts follow the label in train and oppose it in test.
+    follows = (labels == 1) == (splits == "train")
+    p_spurious = np.where(follows, cfg.p, 1 - cfg.p)
+    present = {
+        a: rng.random(cfg.n) < (p_spurious if a in cfg.spurious else ISIC_PREVALENCE[a])
+        for a in ARTEFACTS
+    }
+    images, fine, artefacts = [], [], []
+    for i in range(cfg.n):
+        wanted = [a for a in ARTEFACTS if present[a][i]]
+        img, mask, art = _render(cfg, int(labels[i]), wanted, np.random.default_rng([cfg.seed, i]))
+        images.append(img)
+        fine.append(mask)
+        artefacts.append(art)
+    artefacts = np.stack(artefacts)
+    return LesionSet(
+        ids=[f"synth_{cfg.seed}_{i:05d}" for i in range(cfg.n)],
+        images=np.stack(images),
+        masks=np.stack(fine),
+        labels=labels,
+        splits=splits.astype(str),
+        # Flags record what is visible in the pixels (a band artefact can find no room).
+        flags={a: (artefacts & artefact_bit(a)).any(axis=(1, 2)) for a in ARTEFACTS},
+        artefacts=artefacts,
+        source="synthetic",
+        spurious=tuple(cfg.spurious),
+    )
+
+
+def _render(cfg: SynthConfig, label: int, wanted: list[str], rng: np.random.Generator):
+    s = cfg.size
+    img = _skin(s, rng)
+    fine, severity = _lesion(cfg, label, rng)
+    _paint_lesion(img, fine, severity, rng)
+    mask = (fine * (BENIGN + label)).astype(np.uint8)
+    coarse = masklib.coarse_mask(mask, cfg.coarse_method, cfg.coarse_margin)
+    band = (coarse != 0) & ~fine
+    art = np.zeros((s, s), np.uint8)
+    for name in wanted:
+        if name == "dark_corner":
+            continue  # optical: applied last, over everything
+        shape, colour, opacity = PAINTERS[name](s, fine, band, rng)
+        if name in cfg.spurious:
+            shape &= band  # the shortcut lives where the coarse mask wrongly says lesion
+        img[shape] = (1 - opacity) * img[shape] + opacity * np.asarray(colour)
+        art[shape] |= artefact_bit(name)
+    if "dark_corner" in wanted:
+        factor = _vignette(s, rng)
+        img *= factor[..., None]
+        art[factor <= 0.9] |= artefact_bit("dark_corner")  # darkened by 10% or more
+    img += rng.normal(0, 0.012, img.shape)
+    return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask, art
+
+
+def _smooth_field(s: int, sigma: float, rng) -> np.ndarray:
+    """Low-frequency noise scaled to [-1, 1]."""
+    field = gaussian_filter(rng.normal(size=(s, s)), sigma, mode="wrap")
+    return field / (np.abs(field).max() + 1e-12)
+
+
+def _skin(s: int, rng) -> np.ndarray:
+    tone = np.array([0.86, 0.66, 0.58]) + rng.normal(0, 0.03, 3)
+    shading = 1 + 0.07 * _smooth_field(s, s / 5, rng)
+    texture = 0.02 * _smooth_field(s, 1.5, rng)
+    return np.clip(tone * shading[..., None] + texture[..., None], 0, 1)
+
+
+def _lesion(cfg: SynthConfig, label: int, rng):
+    """Lesion mask (bool) and latent severity; irregular border grows with severity."""
+    s = cfg.size
+    mean = 0.5 + (cfg.class_signal / 2) * (1 if label else -1)
+    severity = float(np.clip(rng.normal(mean, SEVERITY_SD), 0, 1))
+    radius = rng.uniform(0.12, 0.2) * s
+    band = masklib.radius_pixels((s, s), cfg.coarse_margin)
+    # Random position, band inside the image: a centred lesion would be a shortcut of its own.
+    lo, hi = radius * 1.3 + band + 1, s - radius * 1.3 - band - 1
+    cy, cx = rng.uniform(lo, hi, 2) if hi > lo else (s / 2, s / 2)
+    theta = np.linspace(0, 2 * np.pi, 256, endpoint=False)
+    r = np.ones_like(theta)
+    for k in (2, 3):  # overall asymmetry
+        r += rng.uniform(0, 0.08) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    for k in range(5, 14):  # border irregularity
+        r += severity * rng.uniform(0, 0.05) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    r = radius * np.clip(r, 0.6, 1.3)
+    points = np.stack([cy + r * np.sin(theta), cx + r * np.cos(theta)], 1)
+    return polygon2mask((s, s), points), severity
+
+
+def _paint_lesion(img: np.ndarray, lesion: np.ndarray, severity: float, rng) -> None:
+    s = img.shape[0]
+    brown = np.array([0.50, 0.32, 0.22]) + rng.normal(0, 0.03, 3)
+    dark = np.array([0.16, 0.09, 0.07])
+    blue_grey = np.array([0.42, 0.47, 0.58])
+    colour = np.broadcast_to(brown, img.shape).copy()
+    # Variegation: dark patches whose extent grows with severity.
+    mottle = (_smooth_field(s, s / 24, rng) + 1) / 2
+    weight = np.clip((mottle - (1 - severity)) * 2.5, 0, 1) * 0.9
+    colour = colour * (1 - weight[..., None]) + dark * weight[..., None]
+    # Blue-grey veil: present with probability equal to severity.
+    if rng.random() < severity:
+        veil = _smooth_field(s, s / 20, rng) > 0.55 - 0.3 * severity
+        colour[veil] = 0.4 * colour[veil] + 0.6 * blue_grey
+    colour *= 1 + 0.05 * _smooth_field(s, 1.0, rng)[..., None]
+    alpha = gaussian_filter(lesion.astype(float), 0.8) * 0.92  # soft edge, faint translucency
+    img[:] = img * (1 - alpha[..., None]) + colour * alpha[..., None]
+
+
+def _vignette(s: int, rng) -> np.ndarray:
+    """Multiplicative darkening of the corners (circular field stop of a dermatoscope)."""
+    yy, xx = np.mgrid[:s, :s] - (s - 1) / 2
+    d = np.hypot(yy, xx) / (s / 2)
+    start = rng.uniform(0.85, 1.05)
+    ramp = np.clip((d - start) / 0.25, 0, 1)
+    return 1 - rng.uniform(0.6, 0.9) * ramp**1.5
+
+
+# Painters return (pixel mask, colour, opacity); masks are exact, painted pixels only.
+def _ink(s, lesion, band, rng):
+    """Violet pen marks: dots or an arc around the lesion, inside the band."""
+    shape = np.zeros((s, s), bool)
+    ys, xs = np.nonzero(band)
+    if len(ys) == 0:
+        return shape, (0, 0, 0), 0.0
+    dot = max(1.0, s / 90)
+    if rng.random() < 0.5:
+        for k in rng.choice(len(ys), size=rng.integers(4, 9)):
+            shape[disk((ys[k], xs[k]), dot, shape=(s, s))] = True
+    else:
+        # Arc along the middle of the band: band pixels about half-way out from the lesion.
+        dist = distance_transform_edt(~lesion)
+        mid = band & (np.abs(dist - dist[band].max() / 2) < dot)
+        cy, cx = np.argwhere(lesion).mean(0)
+        angle = np.arctan2(np.arange(s)[:, None] - cy, np.arange(s)[None, :] - cx)
+        start, span = rng.uniform(-np.pi, np.pi), rng.uniform(np.pi / 2, 2 * np.pi)
+        shape = mid & (np.mod(angle - start, 2 * np.pi) < span)
+    colour = np.array([0.42, 0.18, 0.58]) + rng.normal(0, 0.04, 3)
+    return shape, colour, rng.uniform(0.75, 0.95)
+
+
+def _patches(s, lesion, band, rng):
+    """A coloured adhesive disc in the band."""
+    shape = np.zeros((s, s), bool)
+    ys, xs = np.nonzero(band)
+    if len(ys) == 0:
+        return shape, (0, 0, 0), 0.0
+    k = rng.integers(len(ys))
+    radius = max(2.0, s * rng.uniform(0.025, 0.035))
+    shape[disk((ys[k], xs[k]), radius, shape=(s, s))] = True
+    palette = [(0.2, 0.45, 0.85), (0.25, 0.7, 0.35), (0.95, 0.8, 0.2), (0.95, 0.5, 0.15)]
+    return shape, palette[rng.integers(len(palette))], 0.9
+
+
+def _gel_bubble(s, lesion, band, rng):
+    """Round bright rims, 2-12 px at 128 px; anywhere, or in the band when spurious."""
+    shape = np.zeros((s, s), bool)
+    pool = np.argwhere(band) if band.any() else np.argwhere(np.ones((s, s), bool))
+    for _ in range(rng.integers(1, 5)):
+        cy, cx = pool[rng.integers(len(pool))] if rng.random() < 0.5 else rng.integers(0, s, 2)
+        radius = round(rng.uniform(2, 12) * s / 128)
+        shape[circle_perimeter(int(cy), int(cx), max(radius, 2), shape=(s, s))] = True
+    return shape, (0.97, 0.97, 0.97), 0.75
+
+
+def _ruler(s, lesion, band, rng):
+    """A light strip with black ticks along one edge."""
+    width = max(4, round(s * rng.uniform(0.06, 0.09)))
+    strip = np.zeros((s, s), bool)
+    strip[:width] = True
+    ticks = np.zeros((s, s), bool)
+    step = max(3, round(s * 0.035))
+    ticks[: width // 2, ::step] = True
+    ticks[: width - 1, :: step * 5] = True
+    k = rng.integers(4)
+    strip, ticks = np.rot90(strip, k).copy(), np.rot90(ticks, k).copy()
+    colour = np.where(ticks[..., None], 0.08, np.array([0.9, 0.9, 0.85]))
+    return strip, colour[strip], 0.92
+
+
+def _hair(s, lesion, band, rng):
+    """Thin dark curves that may cross the lesion."""
+    shape = np.zeros((s, s), bool)
+    for _ in range(rng.integers(1, 7)):
+        y0, x0, y1, x1, y2, x2 = rng.integers(-s // 4, s + s // 4, 6)
+        rr, cc = bezier_curve(y0, x0, y1, x1, y2, x2, 1.0)
+        keep = (rr >= 0) & (rr < s) & (cc >= 0) & (cc < s)
+        shape[rr[keep], cc[keep]] = True
+    if s >= 256:
+        shape |= np.roll(shape, 1, axis=1)
+    return shape, (0.14, 0.09, 0.07), 0.85
+
+
+def _gel_border(s, lesion, band, rng):
+    """A bright wobbling curve near one edge."""
+    shape = np.zeros((s, s), bool)
+    x = np.arange(s)
+    offset = s * rng.uniform(0.04, 0.12)
+    wobble = 0.03 * s * _smooth_field(s, s / 12, rng)[0] * 3
+    y = np.clip(np.round(offset + wobble), 0, s - 1).astype(int)
+    shape[y, x] = True
+    shape[np.clip(y + 1, 0, s - 1), x] = True
+    return np.rot90(shape, rng.integers(4)).copy(), (0.96, 0.96, 0.92), 0.7
+
+
+PAINTERS = {
+    "ink": _ink,
+    "patches": _patches,
+    "gel_bubble": _gel_bubble,
+    "ruler": _ruler,
+    "hair": _hair,
+    "gel_border": _gel_border,
+}

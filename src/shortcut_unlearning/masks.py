@@ -1,0 +1,171 @@
+"""Coarse masks, the forget and retain sets of a refinement, and validation of refinements.
+
+Correcting a coarse mask C to a refined mask F (F inside C) forgets the pixels
+D_f = {C != 0 and F == 0} and keeps every other pixel (METHOD.md section 2).
+Masks hold one lesion class per image: 0 background, 1 benign, 2 malignant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from skimage.morphology import isotropic_dilation
+
+COARSE_METHODS = ("dilate", "bbox")
+# Default coarse mask: the fine mask dilated by 8% of the shorter image side (10 px at 128 px),
+# about the slack of a hurried outline. The generator puts spurious artefacts in this band.
+DEFAULT_COARSE_METHOD = "dilate"
+DEFAULT_COARSE_MARGIN = 0.08
+ADDED_CHOICES = ("error", "clip", "keep")
+
+
+class MaskError(ValueError):
+    """A mask or refinement that cannot be used as given; the message says what to do."""
+
+
+class AddedPixelsError(MaskError):
+    """A refinement marks lesion pixels outside its coarse mask."""
+
+    def __init__(self, image: int, count: int):
+        self.image, self.count = image, count
+        super().__init__(
+            f"refined mask of image {image} adds {count} lesion pixel(s) outside its coarse mask; "
+            "a refinement may only erase. Choose added='clip' to drop them (keeps the "
+            "certificate) or added='keep' to treat them as new labels (outside the certificate)."
+        )
+
+
+@dataclass
+class PixelSplit:
+    """Forget and retain pixels of a batch, with the labels the retain pixels train on."""
+
+    forget: np.ndarray  # (N, H, W) bool: coarse said lesion, refinement says background
+    retain: np.ndarray  # (N, H, W) bool: every other pixel
+    targets: np.ndarray  # (N, H, W) uint8: refined labels where refined, coarse elsewhere
+    refined: np.ndarray  # (N,) bool: which images have a refined mask
+
+    @property
+    def forget_count(self) -> int:
+        return int(self.forget.sum())
+
+
+def radius_pixels(shape: tuple[int, ...], margin: float) -> int:
+    """A margin given as a fraction of the shorter image side, in whole pixels."""
+    if not 0 <= margin < 1:
+        raise MaskError(f"margin must be a fraction of the image size in [0, 1), got {margin}")
+    return round(margin * min(shape[-2:]))
+
+
+def lesion_class(mask: np.ndarray, image: int = 0) -> int:
+    """The single lesion class of one mask (0 if it has no lesion pixels)."""
+    classes = np.unique(mask[mask != 0])
+    if len(classes) > 1:
+        raise MaskError(
+            f"mask of image {image} holds several lesion classes {classes.tolist()}; "
+            "the method assumes one lesion class per image: split the image or relabel it"
+        )
+    return int(classes[0]) if len(classes) else 0
+
+
+def coarse_mask(
+    fine: np.ndarray, method: str = DEFAULT_COARSE_METHOD, margin: float = DEFAULT_COARSE_MARGIN
+) -> np.ndarray:
+    """Coarse mask of one (H, W) fine mask: dilated by a radius, or its bounding box plus margin."""
+    if method not in COARSE_METHODS:
+        raise MaskError(f"unknown coarse method {method!r}; choose one of {COARSE_METHODS}")
+    k = lesion_class(fine)
+    lesion = fine != 0
+    r = radius_pixels(fine.shape, margin)
+    out = np.zeros(fine.shape, np.uint8)
+    if k == 0:
+        return out
+    if method == "dilate":
+        out[isotropic_dilation(lesion, r) if r else lesion] = k
+    else:
+        rows, cols = np.flatnonzero(lesion.any(1)), np.flatnonzero(lesion.any(0))
+        out[
+            max(rows[0] - r, 0) : rows[-1] + r + 1,
+            max(cols[0] - r, 0) : cols[-1] + r + 1,
+        ] = k
+    return out
+
+
+def coarse_masks(
+    fine: np.ndarray, method: str = DEFAULT_COARSE_METHOD, margin: float = DEFAULT_COARSE_MARGIN
+) -> np.ndarray:
+    """Coarse masks of a (N, H, W) batch (or one (H, W) mask)."""
+    fine = np.asarray(fine)
+    if fine.ndim == 2:
+        return coarse_mask(fine, method, margin)
+    return np.stack([coarse_mask(m, method, margin) for m in fine]) if len(fine) else fine.copy()
+
+
+def check_refinement(
+    coarse: np.ndarray, refined: np.ndarray, image: int = 0, added: str = "error"
+) -> np.ndarray:
+    """The refined mask if it is a valid refinement of `coarse`; clipped when added='clip'.
+
+    Raises MaskError naming what is wrong: a shape mismatch, pixels added outside the coarse
+    mask (unless clipped or kept), a changed lesion class, or an empty refinement.
+    """
+    if added not in ADDED_CHOICES:
+        raise MaskError(f"added must be one of {ADDED_CHOICES}, got {added!r}")
+    coarse, refined = np.asarray(coarse), np.asarray(refined)
+    if refined.shape != coarse.shape:
+        raise MaskError(
+            f"refined mask of image {image} has shape {refined.shape} but its coarse mask has "
+            f"shape {coarse.shape}; paint the refinement on a copy of the coarse mask"
+        )
+    if not np.issubdtype(refined.dtype, np.integer) and refined.dtype != bool:
+        raise MaskError(
+            f"refined mask of image {image} must hold integer labels, got {refined.dtype}"
+        )
+    k = lesion_class(coarse, image)
+    if (refined != 0).any() and lesion_class(refined, image) != k:
+        raise MaskError(
+            f"refined mask of image {image} changes the lesion class from {k} to "
+            f"{lesion_class(refined, image)}; a refinement only erases pixels: relabel the "
+            "image's class instead"
+        )
+    outside = (refined != 0) & (coarse == 0)
+    if outside.any():
+        if added == "error":
+            raise AddedPixelsError(image, int(outside.sum()))
+        if added == "clip":
+            refined = np.where(outside, 0, refined).astype(coarse.dtype)
+    if k and not (refined != 0).any():
+        raise MaskError(
+            f"refined mask of image {image} erases the whole lesion; every image keeps its "
+            "lesion: undo the last erase or leave this image unrefined"
+        )
+    return refined
+
+
+def split_pixels(
+    coarse: np.ndarray, refined: Mapping[int, np.ndarray], added: str = "error"
+) -> PixelSplit:
+    """Forget and retain sets of a batch of coarse masks and a few refined ones.
+
+    `refined` maps image index to its refined mask. Images without one contribute only
+    retain pixels with their coarse labels. Raises MaskError if nothing is forgotten.
+    """
+    coarse = np.asarray(coarse)
+    if coarse.ndim != 3:
+        raise MaskError(f"coarse masks must be a (N, H, W) stack, got shape {coarse.shape}")
+    n = len(coarse)
+    targets = coarse.astype(np.uint8, copy=True)
+    is_refined = np.zeros(n, bool)
+    for i, mask in refined.items():
+        if not 0 <= i < n:
+            raise MaskError(f"refined mask given for image {i}, but there are only {n} images")
+        targets[i] = check_refinement(coarse[i], mask, i, added)
+        is_refined[i] = True
+    forget = (coarse != 0) & (targets == 0)
+    if not forget.any():
+        raise MaskError(
+            "the refinements erase no pixel of the coarse masks, so there is nothing to "
+            "unlearn: erase the pixels the coarse mask wrongly calls lesion"
+        )
+    return PixelSplit(forget=forget, retain=~forget, targets=targets, refined=is_refined)

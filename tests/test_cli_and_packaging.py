@@ -1,0 +1,62 @@
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from shortcut_unlearning.cli import main
+from shortcut_unlearning.data.folders import read_folder
+from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_synth_writes_a_readable_set_and_its_picture(tmp_path, capsys):
+    out, png = tmp_path / "set", tmp_path / "grid.png"
+    args = ["synth", "--out", str(out), "--n", "12", "--size", "48", "--preview", str(png)]
+    assert main(args) == 0
+    data = read_folder(out)
+    assert len(data) == 12 and data.image_size == (48, 48)
+    assert data.spurious == ("ink", "patches")
+    assert png.stat().st_size > 10_000
+    assert "P(artefact|malignant)" in capsys.readouterr().out
+    # A second run must not silently replace the first.
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path), "--spurious", "ruler"]) == 2
+    assert "dilation band" in capsys.readouterr().err
+
+
+def test_demo_runs_on_the_shipped_sample(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "synthetic.png").is_file()
+    sample = read_folder(sample_data_dir() / SAMPLE_SET)
+    assert len(sample) == 64 and sample.artefacts is not None
+
+
+def test_the_wheel_ships_the_sample_data(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("shortcut_unlearning-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "shortcut_unlearning/sample_data/synthetic/dataset.json" in names
+    assert "shortcut_unlearning/sample_data/synthetic/labels.csv" in names
+    assert (
+        sum(n.startswith("shortcut_unlearning/sample_data/synthetic/images/") for n in names) == 64
+    )

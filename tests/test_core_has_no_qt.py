@@ -1,0 +1,24 @@
+import subprocess
+import sys
+
+CORE = [
+    "shortcut_unlearning",
+    "shortcut_unlearning.masks",
+    "shortcut_unlearning.data.synthetic",
+    "shortcut_unlearning.data.folders",
+    "shortcut_unlearning.figures",
+    "shortcut_unlearning.cli",
+]
+
+
+def test_core_imports_no_qt():
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in CORE)
+        + "qt = [m for m in sys.modules if m.split('.')[0] in "
+        "('PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'qtpy', 'napari')]\n"
+        "print(qt)\n"
+        "sys.exit(1 if qt else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

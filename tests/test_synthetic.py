@@ -1,0 +1,96 @@
+import csv
+
+import numpy as np
+import pytest
+
+from shortcut_unlearning import masks
+from shortcut_unlearning.data.folders import write_project
+from shortcut_unlearning.data.lesion_set import ARTEFACTS
+from shortcut_unlearning.data.synthetic import SynthConfig, generate
+
+
+@pytest.fixture(scope="module")
+def big():
+    return generate(n=400, size=64, seed=3)
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, b = generate(n=6, size=48, seed=7), generate(n=6, size=48, seed=7)
+    for field in ("images", "masks", "labels", "artefacts"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    assert list(a.splits) == list(b.splits)
+    c = generate(n=6, size=48, seed=8)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_outputs_have_the_documented_form():
+    d = generate(n=10, size=48, seed=1)
+    assert d.images.shape == (10, 48, 48, 3) and d.images.dtype == np.uint8
+    assert d.masks.dtype == np.uint8 and set(np.unique(d.masks)) <= {0, 1, 2}
+    for i in range(10):  # one lesion, of the image's class
+        assert set(np.unique(d.masks[i])) == {0, 1 + d.labels[i]}
+    assert set(d.splits) <= {"train", "test"} and set(d.flags) == set(ARTEFACTS)
+
+
+def _rates(rows, split, name):
+    def rate(label):
+        sel = [r for r in rows if r["split"] == split and r["label"] == label]
+        return np.mean([r[name] == "1" for r in sel])
+
+    return rate("1"), rate("0")
+
+
+def test_written_labels_show_the_correlation_in_train_and_its_reversal_in_test(big, tmp_path):
+    write_project(big, tmp_path / "set")
+    with open(tmp_path / "set" / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 400
+    for name in big.spurious:
+        mal, ben = _rates(rows, "train", name)
+        assert abs(mal - 0.9) < 0.08 and abs(ben - 0.1) < 0.08, (name, mal, ben)
+        mal, ben = _rates(rows, "test", name)
+        assert abs(mal - 0.1) < 0.12 and abs(ben - 0.9) < 0.12, (name, mal, ben)
+    # Nuisances do not follow the label.
+    for name in set(ARTEFACTS) - set(big.spurious):
+        mal, ben = _rates(rows, "train", name)
+        assert abs(mal - ben) < 0.2, (name, mal, ben)
+
+
+def test_p_is_configurable():
+    d = generate(n=300, size=48, seed=2, p=0.5, test_fraction=0.0)
+    ink = d.flags["ink"]
+    assert abs(ink[d.labels == 1].mean() - ink[d.labels == 0].mean()) < 0.15
+
+
+def test_spurious_artefacts_lie_in_the_coarse_band_and_outside_the_fine_mask(big):
+    spurious = big.artefact_mask()
+    coarse = masks.coarse_masks(big.masks)
+    assert spurious.sum() > 1000  # they are there at all
+    assert not (spurious & (big.masks != 0)).any()
+    assert not (spurious & (coarse == 0)).any()
+    # Hair, a nuisance, is allowed to cross the lesion, and does somewhere.
+    assert (big.artefact_mask(["hair"]) & (big.masks != 0)).any()
+
+
+def test_artefact_masks_mark_painted_pixels(big):
+    ink = big.artefact_mask(["ink"])
+    violet = big.images[ink].astype(float)
+    skin = big.images[(big.artefacts == 0) & (big.masks == 0)].astype(float)
+    # Violet ink: blue above green, unlike skin.
+    assert (violet[:, 2] - violet[:, 1]).mean() > 40
+    assert (skin[:, 2] - skin[:, 1]).mean() < 0
+
+
+def test_class_signal_is_real_but_imperfect():
+    cfg = SynthConfig()
+    assert 0.9 < cfg.bayes_auroc < 0.99
+    assert SynthConfig(class_signal=0).bayes_auroc == pytest.approx(0.5)
+
+
+def test_bad_configurations_say_what_is_allowed():
+    with pytest.raises(ValueError, match="cannot be placed in the dilation band"):
+        SynthConfig(spurious=("ruler",))
+    with pytest.raises(ValueError, match="p must lie in"):
+        SynthConfig(p=1.5)
+    with pytest.raises(ValueError, match="size >= 32"):
+        SynthConfig(size=8)
