@@ -39,6 +39,32 @@ def _demo(args) -> None:
     print(f"picture: {synthetic_grid(data, Path(args.out) / 'synthetic.png')}")
 
 
+def _run(args) -> None:
+    from .experiment import RunConfig, run, table
+
+    config = RunConfig(
+        data=args.data,
+        synth_n=args.synth_n,
+        image_size=args.image_size,
+        coarse=args.coarse,
+        coarse_margin=args.coarse_margin,
+        fine_fraction=args.fine_fraction,
+        refined=args.refined.split(",") if args.refined else None,
+        method=args.method,
+        steps=args.steps,
+        epochs=args.epochs,
+        encoder=args.encoder,
+        seed=args.seed,
+        device=args.device,
+        model=args.model,
+        baselines=args.baselines,
+        out=str(args.out),
+    )
+    report = run(config)
+    print(table(report))
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+
+
 def shortcut_summary(data) -> str:
     """Per split, how often each spurious artefact appears with each label."""
     lines = ["artefact     split  P(artefact|malignant)  P(artefact|benign)"]
@@ -79,6 +105,52 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--preview", type=Path, help="also write a PNG grid of examples")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing set")
     synth.set_defaults(func=_synth)
+
+    from .experiment import RunConfig
+    from .unlearning import OPERATORS
+
+    defaults = RunConfig()
+    run = sub.add_parser("run", help="train on coarse masks, unlearn, evaluate, report")
+    run.add_argument(
+        "--data",
+        default=defaults.data,
+        help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
+    )
+    run.add_argument(
+        "--synth-n",
+        type=int,
+        default=defaults.synth_n,
+        help="images to generate with --data synthetic",
+    )
+    run.add_argument("--image-size", type=int, default=defaults.image_size)
+    run.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
+    run.add_argument(
+        "--coarse-margin",
+        type=float,
+        default=defaults.coarse_margin,
+        help="dilation radius or box margin, as a fraction of the image size",
+    )
+    run.add_argument(
+        "--fine-fraction",
+        type=float,
+        default=defaults.fine_fraction,
+        help="share of training images that get refined masks",
+    )
+    run.add_argument("--refined", help="comma-separated ids to refine instead")
+    run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
+    run.add_argument("--steps", type=int, help="unlearning steps (default: the operator's)")
+    run.add_argument("--epochs", type=int, default=defaults.epochs)
+    run.add_argument("--encoder", default=defaults.encoder)
+    run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--device", default=defaults.device, help="auto, cuda, mps or cpu")
+    run.add_argument("--model", help="start from this checkpoint instead of training")
+    run.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also train retrain-from-scratch and the fine-mask oracle",
+    )
+    run.add_argument("--out", type=Path, default=Path(defaults.out))
+    run.set_defaults(func=_run)
 
     demo = sub.add_parser("demo", help="show the sample data and its planted shortcut")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))

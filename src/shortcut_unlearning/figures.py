@@ -121,3 +121,49 @@ def synthetic_grid(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def saliency_grid(
+    images: np.ndarray,
+    before: np.ndarray,
+    after: np.ndarray,
+    captions: list[str],
+    out: Path | str,
+    artefacts: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """Images and their saliency before and after unlearning, on one shared colour scale."""
+    from .saliency import normalise_maps
+
+    before, vmax = normalise_maps(before)
+    after, _ = normalise_maps(after, vmax)
+    n = len(images)
+    fig = Figure(figsize=(2.0 * n, 6.6))
+    axes = fig.subplots(3, n, squeeze=False)
+    for col in range(n):
+        axes[0, col].imshow(images[col])
+        if artefacts is not None:
+            axes[0, col].contour(artefacts[col], levels=[0.5], colors="cyan", linewidths=0.6)
+        axes[0, col].set_title(captions[col], fontsize=7)
+        for row, maps in ((1, before), (2, after)):
+            axes[row, col].imshow(images[col])
+            axes[row, col].imshow(maps[col], cmap="inferno", vmin=0, vmax=1, alpha=0.7)
+        for ax in axes[:, col]:
+            ax.set_axis_off()
+    for row, name in enumerate(("image (artefacts outlined)", "saliency before", "after")):
+        axes[row, 0].text(
+            -0.08,
+            0.5,
+            name,
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=8,
+        )
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0.03, 0, 1, 0.95))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out

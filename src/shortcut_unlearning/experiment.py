@@ -1,0 +1,246 @@
+"""The whole pipeline as one function: data -> coarse model -> unlearn -> evaluate -> report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import figures, metrics, saliency
+from . import masks as masklib
+from .data.folders import read_folder
+from .data.lesion_set import LesionSet
+from .data.synthetic import SynthConfig, generate
+from .model import Model, ModelConfig, resolve_device
+from .progress import drive
+from .resources import SAMPLE_SET, sample_data_dir
+from .training import TrainConfig, train
+from .unlearning import OPERATORS, UnlearnData
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run; the command line's flags map onto these fields."""
+
+    data: str = "sample"  # a folder, "sample" (the shipped set) or "synthetic" (generated)
+    synth_n: int = SynthConfig.n  # images to generate when data is "synthetic"
+    image_size: int = 128
+    coarse: str = masklib.DEFAULT_COARSE_METHOD
+    coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
+    fine_fraction: float = 0.1  # share of training images that get refined masks
+    refined: list[str] | None = None  # or the ids of the images to refine
+    method: str = "neggrad-seg"
+    steps: int | None = None  # unlearning steps (None: the operator's default)
+    epochs: int = 30  # training epochs of the coarse model and the baselines
+    encoder: str = ModelConfig.encoder
+    seed: int = 0
+    device: str = "auto"
+    model: str | None = None  # start from this checkpoint instead of training
+    baselines: bool = False  # also train retrain-from-scratch and the fine-mask oracle
+    saliency_images: int = 4
+    out: str = "out/run"
+    quiet: bool = False
+    operator_options: dict = field(default_factory=dict)
+
+
+def load_data(config: RunConfig) -> LesionSet:
+    if config.data == "synthetic":
+        return generate(n=config.synth_n, size=config.image_size, seed=config.seed)
+    folder = sample_data_dir() / SAMPLE_SET if config.data == "sample" else Path(config.data)
+    return read_folder(folder, image_size=config.image_size)
+
+
+def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
+    """Indices of the training images whose masks get refined."""
+    if config.refined:
+        missing = sorted(set(config.refined) - set(train_set.ids))
+        if missing:
+            raise ValueError(f"--refined names images not in the training split: {missing[:5]}")
+        return np.array([train_set.ids.index(i) for i in config.refined])
+    if not 0 < config.fine_fraction <= 1:
+        raise ValueError(f"fine_fraction must lie in (0, 1], got {config.fine_fraction}")
+    count = max(1, round(config.fine_fraction * len(train_set)))
+    return np.sort(np.random.default_rng(config.seed).choice(len(train_set), count, replace=False))
+
+
+def spurious_map(data: LesionSet, config: RunConfig) -> np.ndarray:
+    """S for S_global: planted artefacts where annotated, else the coarse mask's band (METHOD 4)."""
+    if data.artefacts is not None and data.spurious:
+        return data.artefact_mask()
+    coarse = masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
+    return (coarse != 0) & (data.masks == 0)
+
+
+def evaluation_groups(test: LesionSet, train_set: LesionSet) -> dict[str, np.ndarray]:
+    """Aligned and conflicting test images per artefact, the direction read off the train split."""
+    names = list(test.spurious) or [n for n, f in test.flags.items() if f.any()]
+    direction = {}
+    for name in names:
+        flags, labels = train_set.flags[name], train_set.labels
+        rates = [flags[labels == c].mean() if (labels == c).any() else 0.0 for c in (1, 0)]
+        direction[name] = 1 if rates[0] >= rates[1] else -1
+    return metrics.shortcut_groups(test.flags, test.labels, names, direction)
+
+
+def evaluate(
+    model: Model,
+    test: LesionSet,
+    s_map: np.ndarray,
+    inpainted: np.ndarray,
+    groups: dict[str, np.ndarray],
+    seed: int = 0,
+) -> dict:
+    """AUROC (pooled, by group, worst group), Dice, S_global and the counterfactual drop."""
+    probs = model.probabilities(test.images)
+    by_group = metrics.auroc_by_group(probs, test.labels, groups)
+    with_artefacts = s_map.any(axis=(1, 2))
+    drop = metrics.image_scores(probs) - metrics.image_scores(model.probabilities(inpainted))
+    return {
+        "auroc": metrics.pooled_auroc(probs, test.labels),
+        "auroc_by_group": by_group,
+        "worst_group_auroc": metrics.worst_group_auroc(by_group),
+        "dice": metrics.dice(probs, test.masks),
+        "s_global": metrics.s_global_report(probs, s_map, test.masks, seed=seed),
+        # Malignancy score lost when the spurious pixels are painted over with skin.
+        "counterfactual_drop": float(drop[with_artefacts].mean())
+        if with_artefacts.any()
+        else float("nan"),
+    }
+
+
+def saliency_picture(
+    models: dict[str, Model], test: LesionSet, s_map: np.ndarray, count: int, out: Path
+) -> dict:
+    """Before/after saliency of benign test images that carry spurious pixels (where the
+    shortcut misleads); returns the share of saliency on those pixels per model."""
+    candidates = np.flatnonzero(s_map.any(axis=(1, 2)) & (test.labels == 0))
+    if len(candidates) == 0:
+        candidates = np.arange(len(test))
+    picks = candidates[:count]
+    maps = {name: saliency.saliency_maps(m, test.images[picks]) for name, m in models.items()}
+    shares = {name: saliency.saliency_share(m, s_map[picks]) for name, m in maps.items()}
+    captions = [
+        f"{test.ids[i]}\nbenign\non artefacts: {shares['coarse'][j]:.0%} -> "
+        f"{shares['unlearned'][j]:.0%}"
+        for j, i in enumerate(picks)
+    ]
+    figures.saliency_grid(
+        test.images[picks],
+        maps["coarse"],
+        maps["unlearned"],
+        captions,
+        out,
+        artefacts=s_map[picks],
+        title="Saliency of the malignant score over the predicted lesion",
+    )
+    return {name: float(v.mean()) for name, v in shares.items()}
+
+
+def _train_model(images, targets, config: RunConfig, device, what: str) -> Model:
+    model = Model(
+        ModelConfig(encoder=config.encoder, image_size=config.image_size, seed=config.seed), device
+    )
+    drive(
+        train(model, images, targets, TrainConfig(epochs=config.epochs, seed=config.seed)),
+        desc=f"train {what}",
+        quiet=config.quiet,
+    )
+    return model
+
+
+def run(config: RunConfig) -> dict:
+    """Run the pipeline and write metrics.json and saliency pictures to config.out."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    timings = {}
+    clock = time.perf_counter()
+    data = load_data(config)
+    train_set = data.split("train")
+    test = data.split("test") if (data.splits == "test").any() else data.split("val")
+    if len(test) == 0:
+        raise ValueError("the data has no test or val split to evaluate on")
+    coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
+    refined_idx = choose_refined(train_set, config)
+    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined_idx})
+    s_map = spurious_map(test, config)
+    inpainted = saliency.inpaint_background(test.images, s_map)
+    groups = evaluation_groups(test, train_set)
+    timings["data_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    if config.model:
+        model = Model.load(config.model, device)
+    else:
+        model = _train_model(train_set.images, coarse, config, device, "coarse model")
+    timings["coarse_train_s"] = time.perf_counter() - clock
+    results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
+
+    operator = OPERATORS[config.method](
+        seed=config.seed,
+        **({"steps": config.steps} if config.steps else {}),
+        **config.operator_options,
+    )
+    clock = time.perf_counter()
+    outcome = drive(
+        operator.run(model, UnlearnData(train_set.images, coarse, split)),
+        desc=config.method,
+        quiet=config.quiet,
+    )
+    timings["unlearn_s"] = time.perf_counter() - clock
+    results["unlearned"] = evaluate(outcome.model, test, s_map, inpainted, groups, config.seed)
+    if config.saliency_images:
+        shares = saliency_picture(
+            {"coarse": model, "unlearned": outcome.model},
+            test,
+            s_map,
+            config.saliency_images,
+            out / "saliency.png",
+        )
+        for name, share in shares.items():
+            results[name]["saliency_on_artefacts"] = share
+
+    if config.baselines:
+        for name, targets in (("retrain", split.targets), ("fine_oracle", train_set.masks)):
+            clock = time.perf_counter()
+            baseline = _train_model(train_set.images, targets, config, device, name)
+            timings[f"{name}_train_s"] = time.perf_counter() - clock
+            results[name] = evaluate(baseline, test, s_map, inpainted, groups, config.seed)
+
+    report = {
+        **results,
+        "config": asdict(config),
+        "seed": config.seed,
+        "device": str(device),
+        "operator": asdict(operator),
+        "refined_ids": [train_set.ids[i] for i in refined_idx],
+        "forget_pixels": split.forget_count,
+        "n_train": len(train_set),
+        "n_test": len(test),
+        "timings": timings,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    return report
+
+
+def _plain(value):
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def table(report: dict) -> str:
+    """The printed summary: one row per model state."""
+    rows = [f"{'model':<12} {'AUROC':>6} {'worst':>6} {'Dice':>6} {'S_global':>10} {'excess':>10}"]
+    for name in ("coarse", "unlearned", "retrain", "fine_oracle"):
+        if name in report:
+            r, s = report[name], report[name]["s_global"]
+            rows.append(
+                f"{name:<12} {r['auroc']:>6.3f} {r['worst_group_auroc']:>6.3f} "
+                f"{r['dice']:>6.3f} {s['value']:>10.2e} {s['excess']:>10.2e}"
+            )
+    rows.append("S_global in nats per pixel; excess = value - permutation-null mean")
+    return "\n".join(rows)

@@ -1,0 +1,251 @@
+"""The segmentation model: an smp U-Net with a frozen part and a trainable scope.
+
+The *scope* is what training and unlearning update (METHOD 5): "decoder" (decoder and head,
+the default), "head", or "all"; the rest is frozen. Everything below the scope is a fixed
+function of the image, so its output can be computed once per image and cached
+(`frozen_features`), and the scope trained on the cache (`scoped_forward`).
+
+Checkpoints are safetensors weights plus a JSON config beside them; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from safetensors.torch import load_file, save_file
+
+SCOPES = ("decoder", "head", "all")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model; saved beside its weights."""
+
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None  # "imagenet" needs the network; never in tests or CI
+    decoder_channels: tuple[int, ...] = (64, 32, 16, 16, 8)  # small: trains on a CPU
+    classes: int = 3
+    scope: str = "decoder"
+    image_size: int = 128
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    seed: int = 0  # initialises the weights (the frozen encoder too, when not pretrained)
+    provenance: dict = field(default_factory=dict, compare=False)  # data, masks, training
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if len(self.decoder_channels) != 5:
+            raise ValueError("decoder_channels needs 5 entries, one per U-Net decoder block")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; a named device must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but it is not available; use 'auto' or 'cpu'")
+    return device
+
+
+class Model:
+    """An smp U-Net, its config, and the device it runs on."""
+
+    def __init__(self, config: ModelConfig | None = None, device: str | torch.device = "cpu"):
+        self.config = config or ModelConfig()
+        torch.manual_seed(self.config.seed)
+        self.net = smp.Unet(
+            self.config.encoder,
+            encoder_weights=self.config.encoder_weights,
+            classes=self.config.classes,
+            decoder_channels=self.config.decoder_channels,
+        )
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.net.to(self.device)
+        if self.device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+        self.set_scope(self.config.scope)
+
+    # -- scope ------------------------------------------------------------------------------
+    def set_scope(self, scope: str) -> None:
+        """Make `scope` trainable and freeze the rest."""
+        self.config = replace(self.config, scope=scope)
+        trainable = set(self._scope_modules(scope))
+        for name, module in self.net.named_children():
+            module.requires_grad_(name in trainable)
+
+    @staticmethod
+    def _scope_modules(scope: str) -> list[str]:
+        return {
+            "all": ["encoder", "decoder", "segmentation_head"],
+            "decoder": ["decoder", "segmentation_head"],
+            "head": ["segmentation_head"],
+        }[scope]
+
+    def scoped_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def scoped_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.net.named_parameters() if p.requires_grad}
+
+    def train_mode(self) -> None:
+        """Train mode for the scope only: frozen blocks keep their batch-norm statistics."""
+        self.net.eval()
+        for name in self._scope_modules(self.config.scope):
+            getattr(self.net, name).train()
+
+    # -- forward ----------------------------------------------------------------------------
+    def to_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) on the model's device."""
+        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
+        x = x.permute(0, 3, 1, 2).float() / 255
+        mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def autocast(self):
+        """bf16 autocast on CUDA; a no-op elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def frozen_features(self, x: torch.Tensor):
+        """Output of the frozen part for normalised input x: what the scope takes in."""
+        scope = self.config.scope
+        if scope == "all":
+            return x
+        features = self.net.encoder(x)
+        if scope == "decoder":
+            return features
+        return self.net.decoder(features)
+
+    def scoped_forward(self, frozen) -> torch.Tensor:
+        """Logits from the frozen part's output (see frozen_features)."""
+        scope = self.config.scope
+        if scope == "all":
+            return self.net(frozen)
+        decoded = self.net.decoder(frozen) if scope == "decoder" else frozen
+        return self.net.segmentation_head(decoded)
+
+    @torch.no_grad()
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Softmax probabilities (N, K, H, W) float32 for uint8 (N, H, W, 3) images."""
+        self.net.eval()
+        out = []
+        for start in range(0, len(images), batch_size):
+            with self.autocast():
+                logits = self.net(self.to_input(images[start : start + batch_size]))
+            out.append(torch.softmax(logits.float(), 1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.classes, 1, 1), "f4")
+
+    # -- copies and files -------------------------------------------------------------------
+    def copy(self) -> Model:
+        """An independent copy (weights, config, device)."""
+        twin = copy.copy(self)
+        twin.net = copy.deepcopy(self.net)
+        return twin
+
+    def to(self, device: str | torch.device) -> Model:
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.net.to(self.device)
+        return self
+
+    def parameter_norm(self) -> float:
+        """L2 norm of the scoped parameters, all concatenated."""
+        with torch.no_grad():
+            return float(torch.sqrt(sum((p.float() ** 2).sum() for p in self.scoped_parameters())))
+
+    def save(self, path: str | Path) -> Path:
+        """Write PATH.safetensors and PATH.json; returns the weights path."""
+        weights = Path(path).with_suffix(".safetensors")
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, weights)
+        info = {"format": "shortcut-unlearning-model", "version": 1, **asdict(self.config)}
+        weights.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+        return weights
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Model:
+        """Read a checkpoint written by save (safetensors + JSON; never a pickle)."""
+        weights = Path(path).with_suffix(".safetensors")
+        config_path = weights.with_suffix(".json")
+        for needed in (weights, config_path):
+            if not needed.is_file():
+                raise FileNotFoundError(
+                    f"{needed} is missing; a checkpoint is a .safetensors file with its .json "
+                    "config beside it, as written by Model.save"
+                )
+        try:
+            info = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON ({err})") from err
+        if info.pop("format", None) != "shortcut-unlearning-model":
+            raise ValueError(f"{config_path} is not a shortcut-unlearning model config")
+        info.pop("version", None)
+        for key in ("decoder_channels", "mean", "std"):
+            info[key] = tuple(info[key])
+        # Pretrained weights come from the checkpoint itself, never from a hub.
+        config = ModelConfig(**{**info, "encoder_weights": None})
+        model = cls(config, device)
+        model.config = replace(model.config, encoder_weights=info.get("encoder_weights"))
+        try:
+            state = load_file(weights, device=str(model.device))
+        except Exception as err:  # safetensors raises its own error types for broken files
+            raise ValueError(f"cannot read weights {weights} ({err}); the file is damaged") from err
+        model.net.load_state_dict(state)
+        return model
+
+
+class FrozenInputs:
+    """What the scope takes in, for a set of images: cached once, or computed per batch.
+
+    With a frozen encoder the cache turns every training step into a decoder-only step.
+    Indexing with an array of image indices gives that batch's input to scoped_forward.
+    """
+
+    def __init__(self, model: Model, images: np.ndarray, cache: bool = True, batch_size: int = 32):
+        self.model, self.images, self.cache = model, images, None
+        if cache:
+            parts = [
+                self._compute(np.arange(s, min(s + batch_size, len(images))))
+                for s in range(0, len(images), batch_size)
+            ]
+            self.cache = _concat(parts)
+
+    @torch.no_grad()
+    def _compute(self, index: np.ndarray):
+        self.model.train_mode()  # the frozen part runs in eval mode, as during training
+        with self.model.autocast():
+            return self.model.frozen_features(self.model.to_input(self.images[index]))
+
+    def __getitem__(self, index: np.ndarray):
+        if self.cache is None:
+            return self._compute(index)
+        at = torch.as_tensor(index, device=self.model.device)
+        if isinstance(self.cache, torch.Tensor):
+            return self.cache[at]
+        return [f[at] for f in self.cache]
+
+
+def _concat(parts):
+    """Concatenate batches of frozen outputs (tensors, or lists of tensors per level)."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return [torch.cat(level) for level in zip(*parts, strict=True)]

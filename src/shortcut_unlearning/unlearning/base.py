@@ -1,0 +1,161 @@
+"""The loop every unlearning operator shares.
+
+An operator is a dataclass of its settings with a `loss` (and optional hooks). `run` works on
+a copy of the model, yields a Progress event per step and returns an UnlearnResult. The model
+it started from is never changed: a cancelled run returns it as it was, and a failed run
+raises with it untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..masks import PixelSplit
+from ..model import FrozenInputs, Model
+from ..progress import Cancel, Progress
+from ..training import IGNORE, check_finite
+
+RETAIN_IMAGES = ("refined", "all")
+
+
+@dataclass
+class UnlearnData:
+    """Training images with their coarse masks and the forget/retain split of a refinement."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    coarse: np.ndarray  # (N, H, W) coarse masks the model was trained on
+    split: PixelSplit  # forget pixels, corrected targets, which images are refined
+    probe: Callable[[Model], dict] | None = None  # e.g. S_global on held-out images
+
+    def __post_init__(self):
+        if (
+            self.coarse.shape != self.images.shape[:3]
+            or self.split.forget.shape != self.coarse.shape
+        ):
+            raise ValueError(
+                f"images {self.images.shape[:3]}, coarse masks {self.coarse.shape} and forget "
+                f"set {self.split.forget.shape} must describe the same (N, H, W) pixels"
+            )
+
+
+@dataclass
+class UnlearnResult:
+    model: Model  # the unlearned model, or the starting model if cancelled
+    cancelled: bool = False
+    steps: int = 0
+    history: list[Progress] = field(default_factory=list)
+
+
+@dataclass
+class Operator:
+    """Settings shared by all operators; subclasses add their own and define `loss`."""
+
+    steps: int = 60
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 8
+    seed: int = 0
+    # Images that feed retain batches: "refined" (default) fine-tunes only where the masks
+    # were corrected; "all" also replays the unrefined images' coarse masks, which still
+    # label their artefacts as lesion and so keep teaching the shortcut.
+    retain_images: str = "refined"
+    scope: str | None = None  # None: keep the model's scope
+    probe_every: int = 10
+    cache_features: bool = True
+
+    name = "operator"
+
+    def __post_init__(self):
+        if self.retain_images not in RETAIN_IMAGES:
+            raise ValueError(f"retain_images must be one of {RETAIN_IMAGES}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps and batch_size must be at least 1 and lr positive")
+
+    # -- what operators define --------------------------------------------------------------
+    def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms from the batch's mean retain CE and per-pixel forget CE; key 'total'."""
+        raise NotImplementedError
+
+    def prepare(self, model: Model) -> None:
+        """Called once on the working copy before the first step."""
+
+    def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
+        """Called after each optimiser step (e.g. projection, noise)."""
+
+    def phase(self, step: int) -> str:
+        return self.name
+
+    def optimiser(self, model: Model) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.scoped_parameters(), lr=self.lr, momentum=self.momentum)
+
+    # -- the shared loop --------------------------------------------------------------------
+    def run(
+        self, model: Model, data: UnlearnData, cancel: Cancel | None = None
+    ) -> Generator[Progress, None, UnlearnResult]:
+        work = model.copy()
+        if self.scope:
+            work.set_scope(self.scope)
+        try:
+            return (yield from self._loop(model, work, data, cancel))
+        finally:
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()  # the feature cache is gone with the loop
+
+    def _loop(self, start: Model, work: Model, data: UnlearnData, cancel):
+        split = data.split
+        with_forget = np.flatnonzero(split.forget.any(axis=(1, 2)))
+        if len(with_forget) == 0:
+            raise ValueError("the forget set is empty: refine at least one mask first")
+        all_images = np.arange(len(data.images))
+        retain_pool = with_forget if self.retain_images == "refined" else all_images
+        used = np.union1d(with_forget, retain_pool)  # only these images are cached
+        forget_rows, retain_rows = (
+            np.searchsorted(used, with_forget),
+            np.searchsorted(used, retain_pool),
+        )
+        inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
+        device = work.device
+        targets = torch.as_tensor(split.targets[used], device=device).long()
+        coarse = torch.as_tensor(data.coarse[used], device=device).long()
+        forget = torch.as_tensor(split.forget[used], device=device)
+        rng = np.random.default_rng(self.seed)
+        noise_rng = torch.Generator(device=device).manual_seed(self.seed)
+        self.prepare(work)
+        optimiser = self.optimiser(work)
+        history = []
+        for step in range(1, self.steps + 1):
+            if cancel:
+                return UnlearnResult(model=start, cancelled=True, steps=step - 1, history=history)
+            work.train_mode()
+            rows = rng.choice(forget_rows, self.batch_size)
+            logits = self._logits(work, inputs, rows)
+            at = torch.as_tensor(rows, device=device)
+            forget_ce = F.cross_entropy(logits, coarse[at], reduction="none")[forget[at]]
+            if self.retain_images == "all":
+                rows = rng.choice(retain_rows, self.batch_size)
+                logits, at = self._logits(work, inputs, rows), torch.as_tensor(rows, device=device)
+            retain_ce = F.cross_entropy(logits, targets[at], ignore_index=IGNORE)
+            terms = self.loss(retain_ce, forget_ce)
+            check_finite(terms["total"], step, f"{self.name} loss")
+            optimiser.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimiser.step()
+            self.after_step(work, step, noise_rng)
+            metrics = None
+            if data.probe and (step % self.probe_every == 0 or step == self.steps):
+                metrics = data.probe(work)
+            losses = {k: v.item() for k, v in terms.items()}
+            history.append(Progress(step, self.steps, self.phase(step), losses, metrics))
+            yield history[-1]
+        work.net.eval()
+        return UnlearnResult(model=work, steps=self.steps, history=history)
+
+    @staticmethod
+    def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:
+        with model.autocast():
+            return model.scoped_forward(inputs[rows]).float()

@@ -1,0 +1,131 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, same_state
+
+from shortcut_unlearning.model import FrozenInputs, Model, resolve_device
+from shortcut_unlearning.progress import Cancel, Cancelled, drive
+from shortcut_unlearning.training import TrainConfig, train
+
+
+def test_scope_freezes_everything_else():
+    model = Model(TINY)
+    grads = {n.split(".")[0]: p.requires_grad for n, p in model.net.named_parameters()}
+    assert grads == {"encoder": False, "decoder": True, "segmentation_head": True}
+    model.set_scope("head")
+    assert all(n.startswith("segmentation_head") for n in model.scoped_named_parameters())
+    model.set_scope("all")
+    assert len(model.scoped_parameters()) == len(list(model.net.parameters()))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        Model(TINY.__class__(scope="encoder"))
+
+
+@pytest.mark.parametrize("scope", ["decoder", "head", "all"])
+def test_scoped_forward_of_frozen_features_equals_the_full_forward(tiny_data, scope):
+    data, _ = tiny_data
+    model = Model(TINY)
+    model.set_scope(scope)
+    model.net.eval()
+    x = model.to_input(data.images[:3])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            model.scoped_forward(model.frozen_features(x)).numpy(),
+            model.net(x).numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_cached_and_plain_training_take_the_same_steps(tiny_data):
+    data, coarse = tiny_data
+    losses = []
+    for cache in (True, False):
+        model = Model(TINY)
+        config = TrainConfig(epochs=1, batch_size=6, seed=1, cache_features=cache)
+        losses.append(
+            [e.losses["loss"] for e in _events(train(model, data.images, coarse, config))]
+        )
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+
+
+def _events(job):
+    events = []
+    try:
+        while True:
+            events.append(next(job))
+    except StopIteration:
+        return events
+
+
+def test_training_lowers_the_loss_and_leaves_the_frozen_encoder(tiny_data):
+    data, coarse = tiny_data
+    model = Model(TINY)
+    encoder_before = {k: v.clone() for k, v in model.net.encoder.state_dict().items()}
+    events = _events(train(model, data.images, coarse, TrainConfig(epochs=6, batch_size=8)))
+    first, last = np.mean([e.losses["loss"] for e in events[:3]]), events[-1].losses["loss"]
+    assert last < 0.8 * first
+    assert events[-1].step == events[-1].total == 18
+    assert same_state(encoder_before, model.net.encoder.state_dict())
+
+
+def test_cancel_and_nan_stop_training(tiny_data, monkeypatch):
+    data, coarse = tiny_data
+    cancel = Cancel()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        drive(train(Model(TINY), data.images, coarse, cancel=cancel), quiet=True)
+    model = Model(TINY)
+    monkeypatch.setattr(model, "scoped_forward", lambda f: torch.full((6, 3, 48, 48), np.nan))
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        drive(train(model, data.images[:6], coarse[:6]), quiet=True)
+    with pytest.raises(ValueError, match="do not match"):
+        drive(train(model, data.images, coarse[:3]), quiet=True)
+
+
+def test_checkpoint_round_trip_without_pickle(tiny_data, tmp_path):
+    data, _ = tiny_data
+    model = Model(TINY)
+    with torch.no_grad():
+        for p in model.net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = model.save(tmp_path / "m")
+    assert path.suffix == ".safetensors" and path.with_suffix(".json").is_file()
+    loaded = Model.load(tmp_path / "m")
+    assert loaded.config == model.config
+    np.testing.assert_allclose(
+        loaded.probabilities(data.images[:2]), model.probabilities(data.images[:2]), atol=1e-6
+    )
+    info = json.loads(path.with_suffix(".json").read_text())
+    assert info["encoder"] == "resnet18" and info["scope"] == "decoder"
+
+
+def test_bad_checkpoints_say_what_is_wrong(tmp_path):
+    Model(TINY).save(tmp_path / "m")
+    (tmp_path / "m.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="damaged"):
+        Model.load(tmp_path / "m")
+    (tmp_path / "m.json").unlink()
+    with pytest.raises(FileNotFoundError, match="json config beside it"):
+        Model.load(tmp_path / "m")
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_frozen_inputs_cache_matches_computation(tiny_data):
+    data, _ = tiny_data
+    model = Model(TINY)
+    cached, plain = (
+        FrozenInputs(model, data.images[:5]),
+        FrozenInputs(model, data.images[:5], False),
+    )
+    index = np.array([4, 0, 2])
+    for a, b in zip(cached[index], plain[index], strict=True):
+        torch.testing.assert_close(a, b)
