@@ -8,6 +8,13 @@ CORE = [
     "shortcut_unlearning.data.folders",
     "shortcut_unlearning.figures",
     "shortcut_unlearning.cli",
+    "shortcut_unlearning.model",
+    "shortcut_unlearning.training",
+    "shortcut_unlearning.unlearning",
+    "shortcut_unlearning.metrics",
+    "shortcut_unlearning.saliency",
+    "shortcut_unlearning.experiment",
+    "shortcut_unlearning.benchmarks",
 ]
 
 

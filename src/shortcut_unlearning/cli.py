@@ -59,10 +59,81 @@ def _run(args) -> None:
         model=args.model,
         baselines=args.baselines,
         out=str(args.out),
+        scope=args.scope,
+        accept_collapse=args.accept_collapse,
+        operator_options=privacy_options(args),
     )
     report = run(config)
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
+
+
+def _train(args) -> None:
+    from . import masks as masklib
+    from .experiment import RunConfig, load_data, train_model
+
+    config = RunConfig(
+        data=args.data,
+        synth_n=args.synth_n,
+        image_size=args.image_size,
+        coarse=args.coarse,
+        coarse_margin=args.coarse_margin,
+        encoder=args.encoder,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+    )
+    train_set = load_data(config).split("train")
+    if args.masks == "coarse":
+        targets = masklib.coarse_masks(train_set.masks, args.coarse, args.coarse_margin)
+        kind = f"coarse ({args.coarse} {args.coarse_margin:g})"
+    else:
+        targets, kind = train_set.masks, "fine"
+    model = train_model(train_set.images, targets, config, args.device, kind)
+    print(f"model: {model.save(args.out)} (trained on {len(train_set)} images, {kind} masks)")
+
+
+def _bench(args) -> None:
+    import json
+
+    from . import benchmarks
+    from .experiment import RunConfig
+
+    if args.what == "cache":
+        result = benchmarks.cache_speedup(
+            n=args.n,
+            size=args.image_size,
+            epochs=args.epochs,
+            encoder=args.encoder,
+            device=args.device,
+        )
+        print(json.dumps(result, indent=2))
+        return
+    base = RunConfig(
+        data=args.data,
+        synth_n=args.synth_n,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        encoder=args.encoder,
+        device=args.device,
+        fine_fraction=args.fine_fraction,
+        quiet=True,
+    )
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = benchmarks.seeds(base, seeds, args.methods.split(","), args.out)
+    print(benchmarks.markdown(result["summary"]))
+    print(f"written: {Path(args.out) / 'summary.md'}")
+
+
+def privacy_options(args) -> dict:
+    """--epsilon and --delta, for the certified operators only."""
+    asked = {k: v for k, v in (("epsilon", args.epsilon), ("delta", args.delta)) if v is not None}
+    if asked and args.method not in CERTIFIED:
+        raise ValueError(f"--epsilon and --delta apply to {' and '.join(CERTIFIED)} only")
+    return asked
+
+
+CERTIFIED = ("gradient-clipping", "model-clipping")
 
 
 def shortcut_summary(data) -> str:
@@ -90,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write synthetic dermoscopy with planted shortcuts")
     synth.add_argument("--out", required=True, type=Path, help="folder to write")
-    synth.add_argument("--n", type=int, default=200, help="number of images")
+    synth.add_argument("--n", type=int, default=600, help="number of images")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument(
@@ -143,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--encoder", default=defaults.encoder)
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--device", default=defaults.device, help="auto, cuda, mps or cpu")
+    run.add_argument("--epsilon", type=float, help="certified operators: epsilon (default 1)")
+    run.add_argument("--delta", type=float, help="certified operators: delta (default 1e-5)")
+    run.add_argument(
+        "--scope",
+        choices=("decoder", "head", "all"),
+        help="parameters to unlearn in (default: the model's scope)",
+    )
+    run.add_argument(
+        "--accept-collapse",
+        action="store_true",
+        help="keep the unlearned model even if it collapsed",
+    )
     run.add_argument("--model", help="start from this checkpoint instead of training")
     run.add_argument(
         "--baselines",
@@ -151,6 +234,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, default=Path(defaults.out))
     run.set_defaults(func=_run)
+
+    fit = sub.add_parser("train", help="train a model on coarse or fine masks and save it")
+    fit.add_argument("--data", default=defaults.data)
+    fit.add_argument("--synth-n", type=int, default=defaults.synth_n)
+    fit.add_argument("--image-size", type=int, default=defaults.image_size)
+    fit.add_argument("--masks", choices=("coarse", "fine"), default="coarse")
+    fit.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
+    fit.add_argument("--coarse-margin", type=float, default=defaults.coarse_margin)
+    fit.add_argument("--encoder", default=defaults.encoder)
+    fit.add_argument("--epochs", type=int, default=defaults.epochs)
+    fit.add_argument("--seed", type=int, default=defaults.seed)
+    fit.add_argument("--device", default=defaults.device)
+    fit.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
+    fit.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="benchmarks: cache speed-up, methods over seeds")
+    bench.add_argument("what", choices=("cache", "seeds"))
+    bench.add_argument("--data", default="synthetic")
+    bench.add_argument("--synth-n", type=int, default=defaults.synth_n)
+    bench.add_argument("--n", type=int, default=64, help="images for the cache benchmark")
+    bench.add_argument("--image-size", type=int, default=defaults.image_size)
+    bench.add_argument("--epochs", type=int, default=defaults.epochs)
+    bench.add_argument("--encoder", default=defaults.encoder)
+    bench.add_argument("--device", default=defaults.device)
+    bench.add_argument("--fine-fraction", type=float, default=defaults.fine_fraction)
+    bench.add_argument("--seeds", default="0,1,2")
+    bench.add_argument(
+        "--methods",
+        default=defaults.method,
+        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}",
+    )
+    bench.add_argument("--out", type=Path, default=Path("out/bench"))
+    bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="show the sample data and its planted shortcut")
     demo.add_argument("--out", type=Path, default=Path("out/demo"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +34,16 @@ class RunConfig:
     refined: list[str] | None = None  # or the ids of the images to refine
     method: str = "neggrad-seg"
     steps: int | None = None  # unlearning steps (None: the operator's default)
-    epochs: int = 30  # training epochs of the coarse model and the baselines
+    epochs: int = 20  # training epochs of the coarse model and the baselines
     encoder: str = ModelConfig.encoder
     seed: int = 0
     device: str = "auto"
     model: str | None = None  # start from this checkpoint instead of training
     baselines: bool = False  # also train retrain-from-scratch and the fine-mask oracle
     saliency_images: int = 4
+    probe_images: int = 32  # test images the unlearning loop probes (curves, collapse check)
+    scope: str | None = None  # unlearning scope (None: the model's)
+    accept_collapse: bool = False
     out: str = "out/run"
     quiet: bool = False
     operator_options: dict = field(default_factory=dict)
@@ -111,6 +114,27 @@ def evaluate(
     }
 
 
+def make_probe(test: LesionSet, s_map: np.ndarray, count: int):
+    """Dice, AUROC and S_global on the first `count` test images: the curves of a run and
+    the collapse check. Monitoring only; nothing is tuned on it."""
+    images, labels, fine, s = (
+        test.images[:count],
+        test.labels[:count],
+        test.masks[:count],
+        s_map[:count],
+    )
+
+    def probe(model: Model) -> dict:
+        probs = model.probabilities(images)
+        return {
+            "dice": metrics.dice(probs, fine),
+            "auroc": metrics.pooled_auroc(probs, labels),
+            "s_global": metrics.s_global(probs, s, fine),
+        }
+
+    return probe
+
+
 def saliency_picture(
     models: dict[str, Model], test: LesionSet, s_map: np.ndarray, count: int, out: Path
 ) -> dict:
@@ -139,15 +163,25 @@ def saliency_picture(
     return {name: float(v.mean()) for name, v in shares.items()}
 
 
-def _train_model(images, targets, config: RunConfig, device, what: str) -> Model:
-    model = Model(
-        ModelConfig(encoder=config.encoder, image_size=config.image_size, seed=config.seed), device
+def train_model(images, targets, config: RunConfig, device, masks: str) -> Model:
+    """A fresh model trained on (images, targets); `masks` names the targets in provenance."""
+    provenance = {
+        "data": config.data,
+        "masks": masks,
+        "images": len(images),
+        "epochs": config.epochs,
+        "seed": config.seed,
+        "scope": ModelConfig.scope,  # what training updated; the rest never saw these masks
+    }
+    model_config = ModelConfig(
+        encoder=config.encoder,
+        image_size=config.image_size,
+        seed=config.seed,
+        provenance=provenance,
     )
-    drive(
-        train(model, images, targets, TrainConfig(epochs=config.epochs, seed=config.seed)),
-        desc=f"train {what}",
-        quiet=config.quiet,
-    )
+    model = Model(model_config, device)
+    train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
+    drive(train(model, images, targets, train_config), desc=f"train on {masks}", quiet=config.quiet)
     return model
 
 
@@ -175,23 +209,38 @@ def run(config: RunConfig) -> dict:
     if config.model:
         model = Model.load(config.model, device)
     else:
-        model = _train_model(train_set.images, coarse, config, device, "coarse model")
+        coarse_kind = f"coarse ({config.coarse} {config.coarse_margin:g})"
+        model = train_model(train_set.images, coarse, config, device, coarse_kind)
+        model.save(out / "coarse_model")
     timings["coarse_train_s"] = time.perf_counter() - clock
     results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
 
+    options = {"steps": config.steps} if config.steps else {}
     operator = OPERATORS[config.method](
         seed=config.seed,
-        **({"steps": config.steps} if config.steps else {}),
+        scope=config.scope,
+        accept_collapse=config.accept_collapse,
+        **options,
         **config.operator_options,
     )
+    certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
+    probe = make_probe(test, s_map, config.probe_images) if config.probe_images else None
     clock = time.perf_counter()
-    outcome = drive(
-        operator.run(model, UnlearnData(train_set.images, coarse, split)),
-        desc=config.method,
-        quiet=config.quiet,
-    )
+    job = operator.run(model, UnlearnData(train_set.images, coarse, split, probe))
+    outcome = drive(job, desc=config.method, quiet=config.quiet)
     timings["unlearn_s"] = time.perf_counter() - clock
+    if outcome.model is not model:  # not kept back after a collapse
+        unlearned = {
+            "method": config.method,
+            "steps": outcome.steps,
+            "refined_images": len(refined_idx),
+        }
+        outcome.model.config = replace(
+            outcome.model.config, provenance={**model.config.provenance, "unlearned": unlearned}
+        )
+        outcome.model.save(out / "unlearned_model")
     results["unlearned"] = evaluate(outcome.model, test, s_map, inpainted, groups, config.seed)
+    results["unlearned"]["collapsed"] = outcome.collapsed
     if config.saliency_images:
         shares = saliency_picture(
             {"coarse": model, "unlearned": outcome.model},
@@ -204,9 +253,13 @@ def run(config: RunConfig) -> dict:
             results[name]["saliency_on_artefacts"] = share
 
     if config.baselines:
-        for name, targets in (("retrain", split.targets), ("fine_oracle", train_set.masks)):
+        baselines = (
+            ("retrain", split.targets, "corrected (refined where refined)"),
+            ("fine_oracle", train_set.masks, "fine"),
+        )
+        for name, targets, kind in baselines:
             clock = time.perf_counter()
-            baseline = _train_model(train_set.images, targets, config, device, name)
+            baseline = train_model(train_set.images, targets, config, device, kind)
             timings[f"{name}_train_s"] = time.perf_counter() - clock
             results[name] = evaluate(baseline, test, s_map, inpainted, groups, config.seed)
 
@@ -215,13 +268,28 @@ def run(config: RunConfig) -> dict:
         "config": asdict(config),
         "seed": config.seed,
         "device": str(device),
-        "operator": asdict(operator),
+        "operator": {"name": operator.name, **asdict(operator)},
+        "certificate": certificate.to_dict() if certificate else None,
+        "unlearning": {
+            "collapsed": outcome.collapsed,
+            "kept_starting_model": outcome.model is model,
+            "start_probe": outcome.start_metrics,
+            "trajectory": [
+                {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})}
+                for e in outcome.history
+            ],
+        },
         "refined_ids": [train_set.ids[i] for i in refined_idx],
         "forget_pixels": split.forget_count,
         "n_train": len(train_set),
         "n_test": len(test),
         "timings": timings,
     }
+    if config.probe_images:
+        start = {"step": 0, "phase": "start", **(outcome.start_metrics or {})}
+        figures.trajectory_plot(
+            {config.method: [start, *report["unlearning"]["trajectory"]]}, out / "trajectory.png"
+        )
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
     return report
 
@@ -243,4 +311,16 @@ def table(report: dict) -> str:
                 f"{r['dice']:>6.3f} {s['value']:>10.2e} {s['excess']:>10.2e}"
             )
     rows.append("S_global in nats per pixel; excess = value - permutation-null mean")
+    if report.get("unlearning", {}).get("collapsed"):
+        kept = report["unlearning"]["kept_starting_model"]
+        rows.append(
+            "the unlearned model COLLAPSED"
+            + ("; the starting model was kept (unlearned = coarse)" if kept else "")
+        )
+    if report.get("certificate"):
+        from .certificate import Certificate
+
+        cert = {k: v for k, v in report["certificate"].items() if k != "noise_to_parameters"}
+        cert["assumptions"] = tuple(cert["assumptions"])
+        rows.append(Certificate(**cert).summary())
     return "\n".join(rows)

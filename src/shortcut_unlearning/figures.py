@@ -167,3 +167,51 @@ def saliency_grid(
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     return out
+
+
+def trajectory_plot(runs: dict[str, list[dict]], out: Path | str, title: str = "") -> Path:
+    """Probe metrics over unlearning steps, one line per run, noisy phases shaded.
+
+    `runs` maps a label to trajectory rows ({"step", "phase", and the probe's "dice",
+    "auroc", "s_global" where probed}), as stored in metrics.json.
+    """
+    keys = ("dice", "auroc", "s_global")
+    fig = Figure(figsize=(11, 3.4))
+    axes = fig.subplots(1, len(keys))
+    for (label, rows), colour in zip(runs.items(), _colours(len(runs)), strict=True):
+        probed = [r for r in rows if "dice" in r]
+        noisy = [r["step"] for r in rows if r["phase"] == "noisy"]
+        for ax, key in zip(axes, keys, strict=True):
+            ax.plot(
+                [r["step"] for r in probed],
+                [r[key] for r in probed],
+                "o-",
+                color=colour,
+                label=label,
+                markersize=3,
+            )
+            if noisy:
+                ax.axvspan(0, max(noisy), color=colour, alpha=0.08)
+    for ax, key in zip(axes, keys, strict=True):
+        ax.set_xlabel("unlearning step")
+        ax.set_title(
+            {
+                "dice": "Dice (probe)",
+                "auroc": "AUROC (probe)",
+                "s_global": "S_global (probe, nats/px)",
+            }[key],
+            fontsize=9,
+        )
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or "Utility over unlearning steps (shaded: noisy phase)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["tab10"](i % 10) for i in range(n)]

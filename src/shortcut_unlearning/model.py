@@ -21,6 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 SCOPES = ("decoder", "head", "all")
+# The U-Net's top-level blocks that each scope trains.
+SCOPE_MODULES = {
+    "all": ("encoder", "decoder", "segmentation_head"),
+    "decoder": ("decoder", "segmentation_head"),
+    "head": ("segmentation_head",),
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -85,17 +91,9 @@ class Model:
     def set_scope(self, scope: str) -> None:
         """Make `scope` trainable and freeze the rest."""
         self.config = replace(self.config, scope=scope)
-        trainable = set(self._scope_modules(scope))
+        trainable = SCOPE_MODULES[scope]
         for name, module in self.net.named_children():
             module.requires_grad_(name in trainable)
-
-    @staticmethod
-    def _scope_modules(scope: str) -> list[str]:
-        return {
-            "all": ["encoder", "decoder", "segmentation_head"],
-            "decoder": ["decoder", "segmentation_head"],
-            "head": ["segmentation_head"],
-        }[scope]
 
     def scoped_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -106,7 +104,7 @@ class Model:
     def train_mode(self) -> None:
         """Train mode for the scope only: frozen blocks keep their batch-norm statistics."""
         self.net.eval()
-        for name in self._scope_modules(self.config.scope):
+        for name in SCOPE_MODULES[self.config.scope]:
             getattr(self.net, name).train()
 
     # -- forward ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ BAND_ARTEFACTS = ("ink", "patches", "gel_bubble")
 class SynthConfig:
     """Parameters of the generator; the defaults are the benchmark's."""
 
-    n: int = 200
+    n: int = 600
     size: int = 128
     seed: int = 0
     p: float = 0.9  # P(spurious artefact | malignant) in train; reversed in test

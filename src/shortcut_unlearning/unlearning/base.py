@@ -45,10 +45,13 @@ class UnlearnData:
 
 @dataclass
 class UnlearnResult:
-    model: Model  # the unlearned model, or the starting model if cancelled
+    model: Model  # the unlearned model; the starting model if cancelled or collapsed
     cancelled: bool = False
+    collapsed: bool = False  # the run's model fell below the probe floor or went non-finite
     steps: int = 0
     history: list[Progress] = field(default_factory=list)
+    start_metrics: dict | None = None  # the probe on the starting model
+    rejected: Model | None = None  # the collapsed model, kept for inspection
 
 
 @dataclass
@@ -67,6 +70,11 @@ class Operator:
     scope: str | None = None  # None: keep the model's scope
     probe_every: int = 10
     cache_features: bool = True
+    # Collapse: the probe's Dice falls below this share of the starting model's, or a
+    # parameter is not finite. A collapsed model never replaces the starting one unless
+    # accept_collapse is set.
+    collapse_ratio: float = 0.5
+    accept_collapse: bool = False
 
     name = "operator"
 
@@ -84,13 +92,17 @@ class Operator:
     def prepare(self, model: Model) -> None:
         """Called once on the working copy before the first step."""
 
+    def on_gradients(self, model: Model, step: int) -> None:
+        """Called between backward and the optimiser step (e.g. gradient clipping)."""
+
     def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
         """Called after each optimiser step (e.g. projection, noise)."""
 
     def phase(self, step: int) -> str:
         return self.name
 
-    def optimiser(self, model: Model) -> torch.optim.Optimizer:
+    def optimiser(self, model: Model, phase: str) -> torch.optim.Optimizer:
+        """The optimiser of a phase; a new one is made whenever the phase changes."""
         return torch.optim.SGD(model.scoped_parameters(), lr=self.lr, momentum=self.momentum)
 
     # -- the shared loop --------------------------------------------------------------------
@@ -125,12 +137,15 @@ class Operator:
         forget = torch.as_tensor(split.forget[used], device=device)
         rng = np.random.default_rng(self.seed)
         noise_rng = torch.Generator(device=device).manual_seed(self.seed)
+        start_metrics = data.probe(start) if data.probe else None
         self.prepare(work)
-        optimiser = self.optimiser(work)
-        history = []
+        history, phase = [], None
         for step in range(1, self.steps + 1):
             if cancel:
                 return UnlearnResult(model=start, cancelled=True, steps=step - 1, history=history)
+            if self.phase(step) != phase:
+                phase = self.phase(step)
+                optimiser = self.optimiser(work, phase)
             work.train_mode()
             rows = rng.choice(forget_rows, self.batch_size)
             logits = self._logits(work, inputs, rows)
@@ -144,16 +159,32 @@ class Operator:
             check_finite(terms["total"], step, f"{self.name} loss")
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
+            self.on_gradients(work, step)
             optimiser.step()
             self.after_step(work, step, noise_rng)
             metrics = None
             if data.probe and (step % self.probe_every == 0 or step == self.steps):
                 metrics = data.probe(work)
             losses = {k: v.item() for k, v in terms.items()}
-            history.append(Progress(step, self.steps, self.phase(step), losses, metrics))
+            history.append(Progress(step, self.steps, phase, losses, metrics))
             yield history[-1]
         work.net.eval()
-        return UnlearnResult(model=work, steps=self.steps, history=history)
+        result = UnlearnResult(
+            model=work, steps=self.steps, history=history, start_metrics=start_metrics
+        )
+        if self.collapsed(work, start_metrics, history[-1].metrics):
+            result.collapsed = True
+            if not self.accept_collapse:
+                result.model, result.rejected = start, work
+        return result
+
+    def collapsed(self, model: Model, before: dict | None, after: dict | None) -> bool:
+        """Non-finite parameters, or the probe's Dice below collapse_ratio of the start's."""
+        if not all(torch.isfinite(p).all() for p in model.scoped_parameters()):
+            return True
+        if before and after and "dice" in before and "dice" in after:
+            return after["dice"] < self.collapse_ratio * before["dice"]
+        return False
 
     @staticmethod
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:

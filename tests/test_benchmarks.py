@@ -1,0 +1,42 @@
+import json
+
+from shortcut_unlearning import benchmarks
+from shortcut_unlearning.cli import main
+from shortcut_unlearning.experiment import RunConfig
+
+
+def test_cache_benchmark_reports_a_ratio_of_two_measured_times():
+    result = benchmarks.cache_speedup(n=8, size=48, epochs=1, device="cpu")
+    assert result["plain_s"] > 0 and result["cached_s"] > 0
+    assert result["speedup"] == result["plain_s"] / result["cached_s"]
+
+
+def test_seed_benchmark_shares_the_coarse_model_across_methods(tmp_path):
+    base = RunConfig(
+        data="synthetic",
+        synth_n=30,
+        image_size=48,
+        epochs=1,
+        steps=2,
+        quiet=True,
+        saliency_images=1,
+        fine_fraction=0.2,
+    )
+    result = benchmarks.seeds(base, [0, 1], ["neggrad-seg", "finetune"], tmp_path)
+    assert set(result["summary"]) == {"coarse", "retrain", "fine_oracle", "neggrad-seg", "finetune"}
+    assert len(result["runs"]["finetune"]) == 2
+    second = json.loads((tmp_path / "seed1" / "finetune" / "metrics.json").read_text())
+    assert second["config"]["model"].endswith("seed1/neggrad-seg/coarse_model.safetensors")
+    assert "retrain" not in second
+    table = (tmp_path / "summary.md").read_text()
+    assert "| neggrad-seg |" in table and "±" in table
+
+
+def test_bench_command(tmp_path, capsys):
+    assert (
+        main(
+            ["bench", "cache", "--n", "6", "--image-size", "48", "--epochs", "1", "--device", "cpu"]
+        )
+        == 0
+    )
+    assert '"speedup"' in capsys.readouterr().out
