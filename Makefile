@@ -20,8 +20,13 @@ GUI_PACKAGES := xvfb xauth libgl1 libgl1-mesa-dri libegl1 libxkbcommon-x11-0 lib
 
 .PHONY: demo test install system lint clean
 
+# With a display napari opens for you; without one the demo drives itself under Xvfb.
 demo: install
-	$(BIN)/shortcut-unlearning demo --out $(DEMO_OUT)
+	@if [ -n "$$DISPLAY$$WAYLAND_DISPLAY" ]; then \
+	  $(BIN)/shortcut-unlearning demo --out $(DEMO_OUT); \
+	else \
+	  xvfb-run -a -s "-screen 0 1600x1000x24" $(BIN)/shortcut-unlearning demo --headless --out $(DEMO_OUT); \
+	fi
 
 test: install
 	$(BIN)/ruff check .

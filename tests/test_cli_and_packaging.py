@@ -32,6 +32,8 @@ def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
 def test_demo_runs_on_the_shipped_sample(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "synthetic.png").is_file()
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert "certified" not in capsys.readouterr().out  # NegGrad-Seg by default
     sample = read_folder(sample_data_dir() / SAMPLE_SET)
     assert len(sample) == 64 and sample.artefacts is not None
 
@@ -57,6 +59,8 @@ def test_the_wheel_ships_the_sample_data(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "shortcut_unlearning/sample_data/synthetic/dataset.json" in names
     assert "shortcut_unlearning/sample_data/synthetic/labels.csv" in names
+    assert "shortcut_unlearning/sample_data/coarse_model.safetensors" in names
+    assert "shortcut_unlearning/sample_data/coarse_model.json" in names
     assert (
         sum(n.startswith("shortcut_unlearning/sample_data/synthetic/images/") for n in names) == 64
     )

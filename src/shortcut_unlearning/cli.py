@@ -26,63 +26,63 @@ def _synth(args) -> None:
 
 
 def _demo(args) -> None:
-    from .data.folders import read_folder
-    from .figures import synthetic_grid
-    from .resources import SAMPLE_SET, sample_data_dir
+    import os
 
-    # The pipeline and the napari plugin are not built yet: the demo shows the data and its
-    # planted shortcut.
-    folder = sample_data_dir() / SAMPLE_SET
-    data = read_folder(folder)
-    print(f"sample data: {folder} ({len(data)} images, {data.image_size[0]} px)")
+    from .napari import _demo
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise ValueError("no display: run the demo under Xvfb (`make demo` does) or on a desktop")
+    if not args.headless:
+        _demo.interactive()
+        return
+    done = _demo.scripted(Path(args.out), steps=args.steps)
+    print(done["result"])
+    print(f"screenshot: {done['screenshot']}\nexported run: {done['export']}")
+    _headless_report(Path(args.out))
+
+
+def _headless_report(out: Path) -> None:
+    """The sample, its planted shortcut, and the pipeline's report on it."""
+    from .data.folders import read_folder
+    from .experiment import RunConfig, run, table
+    from .figures import synthetic_grid
+    from .resources import SAMPLE_MODEL, SAMPLE_SET, sample_data_dir
+
+    data = read_folder(sample_data_dir() / SAMPLE_SET)
+    print(f"sample data: {len(data)} images at {data.image_size[0]} px")
     print(shortcut_summary(data))
-    print(f"picture: {synthetic_grid(data, Path(args.out) / 'synthetic.png')}")
+    print(f"picture: {synthetic_grid(data, out / 'synthetic.png')}")
+    model = sample_data_dir() / SAMPLE_MODEL
+    report = run(RunConfig(data="sample", model=str(model), out=str(out / "run"), quiet=True))
+    print(f"the pipeline on the sample ({model.name}, NegGrad-Seg, 10 % refined masks):")
+    print(table(report))
+    print(f"report: {out / 'run'}")
+
+
+def _config(args, **overrides):
+    """A RunConfig from the parsed flags that share its field names."""
+    from dataclasses import fields
+
+    from .experiment import RunConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    return RunConfig(**{**given, "out": str(args.out), **overrides})
 
 
 def _run(args) -> None:
-    from .experiment import RunConfig, run, table
+    from .experiment import run, table
 
-    config = RunConfig(
-        data=args.data,
-        synth_n=args.synth_n,
-        image_size=args.image_size,
-        coarse=args.coarse,
-        coarse_margin=args.coarse_margin,
-        fine_fraction=args.fine_fraction,
-        refined=args.refined.split(",") if args.refined else None,
-        method=args.method,
-        steps=args.steps,
-        epochs=args.epochs,
-        encoder=args.encoder,
-        seed=args.seed,
-        device=args.device,
-        model=args.model,
-        baselines=args.baselines,
-        out=str(args.out),
-        scope=args.scope,
-        accept_collapse=args.accept_collapse,
-        operator_options=privacy_options(args),
-    )
-    report = run(config)
+    refined = args.refined.split(",") if args.refined else None
+    report = run(_config(args, refined=refined, operator_options=privacy_options(args)))
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
 
 
 def _train(args) -> None:
     from . import masks as masklib
-    from .experiment import RunConfig, load_data, train_model
+    from .experiment import load_data, train_model
 
-    config = RunConfig(
-        data=args.data,
-        synth_n=args.synth_n,
-        image_size=args.image_size,
-        coarse=args.coarse,
-        coarse_margin=args.coarse_margin,
-        encoder=args.encoder,
-        epochs=args.epochs,
-        seed=args.seed,
-        device=args.device,
-    )
+    config = _config(args)
     train_set = load_data(config).split("train")
     if args.masks == "coarse":
         targets = masklib.coarse_masks(train_set.masks, args.coarse, args.coarse_margin)
@@ -97,7 +97,6 @@ def _bench(args) -> None:
     import json
 
     from . import benchmarks
-    from .experiment import RunConfig
 
     if args.what == "cache":
         result = benchmarks.cache_speedup(
@@ -109,18 +108,8 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
-    base = RunConfig(
-        data=args.data,
-        synth_n=args.synth_n,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        encoder=args.encoder,
-        device=args.device,
-        fine_fraction=args.fine_fraction,
-        quiet=True,
-    )
     seeds = [int(s) for s in args.seeds.split(",")]
-    result = benchmarks.seeds(base, seeds, args.methods.split(","), args.out)
+    result = benchmarks.seeds(_config(args, quiet=True), seeds, args.methods.split(","), args.out)
     print(benchmarks.markdown(result["summary"]))
     print(f"written: {Path(args.out) / 'summary.md'}")
 
@@ -181,39 +170,44 @@ def build_parser() -> argparse.ArgumentParser:
     from .unlearning import OPERATORS
 
     defaults = RunConfig()
-    run = sub.add_parser("run", help="train on coarse masks, unlearn, evaluate, report")
-    run.add_argument(
+    # Flags that run, train and bench share: the data and the model to train.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
         "--data",
         default=defaults.data,
         help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
     )
-    run.add_argument(
+    common.add_argument(
         "--synth-n",
         type=int,
         default=defaults.synth_n,
         help="images to generate with --data synthetic",
     )
-    run.add_argument("--image-size", type=int, default=defaults.image_size)
-    run.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
-    run.add_argument(
+    common.add_argument("--image-size", type=int, default=defaults.image_size)
+    common.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
+    common.add_argument(
         "--coarse-margin",
         type=float,
         default=defaults.coarse_margin,
         help="dilation radius or box margin, as a fraction of the image size",
     )
-    run.add_argument(
+    common.add_argument(
         "--fine-fraction",
         type=float,
         default=defaults.fine_fraction,
         help="share of training images that get refined masks",
     )
+    common.add_argument("--epochs", type=int, default=defaults.epochs)
+    common.add_argument("--encoder", default=defaults.encoder)
+    common.add_argument("--seed", type=int, default=defaults.seed)
+    common.add_argument("--device", default=defaults.device, help="auto, cuda, mps or cpu")
+
+    run = sub.add_parser(
+        "run", parents=[common], help="train on coarse masks, unlearn, evaluate, report"
+    )
     run.add_argument("--refined", help="comma-separated ids to refine instead")
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
     run.add_argument("--steps", type=int, help="unlearning steps (default: the operator's)")
-    run.add_argument("--epochs", type=int, default=defaults.epochs)
-    run.add_argument("--encoder", default=defaults.encoder)
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--device", default=defaults.device, help="auto, cuda, mps or cpu")
     run.add_argument("--epsilon", type=float, help="certified operators: epsilon (default 1)")
     run.add_argument("--delta", type=float, help="certified operators: delta (default 1e-5)")
     run.add_argument(
@@ -235,41 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path(defaults.out))
     run.set_defaults(func=_run)
 
-    fit = sub.add_parser("train", help="train a model on coarse or fine masks and save it")
-    fit.add_argument("--data", default=defaults.data)
-    fit.add_argument("--synth-n", type=int, default=defaults.synth_n)
-    fit.add_argument("--image-size", type=int, default=defaults.image_size)
+    fit = sub.add_parser(
+        "train", parents=[common], help="train a model on coarse or fine masks and save it"
+    )
     fit.add_argument("--masks", choices=("coarse", "fine"), default="coarse")
-    fit.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
-    fit.add_argument("--coarse-margin", type=float, default=defaults.coarse_margin)
-    fit.add_argument("--encoder", default=defaults.encoder)
-    fit.add_argument("--epochs", type=int, default=defaults.epochs)
-    fit.add_argument("--seed", type=int, default=defaults.seed)
-    fit.add_argument("--device", default=defaults.device)
     fit.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
     fit.set_defaults(func=_train)
 
-    bench = sub.add_parser("bench", help="benchmarks: cache speed-up, methods over seeds")
+    bench = sub.add_parser(
+        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds"
+    )
     bench.add_argument("what", choices=("cache", "seeds"))
-    bench.add_argument("--data", default="synthetic")
-    bench.add_argument("--synth-n", type=int, default=defaults.synth_n)
     bench.add_argument("--n", type=int, default=64, help="images for the cache benchmark")
-    bench.add_argument("--image-size", type=int, default=defaults.image_size)
-    bench.add_argument("--epochs", type=int, default=defaults.epochs)
-    bench.add_argument("--encoder", default=defaults.encoder)
-    bench.add_argument("--device", default=defaults.device)
-    bench.add_argument("--fine-fraction", type=float, default=defaults.fine_fraction)
     bench.add_argument("--seeds", default="0,1,2")
     bench.add_argument(
         "--methods",
         default=defaults.method,
-        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}",
+        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; "
+        "NAME/head unlearns in the head scope",
     )
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=_bench, data="synthetic")
 
-    demo = sub.add_parser("demo", help="show the sample data and its planted shortcut")
+    demo = sub.add_parser(
+        "demo",
+        help="napari with the sample and the widget (headless: "
+        "drives the workflow and saves a screenshot and the metrics)",
+    )
     demo.add_argument("--out", type=Path, default=Path("out/demo"))
+    demo.add_argument(
+        "--headless", action="store_true", help="drive the workflow and exit, even with a display"
+    )
+    demo.add_argument("--steps", type=int, default=40, help="unlearning steps of the demo run")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -52,7 +52,9 @@ def drive(job: Generator[Progress, None, T], desc: str = "", quiet: bool = False
         while True:
             event = next(job)
             if bar is None:
-                bar = tqdm(total=event.total, desc=desc, disable=quiet, leave=False)
+                bar = tqdm(
+                    total=event.total, desc=desc, disable=True if quiet else None, leave=False
+                )
             bar.n = event.step
             bar.set_postfix({k: f"{v:.3g}" for k, v in {**event.losses}.items()}, refresh=True)
     except StopIteration as done:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SAMPLE_SET = "synthetic"
+SAMPLE_MODEL = "coarse_model.safetensors"
 
 
 def sample_data_dir() -> Path:

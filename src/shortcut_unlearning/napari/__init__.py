@@ -1,0 +1,1 @@
+"""The napari face of shortcut-unlearning: a thin layer over the Qt-free core."""

@@ -1,0 +1,69 @@
+"""The plugin's remembered parameters and where its files live (user folders, no Qt).
+
+SHORTCUT_UNLEARNING_HOME moves both folders (tests use it); otherwise the platform's user
+config and data folders are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "shortcut-unlearning"
+DEFAULTS = {
+    "method": "neggrad-seg",
+    "scope": "decoder",
+    "epsilon": 1.0,
+    "delta": 1e-5,
+    "steps": 60,
+    "device": "auto",
+    "seed": 0,
+}
+
+
+def _home(kind: str) -> Path:
+    base = os.environ.get("SHORTCUT_UNLEARNING_HOME")
+    if base:
+        return Path(base) / kind
+    if kind == "config":
+        return Path(platformdirs.user_config_dir(APP))
+    return Path(platformdirs.user_data_dir(APP))
+
+
+def settings_file() -> Path:
+    return _home("config") / "widget.json"
+
+
+def autosave_folder() -> Path:
+    """Where refined masks are autosaved, keyed by their coarse stack."""
+    return _home("data") / "autosave"
+
+
+def load_settings() -> dict:
+    """The saved parameters over the defaults; unknown keys and wrong types are dropped."""
+    try:
+        saved = json.loads(settings_file().read_text())
+    except (OSError, ValueError):
+        return dict(DEFAULTS)
+    if not isinstance(saved, dict):
+        return dict(DEFAULTS)
+    # Text stays text and numbers stay numbers; anything else is a damaged file's leftover.
+    kept = {
+        k: v
+        for k, v in saved.items()
+        if k in DEFAULTS
+        and isinstance(v, str) == isinstance(DEFAULTS[k], str)
+        and isinstance(v, str | int | float)
+        and not isinstance(v, bool)
+    }
+    return {**DEFAULTS, **kept}
+
+
+def save_settings(values: dict) -> Path:
+    path = settings_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: values[k] for k in DEFAULTS if k in values}, indent=2))
+    return path
