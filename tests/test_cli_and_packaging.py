@@ -29,13 +29,25 @@ def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
     assert "dilation band" in capsys.readouterr().err
 
 
-def test_demo_runs_on_the_shipped_sample(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def test_headless_demo_drives_the_plugin_on_the_shipped_sample(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
+    assert main(["demo", "--headless", "--steps", "3", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "S_global before" in printed and "nats per pixel" in printed
+    assert (tmp_path / "napari.png").stat().st_size > 20_000
     assert (tmp_path / "synthetic.png").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file()
-    assert "certified" not in capsys.readouterr().out  # NegGrad-Seg by default
+    (export,) = (tmp_path / "exports").iterdir()
+    assert (export / "metrics.json").is_file()
     sample = read_folder(sample_data_dir() / SAMPLE_SET)
     assert len(sample) == 64 and sample.artefacts is not None
+
+
+def test_demo_without_a_display_says_what_to_do(monkeypatch, capsys):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    assert main(["demo", "--headless"]) == 2
+    assert "Xvfb" in capsys.readouterr().err
 
 
 def test_the_wheel_ships_the_sample_data(tmp_path):

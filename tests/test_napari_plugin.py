@@ -81,7 +81,13 @@ def test_full_workflow(make_napari_viewer, qtbot, small_model, tmp_path):
     start = widget.current_model()
     widget.start_unlearning()
     wait_for_run(qtbot, widget)
-    for name in ("saliency before", "saliency after", "prediction before", "prediction after"):
+    for name in (
+        "saliency before",
+        "saliency after",
+        "prediction before",
+        "prediction after",
+        "images (after)",
+    ):
         assert name in viewer.layers
     before = viewer.layers["saliency before"].data
     assert before.shape == (12, 128, 128) and np.isfinite(before).all()
@@ -93,7 +99,7 @@ def test_full_workflow(make_napari_viewer, qtbot, small_model, tmp_path):
     widget.revert_model()
     assert widget.current_model() is start
     out = widget.export_run(tmp_path / "exports")
-    assert (out / "model.safetensors").is_file() and (out / "before.png").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "before_after.png").is_file()
     report = json.loads((out / "metrics.json").read_text())
     assert report["refinement"]["refined_images"] == 3
     assert len(list((out / "refined_masks").glob("*_segmentation.png"))) == 12

@@ -101,11 +101,16 @@ class Model:
     def scoped_named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.net.named_parameters() if p.requires_grad}
 
-    def train_mode(self) -> None:
-        """Train mode for the scope only: frozen blocks keep their batch-norm statistics."""
+    def train_mode(self, batch_statistics: bool = True) -> None:
+        """Train mode for the scope only: frozen blocks keep their batch-norm statistics, and
+        so does the scope with batch_statistics=False."""
         self.net.eval()
         for name in SCOPE_MODULES[self.config.scope]:
             getattr(self.net, name).train()
+        if not batch_statistics:
+            for module in self.net.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     # -- forward ----------------------------------------------------------------------------
     def to_input(self, images: np.ndarray) -> torch.Tensor:

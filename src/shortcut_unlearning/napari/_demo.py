@@ -37,6 +37,7 @@ def scripted(out: Path, refine: int = 3, steps: int = 40, timeout_s: float = 900
     from qtpy.QtWidgets import QApplication
 
     viewer, widget = open_viewer(show=True)
+    viewer.window.resize(1600, 1000)
     widget.start_refinement()
     fine = viewer.layers["reference masks"].data
     layer = widget.refined_layer

@@ -115,6 +115,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.figure = Figure(figsize=(3, 2.4))
         self.loss_axis, self.s_axis = self.figure.subplots(2, 1, sharex=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(200)
         layout = QVBoxLayout(self)
         layout.addWidget(form.native)
         layout.addWidget(self.canvas)
@@ -381,31 +382,39 @@ class ShortcutUnlearningWidget(QWidget):
             pass
 
     def _show_views(self, outcome: Outcome) -> None:
+        """Before over the images, after over a copy placed to their right: one glance."""
         before, after = outcome.before, outcome.after
+        images = self.viewer.layers[self.image.value]
+        shift = (0, 0, round(images.data.shape[2] * 1.06))
+        self._result_layer("images (after)", images.data, "image", rgb=images.rgb, translate=shift)
         maps_before, vmax = normalise_maps(before.saliency)
-        maps_after, _ = normalise_maps(after.saliency, vmax)
-        for name, maps in (("saliency before", maps_before), ("saliency after", maps_after)):
-            self._result_layer(
-                name,
-                maps,
-                "image",
-                colormap="inferno",
-                opacity=0.6,
-                blending="additive",
-                contrast_limits=(0, 1),
-            )
-        for name, views in (("prediction before", before), ("prediction after", after)):
-            self._result_layer(name, views.predictions, "labels", opacity=0.5)
+        maps_after, _ = normalise_maps(after.saliency, vmax)  # one colour scale for both
+        heat = {
+            "colormap": "inferno",
+            "opacity": 0.6,
+            "blending": "additive",
+            "contrast_limits": (0, 1),
+        }
+        self._result_layer("saliency before", maps_before, "image", **heat)
+        self._result_layer("saliency after", maps_after, "image", translate=shift, **heat)
+        self._result_layer("prediction before", before.predictions, "labels", contour=1)
+        self._result_layer(
+            "prediction after", after.predictions, "labels", contour=1, translate=shift
+        )
         sb, sa = before.s_global, after.s_global
         overlay = _text_overlay(self.viewer)
-        overlay.visible = True
-        overlay.text = f"S_global {sb['value']:.2e} -> {sa['value']:.2e} nats/px"
+        overlay.visible, overlay.font_size = True, 12
+        overlay.text = (
+            f"left: before, right: after unlearning    S_global {sb['value']:.2e} "
+            f"-> {sa['value']:.2e} nats/px"
+        )
         self.result.value = (
             f"S_global before {sb['value']:.2e} [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}]\n"
             f"S_global after  {sa['value']:.2e} [{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]\n"
             f"(nats per pixel, 95% CI over images; permutation null {sb['null_mean']:.1e})\n"
             f"Dice vs refined masks {before.dice:.3f} -> {after.dice:.3f}"
         )
+        self.viewer.reset_view()
 
     def _result_layer(self, name: str, data, kind: str, **style) -> None:
         """Update this widget's own result layer, or add one; never a layer the user made."""
@@ -413,8 +422,11 @@ class ShortcutUnlearningWidget(QWidget):
             if layer.name == name and layer.metadata.get(RESULT):
                 layer.data = data
                 return
+        contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
         add = self.viewer.add_image if kind == "image" else self.viewer.add_labels
-        add(data, name=name, metadata={RESULT: True}, **style)
+        layer = add(data, name=name, metadata={RESULT: True}, **style)
+        if contour:
+            layer.contour = contour
 
     def accept_model(self) -> None:
         self.models.append(self.outcome.result.model)
@@ -449,18 +461,10 @@ class ShortcutUnlearningWidget(QWidget):
                 collapsed=outcome.result.collapsed,
                 certificate=outcome.certificate.to_dict() if outcome.certificate else None,
             )
-            for which in ("before", "after"):
-                self._show_only(which)
-                self.viewer.screenshot(str(out / f"{which}.png"), canvas_only=True)
-            self._show_only(None)
+            self.viewer.screenshot(str(out / "before_after.png"), canvas_only=True)
         (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
         show_info(f"Exported to {out}")
         return out
-
-    def _show_only(self, which: str | None) -> None:
-        for layer in self.viewer.layers:
-            if layer.metadata.get(RESULT) and layer.name != "forget set":
-                layer.visible = which is None or layer.name.endswith(which)
 
 
 def _edited_planes(event) -> list[int] | None:

@@ -59,8 +59,11 @@ class Operator:
     """Settings shared by all operators; subclasses add their own and define `loss`."""
 
     steps: int = 60
-    lr: float = 0.01
-    momentum: float = 0.9
+    # Adam, like training: plain SGD at NegGrad+'s lr 0.01 diverged on our Adam-trained
+    # U-Nets within a few steps (measured; see BENCHMARKS.md). 1e-4 is a tenth of training's.
+    lr: float = 1e-4
+    momentum: float = 0.9  # SGD only
+    optimiser_name: str = "adam"  # or "sgd"
     batch_size: int = 8
     seed: int = 0
     # Images that feed retain batches: "refined" (default) fine-tunes only where the masks
@@ -75,12 +78,17 @@ class Operator:
     # accept_collapse is set.
     collapse_ratio: float = 0.5
     accept_collapse: bool = False
+    # Batch-norm layers normalise with the starting model's statistics: batches drawn from a
+    # few refined images are too small and too alike to re-estimate them.
+    batch_statistics: bool = False
 
     name = "operator"
 
     def __post_init__(self):
         if self.retain_images not in RETAIN_IMAGES:
             raise ValueError(f"retain_images must be one of {RETAIN_IMAGES}")
+        if self.optimiser_name not in ("adam", "sgd"):
+            raise ValueError(f"optimiser_name must be 'adam' or 'sgd', got {self.optimiser_name!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps and batch_size must be at least 1 and lr positive")
 
@@ -103,6 +111,8 @@ class Operator:
 
     def optimiser(self, model: Model, phase: str) -> torch.optim.Optimizer:
         """The optimiser of a phase; a new one is made whenever the phase changes."""
+        if self.optimiser_name == "adam":
+            return torch.optim.Adam(model.scoped_parameters(), lr=self.lr)
         return torch.optim.SGD(model.scoped_parameters(), lr=self.lr, momentum=self.momentum)
 
     # -- the shared loop --------------------------------------------------------------------
@@ -146,7 +156,7 @@ class Operator:
             if self.phase(step) != phase:
                 phase = self.phase(step)
                 optimiser = self.optimiser(work, phase)
-            work.train_mode()
+            work.train_mode(self.batch_statistics)
             rows = rng.choice(forget_rows, self.batch_size)
             logits = self._logits(work, inputs, rows)
             at = torch.as_tensor(rows, device=device)

@@ -59,9 +59,10 @@ class CertifiedOperator(Operator):
     epsilon: float = 1.0
     delta: float = 1e-5
     lam: float = 0.0  # weight decay inside the noisy phase
-    finetune_steps: int = 60
-    finetune_lr: float = 0.01  # post-processing: any optimiser keeps the certificate
-    momentum: float = 0.0
+    # After the noise the scope is as good as re-initialised, so post-processing is training:
+    # Adam at training's lr. Any post-processing keeps the certificate.
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-3
 
     def noisy_steps(self) -> int:
         raise NotImplementedError
@@ -78,9 +79,9 @@ class CertifiedOperator(Operator):
         return "noisy" if step <= self.noisy_steps() else "fine-tune"
 
     def optimiser(self, model: Model, phase: str) -> torch.optim.Optimizer:
-        if phase == "noisy":
+        if phase == "noisy":  # the calibration assumes plain SGD with a constant step
             return torch.optim.SGD(model.scoped_parameters(), lr=self.lr, momentum=0.0)
-        return torch.optim.SGD(model.scoped_parameters(), lr=self.finetune_lr, momentum=0.9)
+        return torch.optim.Adam(model.scoped_parameters(), lr=self.finetune_lr)
 
     def loss(self, retain_ce, forget_ce):
         # The certified updates use the retain gradient only; the forget CE is reported.
