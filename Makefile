@@ -30,6 +30,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/npe2 validate shortcut-unlearning
 	$(BIN)/pytest
 
 lint: install

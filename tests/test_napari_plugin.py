@@ -185,3 +185,12 @@ def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path):
     assert Image.open(paths[0]).size == (80, 60)
     with pytest.raises(ValueError, match="already exists"):
         _io.write_masks(str(tmp_path / "out"), data.masks, meta)
+
+
+def test_responsiveness_measurements_run():
+    from shortcut_unlearning.napari import _bench
+
+    overlay = _bench.overlay_update(images=2, size=64, edits=3)
+    assert overlay["edits"] == 3 and overlay["max_ms"] >= overlay["median_ms"] > 0
+    stall = _bench.event_loop_stall(steps=2, refine=1)
+    assert stall["beats"] > 0 and stall["max_stall_ms"] >= stall["p99_gap_ms"] > 0

@@ -115,3 +115,15 @@ def test_failures_leave_the_model_and_say_why(coarse_model, unlearn_data, monkey
         NegGradSeg(beta=2)
     with pytest.raises(ValueError, match="retain_images"):
         NegGradSeg(retain_images="some")
+
+
+def test_collapse_floors():
+    op = NegGradSeg()
+    model = Model(TINY)
+    assert op.collapsed(model, {"dice": 0.8, "auroc": 0.8}, {"dice": 0.39, "auroc": 0.8})
+    assert op.collapsed(model, {"dice": 0.8, "auroc": 0.8}, {"dice": 0.8, "auroc": 0.64})
+    assert not op.collapsed(model, {"dice": 0.8, "auroc": 0.8}, {"dice": 0.41, "auroc": 0.66})
+    assert not op.collapsed(model, None, {"dice": 0.0})
+    with torch.no_grad():
+        model.scoped_parameters()[0][0] = torch.nan
+    assert op.collapsed(model, None, None)

@@ -98,6 +98,12 @@ def _bench(args) -> None:
 
     from . import benchmarks
 
+    if args.what in ("stall", "overlay"):  # need a display: run under xvfb-run
+        from .napari import _bench
+
+        measure = _bench.event_loop_stall if args.what == "stall" else _bench.overlay_update
+        print(json.dumps(measure(), indent=2))
+        return
     if args.what == "cache":
         result = benchmarks.cache_speedup(
             n=args.n,
@@ -239,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds"
     )
-    bench.add_argument("what", choices=("cache", "seeds"))
+    bench.add_argument(
+        "what",
+        choices=("cache", "seeds", "stall", "overlay"),
+        help="stall and overlay measure the napari widget (need a display)",
+    )
     bench.add_argument("--n", type=int, default=64, help="images for the cache benchmark")
     bench.add_argument("--seeds", default="0,1,2")
     bench.add_argument(

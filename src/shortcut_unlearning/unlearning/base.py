@@ -73,9 +73,9 @@ class Operator:
     scope: str | None = None  # None: keep the model's scope
     probe_every: int = 10
     cache_features: bool = True
-    # Collapse: the probe's Dice falls below this share of the starting model's, or a
-    # parameter is not finite. A collapsed model never replaces the starting one unless
-    # accept_collapse is set.
+    # Collapse: the probe's Dice falls below this share of the starting model's (AUROC: of its
+    # margin over chance), or a parameter is not finite. A collapsed model never replaces the
+    # starting one unless accept_collapse is set.
     collapse_ratio: float = 0.5
     accept_collapse: bool = False
     # Batch-norm layers normalise with the starting model's statistics: batches drawn from a
@@ -189,12 +189,24 @@ class Operator:
         return result
 
     def collapsed(self, model: Model, before: dict | None, after: dict | None) -> bool:
-        """Non-finite parameters, or the probe's Dice below collapse_ratio of the start's."""
+        """Non-finite parameters, or a probe metric fallen below its floor: Dice under
+        collapse_ratio of the start's, or AUROC under the same share of the start's margin
+        over chance (0.5)."""
         if not all(torch.isfinite(p).all() for p in model.scoped_parameters()):
             return True
-        if before and after and "dice" in before and "dice" in after:
-            return after["dice"] < self.collapse_ratio * before["dice"]
-        return False
+        if not (before and after):
+            return False
+        floors = {
+            "dice": lambda start: self.collapse_ratio * start,
+            "auroc": lambda start: 0.5 + self.collapse_ratio * (start - 0.5),
+        }
+        return any(
+            key in before
+            and key in after
+            and np.isfinite(after[key])
+            and after[key] < floor(before[key])
+            for key, floor in floors.items()
+        )
 
     @staticmethod
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:

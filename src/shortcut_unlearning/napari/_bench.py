@@ -1,0 +1,104 @@
+"""Measured, not assumed: how responsive the viewer stays (needs a display, e.g. Xvfb).
+
+- stall: a 10 ms heartbeat timer runs in the Qt event loop while the widget unlearns on the
+  CPU in its worker; the longest gap between beats is the longest freeze a user would feel.
+- overlay: time of one forget-set update (recompute the edited image's plane and redraw the
+  overlay) after an edit on an 8 x 1024 x 1024 stack.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ._demo import open_viewer
+
+
+def _process_until(condition, timeout_s: float) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.001)
+
+
+def event_loop_stall(steps: int = 40, refine: int = 3) -> dict:
+    """Longest and 99th-percentile gap between 10 ms heartbeats during an unlearning run."""
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = open_viewer(show=True)
+    widget.device.value = "cpu"
+    widget.start_refinement()
+    fine = viewer.layers["reference masks"].data
+    for i in range(refine):
+        wrong = np.nonzero((widget.refined_layer.data[i] != 0) & (fine[i] == 0))
+        widget.refined_layer.data_setitem((np.full(len(wrong[0]), i), *wrong), 0)
+    widget.method.value, widget.steps.value = "neggrad-seg", steps
+    _process_until(lambda: False, 0.2)
+    beats = []
+    timer = QTimer(interval=10)
+    timer.timeout.connect(lambda: beats.append(time.perf_counter()))
+    timer.start()
+    _process_until(lambda: False, 1.0)  # idle baseline
+    idle = len(beats)
+    start = time.perf_counter()
+    widget.start_unlearning()
+    _process_until(lambda: widget.worker is None, 1800)
+    run_s = time.perf_counter() - start
+    timer.stop()
+    during = np.diff([b for b in beats[idle:] if b >= start]) * 1000
+    idle_gaps = np.diff(beats[:idle]) * 1000
+    viewer.close()
+    return {
+        "max_stall_ms": float(during.max()),
+        "p99_gap_ms": float(np.percentile(during, 99)),
+        "idle_max_gap_ms": float(idle_gaps.max()),
+        "beats": len(during),
+        "run_s": run_s,
+        "steps": steps,
+    }
+
+
+def overlay_update(images: int = 8, size: int = 1024, edits: int = 20) -> dict:
+    """Per-edit forget-set update on an images x size x size stack: median and worst."""
+    import napari
+
+    from ..refinement import Refinement
+
+    rng = np.random.default_rng(0)
+    coarse = np.zeros((images, size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(images):
+        coarse[i][(yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2] = 1 + i % 2
+    viewer = napari.Viewer(show=True)
+    refined_layer = viewer.add_labels(coarse.copy(), name="refined")
+    refinement = Refinement(coarse, refined_layer.data)
+    forget_layer = viewer.add_image(
+        refinement.forget.view(np.uint8),
+        name="forget set",
+        colormap="red",
+        blending="additive",
+        contrast_limits=(0, 1),
+    )
+    _process_until(lambda: False, 0.5)
+    seconds = []
+    for _ in range(edits):
+        plane = int(rng.integers(images))
+        viewer.dims.set_point(0, plane)
+        y, x = rng.integers(size // 3, 2 * size // 3, 2)
+        refined_layer.data[plane, y - 20 : y + 20, x - 20 : x + 20] = 0  # one brush dab
+        start = time.perf_counter()
+        refinement.update(plane)
+        forget_layer.refresh()
+        seconds.append(time.perf_counter() - start)
+        _process_until(lambda: False, 0.02)
+    viewer.close()
+    ms = np.array(seconds) * 1000
+    return {
+        "median_ms": float(np.median(ms)),
+        "max_ms": float(ms.max()),
+        "edits": edits,
+        "stack": [images, size, size],
+    }
