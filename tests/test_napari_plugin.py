@@ -187,10 +187,10 @@ def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path):
         _io.write_masks(str(tmp_path / "out"), data.masks, meta)
 
 
-def test_responsiveness_measurements_run():
+def test_responsiveness_measurements_run(make_napari_viewer):
     from shortcut_unlearning.napari import _bench
 
-    overlay = _bench.overlay_update(images=2, size=64, edits=3)
+    overlay = _bench.overlay_update(images=2, size=64, edits=3, viewer=make_napari_viewer())
     assert overlay["edits"] == 3 and overlay["max_ms"] >= overlay["median_ms"] > 0
-    stall = _bench.event_loop_stall(steps=2, refine=1)
-    assert stall["beats"] > 0 and stall["max_stall_ms"] >= stall["p99_gap_ms"] > 0
+    stall = _bench.event_loop_stall(steps=2, refine=1, viewer=make_napari_viewer())
+    assert stall["beats"] > 0 and stall["max_stall_ms"] >= stall["max_stall_while_running_ms"] >= 0

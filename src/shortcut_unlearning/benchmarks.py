@@ -156,6 +156,7 @@ def markdown(summary: dict) -> str:
         "S_global - null",
         "counterfactual drop",
         "wall s",
+        "collapsed",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, stats in summary.items():

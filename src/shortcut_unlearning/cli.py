@@ -213,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--refined", help="comma-separated ids to refine instead")
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
-    run.add_argument("--steps", type=int, help="unlearning steps (default: the operator's)")
+    run.add_argument(
+        "--steps",
+        type=int,
+        help="unlearning steps (default: the operator's; for "
+        "the certified operators, the fine-tuning steps after the noisy phase)",
+    )
     run.add_argument("--epsilon", type=float, help="certified operators: epsilon (default 1)")
     run.add_argument("--delta", type=float, help="certified operators: delta (default 1e-5)")
     run.add_argument(

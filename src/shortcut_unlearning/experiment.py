@@ -215,7 +215,10 @@ def run(config: RunConfig) -> dict:
     timings["coarse_train_s"] = time.perf_counter() - clock
     results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
 
-    options = {"steps": config.steps} if config.steps else {}
+    # For the certified operators the calibration fixes the noisy steps; --steps sets the
+    # fine-tuning after them.
+    certified = hasattr(OPERATORS[config.method], "certificate")
+    options = {("finetune_steps" if certified else "steps"): config.steps} if config.steps else {}
     operator = OPERATORS[config.method](
         seed=config.seed,
         scope=config.scope,

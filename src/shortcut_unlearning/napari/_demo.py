@@ -15,10 +15,10 @@ import numpy as np
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
 
 
-def open_viewer(show: bool = True):
+def open_viewer(show: bool = True, viewer=None):
     import napari
 
-    viewer = napari.Viewer(title="Shortcut Unlearning demo", show=show)
+    viewer = viewer or napari.Viewer(title="Shortcut Unlearning demo", show=show)
     viewer.open_sample(PLUGIN, "dermoscopy")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     widget.image.value, widget.coarse.value = "dermoscopy", "coarse masks"

@@ -178,7 +178,8 @@ class ShortcutUnlearningWidget(QWidget):
             return
         certified = self.method.value in CERTIFIED
         self.epsilon.visible = self.delta.visible = certified
-        self.steps.enabled = not certified  # the calibration sets the certified steps
+        # The calibration fixes the noisy steps; for certified operators these are fine-tuning.
+        self.steps.label = "fine-tune steps" if certified else "steps"
         try:
             device = resolve_device(self.device.value)
             self.device_used.value = f"in use: {_describe(device)}"
@@ -195,7 +196,9 @@ class ShortcutUnlearningWidget(QWidget):
         if values["method"] in CERTIFIED:
             if values["delta"] is None:
                 raise CertificateError(f"delta must be a number, got {self.delta.value!r}")
-            options.update(epsilon=values["epsilon"], delta=values["delta"])
+            options.update(
+                epsilon=values["epsilon"], delta=values["delta"], finetune_steps=values["steps"]
+            )
         else:
             options["steps"] = values["steps"]
         return OPERATORS[values["method"]](**options)
@@ -316,6 +319,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.autosave()
         self.cancel = Cancel()
         self._curve = {"step": [], "loss": [], "probe_step": [], "s_global": []}
+        self._last_draw = 0.0
         self.worker = create_worker(
             unlearn_stack,
             model,
@@ -347,6 +351,11 @@ class ShortcutUnlearningWidget(QWidget):
         if event.metrics:
             self._curve["probe_step"].append(event.step)
             self._curve["s_global"].append(event.metrics.get("s_global", np.nan))
+        # Redrawing costs tens of milliseconds on the UI thread: at most twice a second.
+        now = time.monotonic()
+        if now - self._last_draw < 0.5 and event.step < event.total:
+            return
+        self._last_draw = now
         self.loss_axis.clear()
         self.s_axis.clear()
         self.loss_axis.plot(self._curve["step"], self._curve["loss"])
