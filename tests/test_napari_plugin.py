@@ -93,7 +93,7 @@ def test_full_workflow(make_napari_viewer, qtbot, small_model, tmp_path):
     assert before.shape == (12, 128, 128) and np.isfinite(before).all()
     s_before = widget.outcome.before.s_global["value"]
     assert np.isfinite(s_before) and np.isfinite(widget.outcome.after.s_global["value"])
-    assert "S_global" in _text_overlay(viewer).text and "S_global before" in widget.result.value
+    assert "S_global" in _text_overlay(viewer).text and "S_global before" in widget.result.text()
     widget.accept_model()
     assert widget.current_model() is widget.outcome.result.model
     widget.revert_model()

@@ -25,7 +25,7 @@ class Views:
     predictions: np.ndarray  # (N, H, W) argmax classes
     saliency: np.ndarray  # (N, H, W) attribution of the malignant score
     s_global: dict  # metrics.s_global_report
-    dice: float  # against the refined masks
+    dice: float  # on the refined images, against their refined masks
 
 
 @dataclass
@@ -46,13 +46,17 @@ def check_sizes(model: Model, images: np.ndarray) -> None:
         )
 
 
-def views(model: Model, images: np.ndarray, truth: np.ndarray, spurious: np.ndarray) -> Views:
+def views(
+    model: Model, images: np.ndarray, truth: np.ndarray, spurious: np.ndarray, refined: np.ndarray
+) -> Views:
+    """Predictions, saliency and S_global on the stack; Dice on the refined images only (the
+    others' truth is still their coarse mask)."""
     probs = model.probabilities(images)
     return Views(
         predictions=probs.argmax(1).astype(np.uint8),
         saliency=saliency.saliency_maps(model, images),
         s_global=metrics.s_global_report(probs, spurious, truth, n_boot=200, n_perm=50),
-        dice=metrics.dice(probs, truth),
+        dice=metrics.dice(probs[refined], truth[refined]),
     )
 
 
@@ -84,8 +88,8 @@ def unlearn_stack(
         }
 
     certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
-    before = views(model, images, truth, s_map)
+    before = views(model, images, truth, s_map, edited)
     data = UnlearnData(images, refinement.coarse, split, probe)
     result = yield from operator.run(model, data, cancel)
-    after = None if result.cancelled else views(result.model, images, truth, s_map)
+    after = None if result.cancelled else views(result.model, images, truth, s_map, edited)
     return Outcome(result, before, after, certificate)

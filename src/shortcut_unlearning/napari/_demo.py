@@ -59,6 +59,6 @@ def scripted(out: Path, refine: int = 3, steps: int = 40, timeout_s: float = 900
     screenshot = out / "napari.png"
     viewer.screenshot(str(screenshot), canvas_only=False)
     exported = widget.export_run(out / "exports")
-    text = widget.result.value
+    text = widget.result.text()
     viewer.close()
     return {"screenshot": screenshot, "export": exported, "result": text}

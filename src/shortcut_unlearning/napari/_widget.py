@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..certificate import CertificateError
 from ..interactive import Outcome, unlearn_stack
@@ -81,7 +81,9 @@ class ShortcutUnlearningWidget(QWidget):
         self.defaults = w.PushButton(text="Restore defaults")
         self.run = w.PushButton(text="Unlearn")
         self.stop = w.PushButton(text="Cancel", enabled=False)
-        self.result = w.Label(value="")
+        self.result = QLabel()  # several lines: a plain label spanning the dock
+        for label in (self.stats, self.certificate):
+            label.native.setWordWrap(True)
         self.accept = w.PushButton(text="Accept", enabled=False)
         self.revert = w.PushButton(text="Revert", enabled=False)
         self.export = w.PushButton(text="Export run", enabled=False)
@@ -104,21 +106,18 @@ class ShortcutUnlearningWidget(QWidget):
                 self.seed,
                 self.defaults,
                 w.Container(widgets=[self.run, self.stop], layout="horizontal", labels=False),
-                self.result,
-                w.Container(
-                    widgets=[self.accept, self.revert, self.export],
-                    layout="horizontal",
-                    labels=False,
-                ),
             ]
+        )
+        decisions = w.Container(
+            widgets=[self.accept, self.revert, self.export], layout="horizontal", labels=False
         )
         self.figure = Figure(figsize=(3, 2.4))
         self.loss_axis, self.s_axis = self.figure.subplots(2, 1, sharex=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(200)
         layout = QVBoxLayout(self)
-        layout.addWidget(form.native)
-        layout.addWidget(self.canvas)
+        for part in (form.native, self.result, decisions.native, self.canvas):
+            layout.addWidget(part)  # the result text gets the dock's full width
         self.refine.changed.connect(self.start_refinement)
         self.clip.changed.connect(self.clip_added)
         self.run.changed.connect(self.start_unlearning)
@@ -417,17 +416,18 @@ class ShortcutUnlearningWidget(QWidget):
         )
         sb, sa = before.s_global, after.s_global
         overlay = _text_overlay(self.viewer)
-        overlay.visible, overlay.font_size = True, 12
+        overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
         overlay.text = (
-            f"left: before, right: after unlearning    S_global {sb['value']:.2e} "
-            f"-> {sa['value']:.2e} nats/px"
+            f"S_global {sb['value']:.2e} -> {sa['value']:.2e} nats/px\n"
+            "left: before, right: after unlearning"
         )
-        self.result.value = (
+        self.result.setText(
             f"S_global before {sb['value']:.2e} [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}]\n"
             f"S_global after  {sa['value']:.2e} [{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]\n"
             f"(nats per pixel, 95% CI over images; permutation null {sb['null_mean']:.1e})\n"
-            f"Dice vs refined masks {before.dice:.3f} -> {after.dice:.3f}"
+            f"Dice on the refined images {before.dice:.3f} -> {after.dice:.3f}"
         )
+        self.result.setMinimumHeight(self.result.sizeHint().height())  # all lines, not one
         self.viewer.reset_view()
 
     def _result_layer(self, name: str, data, kind: str, **style) -> None:
