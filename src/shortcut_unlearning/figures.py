@@ -39,6 +39,25 @@ def _overlay(ax, image, labels, colours, title=None):
         ax.set_title(title, fontsize=7)
 
 
+def _row_titles(axes, names) -> None:
+    """A rotated title left of each row of a grid of pictures."""
+    for row, name in enumerate(names):
+        axes[row, 0].text(
+            -0.08,
+            0.5,
+            name,
+            transform=axes[row, 0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=8,
+        )
+
+
+def _save(fig: Figure, out: Path | str) -> Path:
+    return _save(fig, out)
+
+
 def synthetic_grid(
     data: LesionSet,
     out: Path | str,
@@ -96,17 +115,7 @@ def synthetic_grid(
             index,
             ["#00000000", *ARTEFACT_COLOURS.values()],
         )
-    for row, name in enumerate(rows):
-        axes[row, 0].text(
-            -0.08,
-            0.5,
-            name,
-            transform=axes[row, 0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=8,
-        )
+    _row_titles(axes, rows)
     handles = [Patch(color=c, label=CLASS_NAMES[k]) for k, c in enumerate(CLASS_COLOURS) if k]
     handles.append(Patch(color="black", label="spurious artefact inside coarse mask"))
     handles += [Patch(color=c, label=a) for a, c in ARTEFACT_COLOURS.items()]
@@ -117,10 +126,7 @@ def synthetic_grid(
         fontsize=9,
     )
     fig.tight_layout(rect=(0.02, 0.07, 1, 0.96))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out)
 
 
 def saliency_grid(
@@ -150,23 +156,10 @@ def saliency_grid(
             axes[row, col].imshow(maps[col], cmap="inferno", vmin=0, vmax=1, alpha=0.7)
         for ax in axes[:, col]:
             ax.set_axis_off()
-    for row, name in enumerate(("image (artefacts outlined)", "saliency before", "after")):
-        axes[row, 0].text(
-            -0.08,
-            0.5,
-            name,
-            transform=axes[row, 0].transAxes,
-            rotation=90,
-            va="center",
-            ha="right",
-            fontsize=8,
-        )
+    _row_titles(axes, ("image (artefacts outlined)", "saliency before", "after"))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0.03, 0, 1, 0.95))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out)
 
 
 def trajectory_plot(runs: dict[str, list[dict]], out: Path | str, title: str = "") -> Path:
@@ -205,10 +198,7 @@ def trajectory_plot(runs: dict[str, list[dict]], out: Path | str, title: str = "
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "Utility over unlearning steps (shaded: noisy phase)", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out)
 
 
 def _colours(n: int) -> list:
