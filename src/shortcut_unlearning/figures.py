@@ -55,7 +55,10 @@ def _row_titles(axes, names) -> None:
 
 
 def _save(fig: Figure, out: Path | str) -> Path:
-    return _save(fig, out)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
 
 
 def synthetic_grid(
