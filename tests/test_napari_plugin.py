@@ -78,6 +78,9 @@ def test_full_workflow(make_napari_viewer, qtbot, small_model, tmp_path):
     assert expected[:3].any() and not expected[3:].any()
     assert "3 of 12 images refined" in widget.stats.value
     widget.steps.value = 3
+    # S for S_global from a painted artefact layer (here simply a copy of the forget set).
+    viewer.add_labels((widget.refinement.forget).astype(np.uint8), name="artefacts")
+    widget.artefacts.value = "artefacts"
     start = widget.current_model()
     widget.start_unlearning()
     wait_for_run(qtbot, widget)

@@ -34,6 +34,7 @@ from ..unlearning import OPERATORS
 from ._io import write_masks
 
 RESULT = "shortcut_unlearning_result"  # metadata flag of the layers this widget owns
+FORGET_AS_S = "(the forget set)"
 CERTIFIED = ("gradient-clipping", "model-clipping")
 
 
@@ -63,6 +64,9 @@ class ShortcutUnlearningWidget(QWidget):
         w = widgets
         self.image = w.ComboBox(label="images", choices=self._layers("image"))
         self.coarse = w.ComboBox(label="coarse masks", choices=self._layers("labels"))
+        # S for S_global (METHOD 4): a painted artefact layer if there is one, else the
+        # forget set.
+        self.artefacts = w.ComboBox(label="artefacts (S)", choices=self._artefact_choices())
         self.model_path = w.FileEdit(
             label="model", filter="*.safetensors", value=str(sample_data_dir() / SAMPLE_MODEL)
         )
@@ -91,6 +95,7 @@ class ShortcutUnlearningWidget(QWidget):
             widgets=[
                 self.image,
                 self.coarse,
+                self.artefacts,
                 self.model_path,
                 self.refine,
                 self.stats,
@@ -144,10 +149,17 @@ class ShortcutUnlearningWidget(QWidget):
             if layer._type_string == kind and not layer.metadata.get(RESULT)
         ]
 
+    def _artefact_choices(self) -> list[str]:
+        return [FORGET_AS_S, *self._layers("labels")]
+
     def _refresh_choices(self, event=None) -> None:
-        for combo, kind in ((self.image, "image"), (self.coarse, "labels")):
+        for combo, choices in (
+            (self.image, self._layers("image")),
+            (self.coarse, self._layers("labels")),
+            (self.artefacts, self._artefact_choices()),
+        ):
             current = combo.value
-            combo.choices = self._layers(kind)
+            combo.choices = choices
             if current in combo.choices:
                 combo.value = current
 
@@ -312,6 +324,9 @@ class ShortcutUnlearningWidget(QWidget):
             # The worker gets a snapshot: painting during the run cannot race with it.
             snapshot = Refinement(self.refinement.coarse, self.refinement.refined.copy())
             snapshot.split()  # raises now, in the UI, for an empty or invalid refinement
+            spurious = None
+            if self.artefacts.value != FORGET_AS_S:
+                spurious = np.asarray(self.viewer.layers[self.artefacts.value].data) != 0
         except (ValueError, FileNotFoundError, KeyError) as error:
             show_error(str(error))
             return
@@ -325,6 +340,7 @@ class ShortcutUnlearningWidget(QWidget):
             images,
             snapshot,
             operator,
+            spurious=spurious,
             cancel=self.cancel,
             _progress={"total": operator.steps, "desc": f"Unlearning ({operator.name})"},
         )
