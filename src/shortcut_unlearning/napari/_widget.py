@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from ..certificate import CertificateError
 from ..interactive import Outcome, unlearn_stack
@@ -120,9 +120,15 @@ class ShortcutUnlearningWidget(QWidget):
         self.loss_axis, self.s_axis = self.figure.subplots(2, 1, sharex=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(200)
-        layout = QVBoxLayout(self)
+        # Everything scrolls, so nothing is squeezed on a short screen.
+        content = QWidget()
+        column = QVBoxLayout(content)
         for part in (form.native, self.result, decisions.native, self.canvas):
-            layout.addWidget(part)  # the result text gets the dock's full width
+            column.addWidget(part)  # the result text gets the dock's full width
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        QVBoxLayout(self).addWidget(scroll)
         self.refine.changed.connect(self.start_refinement)
         self.clip.changed.connect(self.clip_added)
         self.run.changed.connect(self.start_unlearning)
