@@ -18,7 +18,7 @@ from .model import Model, ModelConfig, resolve_device
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train
-from .unlearning import OPERATORS, UnlearnData
+from .unlearning import UnlearnData, make_operator
 
 
 @dataclass
@@ -187,6 +187,15 @@ def train_model(images, targets, config: RunConfig, device, masks: str) -> Model
 
 def run(config: RunConfig) -> dict:
     """Run the pipeline and write metrics.json and saliency pictures to config.out."""
+    # Built first, so a bad setting fails before any training.
+    operator = make_operator(
+        config.method,
+        steps=config.steps,
+        seed=config.seed,
+        scope=config.scope,
+        accept_collapse=config.accept_collapse,
+        **config.operator_options,
+    )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -215,17 +224,6 @@ def run(config: RunConfig) -> dict:
     timings["coarse_train_s"] = time.perf_counter() - clock
     results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
 
-    # For the certified operators the calibration fixes the noisy steps; --steps sets the
-    # fine-tuning after them.
-    certified = hasattr(OPERATORS[config.method], "certificate")
-    options = {("finetune_steps" if certified else "steps"): config.steps} if config.steps else {}
-    operator = OPERATORS[config.method](
-        seed=config.seed,
-        scope=config.scope,
-        accept_collapse=config.accept_collapse,
-        **options,
-        **config.operator_options,
-    )
     certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
     probe = make_probe(test, s_map, config.probe_images) if config.probe_images else None
     clock = time.perf_counter()

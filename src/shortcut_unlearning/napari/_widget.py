@@ -30,12 +30,11 @@ from ..refinement import Refinement
 from ..resources import SAMPLE_MODEL, sample_data_dir
 from ..saliency import normalise_maps
 from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
-from ..unlearning import OPERATORS
+from ..unlearning import CERTIFIED, OPERATORS, make_operator
 from ._io import write_masks
 
 RESULT = "shortcut_unlearning_result"  # metadata flag of the layers this widget owns
 FORGET_AS_S = "(the forget set)"
-CERTIFIED = ("gradient-clipping", "model-clipping")
 
 
 class ShortcutUnlearningWidget(QWidget):
@@ -209,16 +208,16 @@ class ShortcutUnlearningWidget(QWidget):
 
     def operator(self):
         values = self.parameters()
-        options = {"seed": values["seed"], "scope": values["scope"]}
-        if values["method"] in CERTIFIED:
-            if values["delta"] is None:
-                raise CertificateError(f"delta must be a number, got {self.delta.value!r}")
-            options.update(
-                epsilon=values["epsilon"], delta=values["delta"], finetune_steps=values["steps"]
-            )
-        else:
-            options["steps"] = values["steps"]
-        return OPERATORS[values["method"]](**options)
+        certified = values["method"] in CERTIFIED
+        if certified and values["delta"] is None:
+            raise CertificateError(f"delta must be a number, got {self.delta.value!r}")
+        return make_operator(
+            values["method"],
+            steps=values["steps"],
+            seed=values["seed"],
+            scope=values["scope"],
+            **({"epsilon": values["epsilon"], "delta": values["delta"]} if certified else {}),
+        )
 
     def _certificate_preview(self) -> str:
         from ..unlearning.certified import collapse_warning

@@ -12,7 +12,36 @@ OPERATORS: dict[str, type[Operator]] = {
     ModelClipping.name: ModelClipping,
 }
 
+# The operators that give an (eps, delta) certificate.
+CERTIFIED = tuple(name for name, op in OPERATORS.items() if hasattr(op, "certificate"))
+
+
+def make_operator(
+    name: str,
+    steps: int | None = None,
+    epsilon: float | None = None,
+    delta: float | None = None,
+    **options,
+) -> Operator:
+    """An operator by name. For the certified ones the calibration fixes the noisy steps, so
+    `steps` sets the fine-tuning after them; epsilon and delta apply to them only."""
+    if name not in OPERATORS:
+        raise ValueError(f"unknown operator {name!r}; choose one of {sorted(OPERATORS)}")
+    privacy = {k: v for k, v in (("epsilon", epsilon), ("delta", delta)) if v is not None}
+    if name in CERTIFIED:
+        options.update(privacy)
+        if steps:
+            options["finetune_steps"] = steps
+    else:
+        if privacy:
+            raise ValueError(f"epsilon and delta apply to {' and '.join(CERTIFIED)} only")
+        if steps:
+            options["steps"] = steps
+    return OPERATORS[name](**options)
+
+
 __all__ = [
+    "CERTIFIED",
     "OPERATORS",
     "FineTune",
     "GradientClipping",
@@ -21,4 +50,5 @@ __all__ = [
     "Operator",
     "UnlearnData",
     "UnlearnResult",
+    "make_operator",
 ]
