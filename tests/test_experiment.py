@@ -6,6 +6,23 @@ import pytest
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig, run, table
 
+
+def tiny_run(out, n, *flags):
+    """`run` arguments for a tiny synthetic set at 48 px."""
+    return [
+        "run",
+        "--data",
+        "synthetic",
+        "--synth-n",
+        str(n),
+        "--image-size",
+        "48",
+        *flags,
+        "--out",
+        str(out),
+    ]
+
+
 KEYS = {"auroc", "auroc_by_group", "worst_group_auroc", "dice", "s_global", "counterfactual_drop"}
 
 
@@ -48,23 +65,16 @@ def test_run_from_a_checkpoint_on_the_command_line(report, tmp_path, capsys):
     from shortcut_unlearning.model import Model, ModelConfig
 
     Model(ModelConfig(image_size=48)).save(tmp_path / "start")
-    args = [
-        "run",
-        "--data",
-        "synthetic",
-        "--synth-n",
-        "30",
-        "--image-size",
-        "48",
+    args = tiny_run(
+        str(tmp_path / "out"),
+        30,
         "--model",
         str(tmp_path / "start.safetensors"),
         "--steps",
         "2",
         "--method",
         "finetune",
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    )
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "coarse" in printed and "nats per pixel" in printed
@@ -73,32 +83,15 @@ def test_run_from_a_checkpoint_on_the_command_line(report, tmp_path, capsys):
 
 
 def test_refined_ids_must_exist(tmp_path, capsys):
-    args = [
-        "run",
-        "--data",
-        "synthetic",
-        "--synth-n",
-        "20",
-        "--image-size",
-        "48",
-        "--refined",
-        "nope",
-        "--out",
-        str(tmp_path),
-    ]
+    args = tiny_run(str(tmp_path), 20, "--refined", "nope")
     assert main(args) == 2
     assert "not in the training split" in capsys.readouterr().err
 
 
 def test_certified_run_reports_its_certificate(tmp_path, capsys):
-    args = [
-        "run",
-        "--data",
-        "synthetic",
-        "--synth-n",
-        "30",
-        "--image-size",
-        "48",
+    args = tiny_run(
+        str(tmp_path),
+        30,
         "--epochs",
         "1",
         "--method",
@@ -109,9 +102,7 @@ def test_certified_run_reports_its_certificate(tmp_path, capsys):
         "1e-4",
         "--scope",
         "head",
-        "--out",
-        str(tmp_path),
-    ]
+    )
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "(2, 1.0e-04)-certified by gradient-clipping over the head scope" in printed
@@ -126,18 +117,6 @@ def test_certified_run_reports_its_certificate(tmp_path, capsys):
 
 
 def test_privacy_flags_belong_to_certified_operators(tmp_path, capsys):
-    args = [
-        "run",
-        "--data",
-        "synthetic",
-        "--synth-n",
-        "20",
-        "--image-size",
-        "48",
-        "--epsilon",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
+    args = tiny_run(str(tmp_path), 20, "--epsilon", "1")
     assert main(args) == 2
     assert "apply to gradient-clipping and model-clipping only" in capsys.readouterr().err

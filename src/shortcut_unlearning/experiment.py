@@ -270,7 +270,9 @@ def run(config: RunConfig) -> dict:
         "seed": config.seed,
         "device": str(device),
         "operator": {"name": operator.name, **asdict(operator)},
-        "certificate": certificate.to_dict() if certificate else None,
+        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
+        if certificate
+        else None,
         "unlearning": {
             "collapsed": outcome.collapsed,
             "kept_starting_model": outcome.model is model,
@@ -319,9 +321,5 @@ def table(report: dict) -> str:
             + ("; the starting model was kept (unlearned = coarse)" if kept else "")
         )
     if report.get("certificate"):
-        from .certificate import Certificate
-
-        cert = {k: v for k, v in report["certificate"].items() if k != "noise_to_parameters"}
-        cert["assumptions"] = tuple(cert["assumptions"])
-        rows.append(Certificate(**cert).summary())
+        rows.append(report["certificate"]["summary"])
     return "\n".join(rows)
