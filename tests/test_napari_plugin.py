@@ -1,14 +1,16 @@
-"""Widget tests through the real plugin path, under Xvfb (pytest-xvfb)."""
+"""Widget tests in-process through the real plugin path, under Xvfb (pytest-xvfb).
 
-import json
+The clinician's whole session in a fresh process is test_user_path.py; these check the
+remaining behaviours quickly, clicking the widget's buttons."""
 
 import numpy as np
 import pytest
+from qtpy.QtCore import Qt
 
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.napari import _io
-from shortcut_unlearning.napari._widget import _text_overlay
+from shortcut_unlearning.napari._demo import erase_band
 from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
 
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
@@ -27,34 +29,23 @@ def small_model(tmp_path_factory):
     return str(path.with_suffix(".safetensors"))
 
 
-def open_widget(viewer, model_path):
+def open_widget(viewer, qtbot, model_path):
     viewer.open_sample(PLUGIN, "dermoscopy")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
-    widget.model_path.value = model_path
-    widget.image.value, widget.coarse.value = "dermoscopy", "coarse masks"
+    widget.model_path.setText(model_path)
+    widget.model_path.editingFinished.emit()
+    qtbot.waitUntil(lambda: widget._ready and widget.bench.loaded, timeout=60_000)
     return widget
 
 
-def refine_to_fine(viewer, widget, images=(0, 1, 2)):
-    """Erase, through the Labels editing API, what the coarse masks wrongly call lesion."""
-    fine = viewer.layers["reference masks"].data
-    layer = widget.refined_layer
-    for i in images:
-        wrong = np.nonzero((layer.data[i] != 0) & (fine[i] == 0))
-        layer.data_setitem((np.full(len(wrong[0]), i), *wrong), 0)
-    settle()
+def click(qtbot, button):
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
-def settle():
-    """Let queued Qt events (the widget's deferred overlay update) run."""
-    from qtpy.QtWidgets import QApplication
-
-    for _ in range(3):
-        QApplication.processEvents()
-
-
-def wait_for_run(qtbot, widget, timeout=120_000):
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=timeout)
+def refine(viewer, qtbot, widget, images=(0, 1, 2)):
+    click(qtbot, widget.refine)
+    erase_band(viewer, widget, images)
+    qtbot.wait(50)
 
 
 def test_sample_opens_as_one_stack_with_coarse_masks(make_napari_viewer):
@@ -66,105 +57,101 @@ def test_sample_opens_as_one_stack_with_coarse_masks(make_napari_viewer):
     assert ((coarse.data != 0) >= (viewer.layers["reference masks"].data != 0)).all()
 
 
-def test_full_workflow(make_napari_viewer, qtbot, small_model, tmp_path):
+def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
-    widget = open_widget(viewer, small_model)
-    widget.start_refinement()
-    assert widget.refined_layer.mode == "erase"
-    refine_to_fine(viewer, widget)
-    coarse, refined = widget.refinement.coarse, widget.refined_layer.data
-    expected = (coarse != 0) & (refined == 0)
-    np.testing.assert_array_equal(viewer.layers["forget set"].data.astype(bool), expected)
-    assert expected[:3].any() and not expected[3:].any()
-    assert "3 of 12 images refined" in widget.stats.value
-    widget.steps.value = 3
-    # S for S_global from a painted artefact layer (here simply a copy of the forget set).
-    viewer.add_labels((widget.refinement.forget).astype(np.uint8), name="artefacts")
-    widget.artefacts.value = "artefacts"
-    start = widget.current_model()
-    widget.start_unlearning()
-    wait_for_run(qtbot, widget)
-    for name in (
-        "saliency before",
-        "saliency after",
-        "prediction before",
-        "prediction after",
-        "images (after)",
-    ):
-        assert name in viewer.layers
-    before = viewer.layers["saliency before"].data
-    assert before.shape == (12, 128, 128) and np.isfinite(before).all()
-    s_before = widget.outcome.before.s_global["value"]
-    assert np.isfinite(s_before) and np.isfinite(widget.outcome.after.s_global["value"])
-    assert "S_global" in _text_overlay(viewer).text and "S_global before" in widget.result.text()
-    widget.accept_model()
-    assert widget.current_model() is widget.outcome.result.model
-    widget.revert_model()
-    assert widget.current_model() is start
-    out = widget.export_run(tmp_path / "exports")
-    assert (out / "model.safetensors").is_file() and (out / "before_after.png").is_file()
-    report = json.loads((out / "metrics.json").read_text())
-    assert report["refinement"]["refined_images"] == 3
-    assert len(list((out / "refined_masks").glob("*_segmentation.png"))) == 12
-
-
-def test_cancel_keeps_the_old_model(make_napari_viewer, qtbot, small_model):
-    viewer = make_napari_viewer()
-    widget = open_widget(viewer, small_model)
-    widget.start_refinement()
-    refine_to_fine(viewer, widget, images=(0,))
-    widget.steps.value = 10_000
-    start = widget.current_model()
-    widget.start_unlearning()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0,))
+    widget.steps.setValue(10_000)
+    start = widget.bench.current_model()
+    click(qtbot, widget.run)
     qtbot.waitUntil(lambda: len(widget._curve["step"]) >= 1, timeout=60_000)
-    widget.cancel_run()
-    wait_for_run(qtbot, widget)
+    click(qtbot, widget.stop)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert len(widget._curve["step"]) < 10_000
-    assert widget.current_model() is start and widget.outcome is None
+    assert widget.bench.current_model() is start and widget.bench.shown is None
     assert "saliency after" not in viewer.layers
+    assert not widget.export.isEnabled() and not widget.accept.isEnabled()
+    assert widget.current.text().startswith("Current model: small")
+
+
+def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, qtbot, small_model):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget)
+    widget.steps.setValue(2)
+    start = widget.bench.current_model()
+    click(qtbot, widget.run)
+    qtbot.waitUntil(
+        lambda: widget.worker is None and widget.bench.shown is not None, timeout=120_000
+    )
+    assert widget.scores.rowCount() == 12 and "S_global" in widget.result.text()
+    # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
+    assert viewer.layers.selection.active.name == widget.refined_layer.name
+    click(qtbot, widget.accept)
+    assert widget.bench.current_model() is widget.bench.shown.model
+    assert "accepted" in widget.current.text() and not widget.accept.isEnabled()
+    widget.scale.setCurrentText("separate")
+    after = viewer.layers["saliency after"].contrast_limits[1]
+    assert after == pytest.approx(max(widget.bench.shown.after.saliency_vmax, 1e-12))
+    click(qtbot, widget.revert)
+    assert widget.bench.current_model() is start and "saliency after" not in viewer.layers
 
 
 def test_pixels_added_outside_the_coarse_mask_are_flagged_and_clipped(
-    make_napari_viewer, small_model
+    make_napari_viewer, qtbot, small_model
 ):
     viewer = make_napari_viewer()
-    widget = open_widget(viewer, small_model)
-    widget.start_refinement()
-    outside = np.argwhere(widget.refinement.coarse[0] == 0)[:5]
+    widget = open_widget(viewer, qtbot, small_model)
+    click(qtbot, widget.refine)
+    outside = np.argwhere(widget.bench.refinement.coarse[0] == 0)[:5]
     widget.refined_layer.data_setitem((np.zeros(5, int), outside[:, 0], outside[:, 1]), 2)
-    settle()
-    assert "5 pixels painted outside the coarse masks" in widget.stats.value
-    assert not widget.clip.native.isHidden()
-    widget.clip_added()
-    assert widget.refinement.stats()["added_pixels"] == 0 and widget.clip.native.isHidden()
+    qtbot.wait(50)
+    assert "5 pixels painted outside the coarse masks" in widget.stats.text()
+    assert not widget.clip.isHidden()
+    click(qtbot, widget.clip)
+    assert widget.bench.refinement.stats()["added_pixels"] == 0 and widget.clip.isHidden()
 
 
-def test_autosave_survives_closing_the_viewer(make_napari_viewer, small_model):
+def test_replacing_the_layers_data_keeps_the_forget_set_in_step(
+    make_napari_viewer, qtbot, small_model
+):
     viewer = make_napari_viewer()
-    widget = open_widget(viewer, small_model)
-    widget.start_refinement()
-    refine_to_fine(viewer, widget, images=(1,))
-    widget.autosave()
+    widget = open_widget(viewer, qtbot, small_model)
+    click(qtbot, widget.refine)
+    new = widget.bench.refinement.coarse.copy()
+    new[4][viewer.layers["reference masks"].data[4] == 0] = 0
+    widget.refined_layer.data = new
+    qtbot.wait(50)
+    expected = (widget.bench.refinement.coarse != 0) & (new == 0)
+    np.testing.assert_array_equal(viewer.layers["forget set"].data.astype(bool), expected)
+    assert "1 of 12 images refined" in widget.stats.text()
+
+
+def test_edits_come_back_in_a_new_viewer(make_napari_viewer, qtbot, small_model):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(1,))
     edited = widget.refined_layer.data.copy()
     viewer.close()
     again = make_napari_viewer()
-    widget = open_widget(again, small_model)
-    widget.start_refinement()
+    widget = open_widget(again, qtbot, small_model)
+    click(qtbot, widget.refine)
     np.testing.assert_array_equal(widget.refined_layer.data, edited)
 
 
-def test_parameters_persist_and_reset(make_napari_viewer, small_model):
+def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
-    widget = open_widget(viewer, small_model)
-    widget.method.value = "model-clipping"
-    widget.seed.value = 7
-    assert "certified by model-clipping" in widget.certificate.value
-    assert not widget.epsilon.native.isHidden()
+    widget = open_widget(viewer, qtbot, small_model)
+    widget.method.setCurrentIndex(widget.method.findData("model-clipping"))
+    widget.seed.setValue(7)
+    assert "certified by model-clipping" in widget.preview.text()
+    assert not widget.epsilon.isHidden()
     viewer2 = make_napari_viewer()
-    _, second = viewer2.window.add_plugin_dock_widget(PLUGIN, WIDGET)
-    assert second.method.value == "model-clipping" and second.seed.value == 7
-    second.defaults.changed.emit(True)
-    assert second.method.value == "neggrad-seg" and second.seed.value == 0
+    second = open_widget(viewer2, qtbot, small_model)
+    assert second.method.currentData() == "model-clipping" and second.seed.value() == 7
+    defaults = [b for b in second.findChildren(type(second.run)) if b.text() == "Restore defaults"]
+    click(qtbot, defaults[0])
+    assert second.method.currentData() == "neggrad-seg" and second.seed.value() == 0
 
 
 def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path):

@@ -2,7 +2,9 @@
 
 Qt-free: the napari widget only shows what this holds. Refined masks start as a copy of the
 coarse ones; erasing pixels makes the forget set (coarse and not refined). Edits are autosaved
-atomically as a .npz of plain arrays (never a pickle) and restored on reopen.
+as plain .npy arrays (never a pickle), one file per edited image written atomically after
+each edit, and restored on reopen; a damaged autosave is kept aside, never deleted and never
+fatal.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +21,46 @@ import numpy as np
 from . import masks as masklib
 
 
-class Refinement:
-    """Coarse masks (N, H, W) and their refined copies, edited in place by the viewer."""
+def _label_stack(array, what: str) -> np.ndarray:
+    """An (N, H, W) integer label stack, or a MaskError saying what is wrong."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise masklib.MaskError(f"{what} must be (N, H, W) label images, got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+        raise masklib.MaskError(f"{what} must hold integer labels, got {array.dtype}")
+    return array
 
-    def __init__(self, coarse: np.ndarray, refined: np.ndarray | None = None):
-        coarse = np.asarray(coarse)
-        if coarse.ndim == 2:
-            coarse = coarse[None]
-        if coarse.ndim != 3:
-            raise masklib.MaskError(f"coarse masks must be (N, H, W), got shape {coarse.shape}")
+
+class Refinement:
+    """Coarse masks (N, H, W) and their refined copies, edited in place by the viewer.
+
+    `refined` is the very array the viewer's Labels layer edits; its dtype is kept, so a label
+    above 255 stays what it is (and is reported as a changed class) instead of wrapping.
+    """
+
+    def __init__(self, coarse, refined=None):
+        coarse = _label_stack(coarse, "coarse masks")
+        if coarse.size and (coarse.min() < 0 or coarse.max() > 255):
+            raise masklib.MaskError(
+                f"coarse masks hold labels {int(coarse.min())}..{int(coarse.max())}; expected "
+                "0 (background), 1 (benign) and 2 (malignant)"
+            )
         self.coarse = coarse.astype(np.uint8, copy=False)
-        if refined is None:
-            refined = self.coarse.copy()
+        self.forget = np.zeros(self.coarse.shape, bool)
+        self._synced: dict[int, np.ndarray] = {}  # image -> refined mask as last synced
+        self.set_refined(self.coarse.copy() if refined is None else refined)
+
+    def set_refined(self, refined) -> None:
+        """Adopt `refined` (the viewer replaced its layer's data) and recompute the forget set."""
         if np.shape(refined) != self.coarse.shape:
             raise masklib.MaskError(
                 f"refined masks have shape {np.shape(refined)} but the coarse masks have shape "
                 f"{self.coarse.shape}; refine a copy of the coarse layer"
             )
-        self.refined = refined  # shared with the viewer's Labels layer: never replaced
-        self.forget = (self.coarse != 0) & (self.refined == 0)
+        self.refined = _label_stack(refined, "refined masks")
+        self.update()
 
     @property
     def key(self) -> str:
@@ -44,15 +69,29 @@ class Refinement:
         digest.update(str(self.coarse.shape).encode())
         return digest.hexdigest()[:16]
 
-    def update(self, index: int | None = None) -> np.ndarray:
-        """Recompute the forget set after an edit (of image `index`, or all); returns it."""
-        if index is None:
+    def update(self, planes: Iterable[int] | None = None) -> np.ndarray:
+        """Recompute the forget set after an edit (of the images `planes`, or all)."""
+        if planes is None:
             np.logical_and(self.coarse != 0, self.refined == 0, out=self.forget)
-        else:
-            np.logical_and(
-                self.coarse[index] != 0, self.refined[index] == 0, out=self.forget[index]
-            )
+        for i in planes or ():
+            np.logical_and(self.coarse[i] != 0, self.refined[i] == 0, out=self.forget[i])
         return self.forget
+
+    def sync(self, planes: Iterable[int] | None = None, folder: Path | str | None = None):
+        """After edits that may have touched `planes` (None: any image): find the images whose
+        refined mask changed since the last sync, recompute their forget set and autosave them
+        to `folder`. Returns those images. Comparing with the last synced content catches
+        every kind of edit, undo and redo included, whatever the editor reports."""
+        changed = []
+        for i in range(len(self.coarse)) if planes is None else sorted(set(planes)):
+            if not np.array_equal(self.refined[i], self._synced.get(i, self.coarse[i])):
+                changed.append(int(i))
+        self.update(changed)
+        if folder is not None and changed:
+            self.autosave(folder, changed)
+        for i in changed:
+            self._synced[i] = self.refined[i].copy()
+        return changed
 
     def added(self) -> np.ndarray:
         """Pixels a refinement marks as lesion outside the coarse mask."""
@@ -95,29 +134,84 @@ class Refinement:
         edited = np.flatnonzero(self.edited())
         return masklib.split_pixels(self.coarse, {int(i): self.refined[i] for i in edited}, added)
 
-    # -- autosave ---------------------------------------------------------------------------
-    def autosave(self, folder: Path | str) -> Path:
-        """Write the refined masks to folder/<key>.npz, atomically (no half-written file)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{self.key}.npz"
-        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".npz.tmp")
-        with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(
-                file, coarse_shape=np.array(self.coarse.shape), refined=self.refined
-            )
-        os.replace(temporary, target)
-        return target
+    def snapshot(self) -> Refinement:
+        """A frozen copy for a background job: painting during a run cannot race with it."""
+        return Refinement(self.coarse, self.refined.copy())
 
-    def restore(self, folder: Path | str) -> bool:
-        """Load the autosaved refinement of this stack into `refined` (in place), if any."""
-        target = Path(folder) / f"{self.key}.npz"
-        if not target.is_file():
-            return False
-        with np.load(target, allow_pickle=False) as saved:
-            refined = saved["refined"]
-        if refined.shape != self.coarse.shape:
-            return False
-        self.refined[...] = refined
-        self.update()
-        return True
+    # -- autosave ---------------------------------------------------------------------------
+    def autosave(self, folder: Path | str, planes: Iterable[int] | None = None) -> Path:
+        """Write the refined masks of `planes` (default: every edited image) to
+        folder/<key>/<i>.npy, each file atomically: one edit costs one image, not the stack."""
+        root = Path(folder) / self.key
+        root.mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(self.edited()) if planes is None else planes:
+            _save_atomically(root / f"{int(i)}.npy", self.refined[int(i)])
+        return root
+
+    def restore(self, folder: Path | str) -> str | None:
+        """Take up the autosaved refinement of this stack (before a layer shows it).
+
+        Returns a sentence for the user, or None when there is no autosave. A damaged file is
+        renamed to <name>.damaged-<n> and that image starts again from its coarse mask.
+        """
+        folder = Path(folder)
+        planes, damaged = {}, []
+        legacy = folder / f"{self.key}.npz"  # one file per stack, as earlier versions wrote
+        files = sorted((folder / self.key).glob("*.npy"))
+        for file in ([legacy] if legacy.is_file() else []) + files:
+            try:
+                planes.update(self._read_autosave(file))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                aside = _free_name(file, "damaged")
+                os.replace(file, aside)
+                damaged.append(f"{file.name} ({error}; kept aside as {aside.name})")
+        if not planes and not damaged:
+            return None
+        dtype = np.result_type(self.coarse.dtype, *(p.dtype for p in planes.values()))
+        refined = self.coarse.astype(dtype)  # labels above 255 keep their value
+        for i, plane in planes.items():
+            refined[i] = plane
+        self.set_refined(refined)
+        self._synced = {i: refined[i].copy() for i in planes}  # on disk already
+        note = f"Restored your autosaved refinements ({self.stats()['refined_images']} images)."
+        if damaged:
+            note += " Could not read " + "; ".join(damaged) + ": those images start again."
+        return note
+
+    def _read_autosave(self, file: Path) -> dict[int, np.ndarray]:
+        """{image: refined mask} from one autosave file; ValueError when it does not fit."""
+        shape = self.coarse.shape
+        if file.suffix == ".npz":
+            with np.load(file, allow_pickle=False) as saved:
+                stack = saved["refined"]
+            if stack.shape != shape:
+                raise ValueError(f"it holds masks of shape {stack.shape}, not {shape}")
+            planes = dict(enumerate(stack))
+        else:
+            if not file.stem.isdigit() or int(file.stem) >= shape[0]:
+                raise ValueError(f"no image {file.stem} in a stack of {shape[0]}")
+            planes = {int(file.stem): np.load(file, allow_pickle=False)}
+        for plane in planes.values():
+            if plane.shape != shape[1:] or not np.issubdtype(plane.dtype, np.integer):
+                raise ValueError(f"it holds {plane.dtype} {plane.shape}, not a {shape[1:]} mask")
+        return planes
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    """np.save to a temporary file, then rename: a crash never leaves half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.save(file, np.ascontiguousarray(array), allow_pickle=False)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _free_name(path: Path, tag: str) -> Path:
+    """path.<tag>-<n>, the first n not taken."""
+    n = 1
+    while (candidate := path.with_name(f"{path.name}.{tag}-{n}")).exists():
+        n += 1
+    return candidate

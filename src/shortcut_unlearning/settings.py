@@ -42,6 +42,11 @@ def autosave_folder() -> Path:
     return _home("data") / "autosave"
 
 
+def exports_folder() -> Path:
+    """Where the plugin offers to export runs: the user data folder, never the package."""
+    return _home("data") / "exports"
+
+
 def load_settings() -> dict:
     """The saved parameters over the defaults; unknown keys and wrong types are dropped."""
     try:

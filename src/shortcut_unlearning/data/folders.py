@@ -504,3 +504,32 @@ def read_folder(
             f"{path} is a project folder whose labels are in its labels.csv; drop labels="
         )
     return read_project(path, image_size)
+
+
+def write_masks(
+    masks,
+    ids: Sequence[str],
+    original_sizes: Sequence[tuple[int, int]],
+    folder: Path | str,
+    extents: Sequence[tuple[int, int]] | None = None,
+) -> list[Path]:
+    """Masks back at each image's original size, from a canvas where image i fills its
+    top-left `extents[i]` (default: all of it): ISIC ground-truth naming (0/255) when every id
+    is an ISIC id, else `<id>_segmentation.png` with the class labels. Existing files are
+    refused before anything is written."""
+    masks = np.asarray(masks)
+    masks = masks[None] if masks.ndim == 2 else masks
+    if extents is not None:
+        masks = [np.asarray(m)[:h, :w] for m, (h, w) in zip(masks, extents, strict=True)]
+    if all(ISIC_ID.fullmatch(str(i)) for i in ids):
+        return write_isic_masks(masks, ids, original_sizes, folder)
+    folder = Path(folder)
+    targets = [folder / f"{i}_segmentation.png" for i in ids]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    for mask, (height, width), target in zip(masks, original_sizes, targets, strict=True):
+        image = Image.fromarray(np.asarray(mask, np.uint8))
+        image.resize((int(width), int(height)), Image.Resampling.NEAREST).save(target)
+    return targets

@@ -21,8 +21,31 @@ def open_viewer(show: bool = True, viewer=None):
     viewer = viewer or napari.Viewer(title="Shortcut Unlearning demo", show=show)
     viewer.open_sample(PLUGIN, "dermoscopy")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
-    widget.image.value, widget.coarse.value = "dermoscopy", "coarse masks"
+    widget.image.setCurrentText("dermoscopy")
+    widget.coarse.setCurrentText("coarse masks")
     return viewer, widget
+
+
+def process_until(condition, timeout_s: float) -> bool:
+    """Run the Qt event loop until `condition()` holds; False on time-out."""
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        QApplication.processEvents()
+        time.sleep(0.01)
+    return True
+
+
+def erase_band(viewer, widget, images) -> None:
+    """Erase, as a clinician would, what the coarse masks wrongly call lesion."""
+    fine = viewer.layers["reference masks"].data
+    layer = widget.refined_layer
+    for i in images:
+        wrong = np.nonzero((layer.data[i] != 0) & (fine[i] == 0))
+        layer.data_setitem((np.full(len(wrong[0]), i), *wrong), 0)
 
 
 def interactive() -> None:
@@ -34,24 +57,18 @@ def interactive() -> None:
 
 def scripted(out: Path, refine: int = 3, steps: int = 40, timeout_s: float = 900) -> dict:
     """Drive the workflow as a clinician would, headless; returns what it wrote."""
-    from qtpy.QtWidgets import QApplication
-
     viewer, widget = open_viewer(show=True)
     viewer.window.resize(1600, 1000)
+    if not process_until(lambda: widget._ready, timeout_s):
+        raise RuntimeError("PyTorch and the model did not load")
     widget.start_refinement()
-    fine = viewer.layers["reference masks"].data
-    layer = widget.refined_layer
-    for i in range(refine):  # erase what the coarse mask wrongly calls lesion
-        wrong = np.nonzero((layer.data[i] != 0) & (fine[i] == 0))
-        layer.data_setitem((np.full(len(wrong[0]), i), *wrong), 0)
-    QApplication.processEvents()
-    widget.method.value, widget.steps.value = "neggrad-seg", steps
-    widget.start_unlearning()
-    deadline = time.monotonic() + timeout_s
-    while widget.worker is not None and time.monotonic() < deadline:
-        QApplication.processEvents()
-        time.sleep(0.02)
-    if widget.outcome is None:
+    erase_band(viewer, widget, range(refine))
+    process_until(lambda: False, 0.1)
+    widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
+    widget.steps.setValue(steps)
+    widget.run.click()
+    process_until(lambda: widget.worker is None, timeout_s)
+    if widget.bench.shown is None:
         raise RuntimeError("the demo's unlearning run did not finish")
     viewer.layers["forget set"].visible = False
     viewer.dims.set_point(0, 0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .. import masks as masklib
-from ..data.folders import ISIC_ID, FolderError, detect_layout, read_folder, write_isic_masks
+from ..data.folders import FolderError, detect_layout, read_folder
+from ..data.folders import write_masks as write_folder_masks
 from ..data.lesion_set import LesionSet
 from ..resources import SAMPLE_SET, sample_data_dir
 
@@ -60,16 +60,6 @@ def write_masks(path: str, data, meta: dict) -> list[str]:
     masks = np.asarray(data)
     masks = masks[None] if masks.ndim == 2 else masks
     ids = info.get("ids") or [f"image_{i:04d}" for i in range(len(masks))]
-    sizes = info.get("original_sizes") or [masks.shape[1:3]] * len(masks)
-    if all(ISIC_ID.fullmatch(str(i)) for i in ids):
-        return [str(p) for p in write_isic_masks(masks, ids, sizes, path)]
-    folder = Path(path)
-    targets = [folder / f"{i}_segmentation.png" for i in ids]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for mask, (height, width), target in zip(masks, sizes, targets, strict=True):
-        image = Image.fromarray(np.asarray(mask, np.uint8))
-        image.resize((int(width), int(height)), Image.Resampling.NEAREST).save(target)
-    return [str(t) for t in targets]
+    extents = info.get("extents")
+    sizes = info.get("original_sizes") or extents or [masks.shape[1:3]] * len(masks)
+    return [str(p) for p in write_folder_masks(masks, ids, sizes, path, extents)]

@@ -1,526 +1,798 @@
-"""The dock widget: builds the view and wires signals; every decision is in the core.
+"""The dock widget: lays out controls and wires them to the Workbench, where every decision is.
 
-Refine -> a refined Labels copy of the coarse masks, the forget set drawn over it after each
-edit, autosaved. Unlearn -> the core job in a thread worker (progress, live curve, Cancel).
-Results -> saliency and predictions before/after as layers, S_global on the canvas.
+Refine -> a refined Labels copy of the coarse masks with the eraser picked; the forget set is
+redrawn and the edited images autosaved after each edit (brush, fill, polygon, undo, redo,
+replaced data).
+Unlearn -> the workbench's job in a thread worker, with progress, a live curve and Cancel.
+Results -> saliency and predictions before (over the images) and after (over a copy to their
+right), numbers in the dock and on the canvas; Accept, Revert, Export.
+
+Nothing here imports torch: the dock shows at once and loads PyTorch and the model in a worker.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import napari
 import numpy as np
-from magicgui import widgets
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
-from ..certificate import CertificateError
-from ..interactive import Outcome, unlearn_stack
 from ..masks import MaskError
-from ..model import Model, resolve_device
 from ..progress import Cancel
-from ..refinement import Refinement
-from ..resources import SAMPLE_MODEL, sample_data_dir
-from ..saliency import normalise_maps
-from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
-from ..unlearning import CERTIFIED, OPERATORS, make_operator
-from ._io import write_masks
+from ..settings import DEFAULTS, autosave_folder, exports_folder, load_settings, save_settings
+from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench
+from . import _layers
+from ._edits import edited_planes
 
-RESULT = "shortcut_unlearning_result"  # metadata flag of the layers this widget owns
-FORGET_AS_S = "(the forget set)"
+FORGET_AS_S = "the forget set"
+# Plain words on the controls; the technical term and a line of explanation in the tooltip.
+METHODS = {
+    "neggrad-seg": (
+        "Erase and relearn",
+        "NegGrad-Seg: learn the corrected masks while pushing the forget set away from its "
+        "coarse label. Not certified; keeps the model working.",
+    ),
+    "finetune": (
+        "Relearn only",
+        "Fine-tune on the corrected masks only, with no push on the forget set.",
+    ),
+    "gradient-clipping": (
+        "Certified, gradient clip",
+        "Koloskova et al.'s gradient clipping: noisy, clipped steps give an (epsilon, delta) "
+        "certificate, then noise-free relearning.",
+    ),
+    "model-clipping": (
+        "Certified, model clip",
+        "Koloskova et al.'s model clipping: the weights are clipped and noised until the "
+        "(epsilon, delta) certificate holds, then noise-free relearning.",
+    ),
+}
+SCOPES = {
+    "decoder": "Decoder (default)",
+    "head": "Last layer only",
+    "all": "Whole network",
+}
+TIPS = {
+    "artefacts": "S in S_global: the pixels that hold artefacts. Paint them on a Labels layer "
+    "and pick it here, or use the forget set (what the coarse masks wrongly call lesion).",
+    "scope": "Scope: which parameters unlearning may change; the rest stays frozen. The "
+    "certificate covers the scope only.",
+    "epsilon": "epsilon: the privacy budget of the certificate. Smaller is a stronger "
+    "guarantee and more noise.",
+    "delta": "delta: the probability the guarantee may fail. 1e-5 is usual.",
+    "steps": "Optimiser steps (for the certified methods: the noise-free relearning steps "
+    "after the noisy phase, whose length the certificate fixes).",
+    "forget": "Forget set: the pixels the coarse masks call lesion and your refinement erased. "
+    "Unlearning removes what the model learned from them.",
+    "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
+    "Separate: each on its own scale (where does each model look?).",
+}
 
 
 class ShortcutUnlearningWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.refinement: Refinement | None = None
-        self.refined_layer = None
-        self.forget_layer = None
-        self.models: list[Model] = []  # accepted models, the current one last
-        self.outcome: Outcome | None = None  # the last run, until accepted or reverted
-        self.worker = None
-        self.cancel: Cancel | None = None
-        self._autosave_timer = QTimer(self, singleShot=True, interval=1500)
-        self._autosave_timer.timeout.connect(self.autosave)
-        self._pending: set[int] | None = set()  # images edited since the last update
+        self.bench = Workbench(parameters=load_settings())
+        self.refined_layer = self.forget_layer = self.coarse_layer = None
+        self._touched: set[int] = set()  # images edited since Refine: undo may change them
+        self._pending: set[int] | None = set()  # images to check at the next sync
+        self.worker = self.cancel = None
+        self._ready = False  # PyTorch and the model are loaded
         self._edit_timer = QTimer(self, singleShot=True, interval=0)
         self._edit_timer.timeout.connect(self.apply_edits)
         self._build()
-        self._restore(load_settings())
+        self._refresh_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
+        self.viewer.dims.events.current_step.connect(self._show_current_image)
+        self._warm_up()
 
-    # -- the view ---------------------------------------------------------------------------
+    # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
-        w = widgets
-        self.image = w.ComboBox(label="images", choices=self._layers("image"))
-        self.coarse = w.ComboBox(label="coarse masks", choices=self._layers("labels"))
-        # S for S_global (METHOD 4): a painted artefact layer if there is one, else the
-        # forget set.
-        self.artefacts = w.ComboBox(label="artefacts (S)", choices=self._artefact_choices())
-        self.model_path = w.FileEdit(
-            label="model", filter="*.safetensors", value=str(sample_data_dir() / SAMPLE_MODEL)
+        self.image = QComboBox()
+        self.coarse = QComboBox()
+        self.artefacts = QComboBox(toolTip=TIPS["artefacts"])
+        self.model_path = QLineEdit(str(self.bench.model_path))
+        self.model_path.setToolTip("The model to unlearn from: a .safetensors checkpoint")
+        browse = _button("…", self._choose_model, "Choose a checkpoint")
+        browse.setMaximumWidth(32)
+        data = _section(
+            "Data",
+            [
+                ("Images", self.image),
+                ("Coarse masks", self.coarse),
+                ("Artefacts (S)", self.artefacts),
+                ("Model", _row(self.model_path, browse)),
+            ],
         )
-        self.refine = w.PushButton(text="Refine (copy coarse masks, eraser)")
-        self.stats = w.Label(value="no refinement yet")
-        self.clip = w.PushButton(text="Clip pixels added outside the coarse masks", visible=False)
-        self.method = w.ComboBox(label="operator", choices=sorted(OPERATORS))
-        self.scope = w.ComboBox(label="scope", choices=["decoder", "head", "all"])
-        self.steps = w.SpinBox(label="steps", min=1, max=100_000)
-        self.epsilon = w.FloatSpinBox(label="epsilon", min=0.01, max=100, step=0.1)
-        self.delta = w.LineEdit(label="delta")
-        self.certificate = w.Label(value="")
-        self.device = w.ComboBox(label="device", choices=["auto", "cuda", "mps", "cpu"])
-        self.device_used = w.Label(value="")
-        self.seed = w.SpinBox(label="seed", min=0, max=2**31 - 1)
-        self.defaults = w.PushButton(text="Restore defaults")
-        self.run = w.PushButton(text="Unlearn")
-        self.stop = w.PushButton(text="Cancel", enabled=False)
-        self.result = QLabel()  # several lines: a plain label spanning the dock
-        for label in (self.stats, self.certificate):
-            label.native.setWordWrap(True)
-        self.accept = w.PushButton(text="Accept", enabled=False)
-        self.revert = w.PushButton(text="Revert", enabled=False)
-        self.export = w.PushButton(text="Export run", enabled=False)
-        form = w.Container(
-            widgets=[
-                self.image,
-                self.coarse,
-                self.artefacts,
-                self.model_path,
-                self.refine,
-                self.stats,
-                self.clip,
-                self.method,
-                self.scope,
-                self.steps,
-                self.epsilon,
-                self.delta,
-                self.certificate,
-                self.device,
-                self.device_used,
-                self.seed,
-                self.defaults,
-                w.Container(widgets=[self.run, self.stop], layout="horizontal", labels=False),
-            ]
+        self.refine = _button(
+            "Refine masks",
+            self.start_refinement,
+            "Copy the coarse masks into a 'refined' layer and pick the eraser: erase what the "
+            "coarse masks wrongly call lesion",
         )
-        decisions = w.Container(
-            widgets=[self.accept, self.revert, self.export], layout="horizontal", labels=False
+        self.stats = _text("Press Refine masks, then erase with the mouse.", TIPS["forget"])
+        self.clip = _button(
+            "Remove pixels painted outside the coarse masks",
+            self.clip_added,
+            "A refinement may only erase; painting outside the coarse mask is not unlearning",
         )
-        self.figure = Figure(figsize=(3, 2.4))
-        self.loss_axis, self.s_axis = self.figure.subplots(2, 1, sharex=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(200)
-        # Everything scrolls, so nothing is squeezed on a short screen.
+        self.clip.setVisible(False)
+        refine = _section("Refine", [self.refine, self.stats, self.clip])
+
+        self.method = QComboBox()
+        self.scope = QComboBox(toolTip=TIPS["scope"])
+        for name, label in SCOPES.items():
+            self.scope.addItem(label, name)
+        self.steps = QSpinBox(minimum=1, maximum=100_000, toolTip=TIPS["steps"])
+        self.epsilon = QDoubleSpinBox(minimum=0.01, maximum=1000, singleStep=0.5, decimals=2)
+        self.epsilon.setToolTip(TIPS["epsilon"])
+        self.delta = QLineEdit(toolTip=TIPS["delta"])
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cuda", "mps", "cpu"])
+        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1)
+        self.preview = _text("Loading PyTorch and the model…")
+        defaults = _button("Restore defaults", self.restore_defaults)
+        self.form = QFormLayout()
+        for label, widget in (
+            ("Method", self.method),
+            ("Update", self.scope),
+            ("Steps", self.steps),
+            ("Privacy ε", self.epsilon),
+            ("Privacy δ", self.delta),
+            ("Device", self.device),
+            ("Seed", self.seed),
+        ):
+            self.form.addRow(label, widget)
+        self.run = _button("Unlearn", self.start_unlearning, "Run in the background")
+        self.stop = _button("Cancel", self.cancel_run, "Stop before the next step")
+        self.stop.setEnabled(False)
+        self.progress = QProgressBar(textVisible=False, maximumHeight=10)
+        self.progress_text = _text("")
+        self._curve_canvas = None  # the live curve, made on the first run (matplotlib)
+        self.curve_box = QVBoxLayout()
+        settings = QGroupBox("Unlearning")
+        column = QVBoxLayout(settings)
+        column.addLayout(self.form)
+        for part in (self.preview, defaults, _row(self.run, self.stop), self.progress):
+            column.addWidget(part)
+        column.addWidget(self.progress_text)
+        column.addLayout(self.curve_box)
+
+        self.current = _text(self.bench.status())
+        self.current.setStyleSheet("font-weight: bold")
+        self.result = _text("")
+        self.scale = QComboBox(toolTip=TIPS["scale"])
+        self.scale.addItems(["shared", "separate"])
+        self.scale.currentTextChanged.connect(self._apply_scale)
+        self.scores = QTableWidget(0, 4)
+        self.scores.setHorizontalHeaderLabels(["image", "label", "before", "after"])
+        self.scores.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.scores.verticalHeader().setVisible(False)
+        self.scores.setMaximumHeight(160)
+        self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
+        self.scores.cellClicked.connect(lambda row, _: self.viewer.dims.set_point(0, row))
+        self.legend = _text(_layers.legend_html())
+        self.accept = _button("Accept", self.accept_model, "Make the unlearned model current")
+        self.revert = _button("Revert", self.revert_model, "Go back to the model before the run")
+        self.export = _button("Export…", self.export_run, "Save this run into a folder you pick")
+        self.results = results = _section(
+            "Results",
+            [
+                self.current,
+                self.result,
+                _row(QLabel("Saliency scale"), self.scale),
+                self.scores,
+                self.legend,
+                _row(self.accept, self.revert, self.export),
+            ],
+        )
+
         content = QWidget()
         column = QVBoxLayout(content)
-        for part in (form.native, self.result, decisions.native, self.canvas):
-            column.addWidget(part)  # the result text gets the dock's full width
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
+        for part in (data, refine, settings, results):
+            column.addWidget(part)
+        column.addStretch()
+        self.scroll = scroll = QScrollArea(widgetResizable=True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(content)
         QVBoxLayout(self).addWidget(scroll)
-        self.refine.changed.connect(self.start_refinement)
-        self.clip.changed.connect(self.clip_added)
-        self.run.changed.connect(self.start_unlearning)
-        self.stop.changed.connect(self.cancel_run)
-        self.accept.changed.connect(self.accept_model)
-        self.revert.changed.connect(self.revert_model)
-        self.export.changed.connect(self.export_run)
-        self.defaults.changed.connect(lambda: self._restore(DEFAULTS))
-        for field in (
-            self.method,
-            self.scope,
-            self.steps,
-            self.epsilon,
-            self.delta,
-            self.device,
-            self.seed,
-        ):
-            field.changed.connect(self._parameters_changed)
+        self.setMinimumWidth(300)
 
+        self._run_controls = (self.method, self.scope, self.steps, self.epsilon, self.delta)
+        self._run_controls += (self.device, self.seed, defaults, self.run)
+        for control in self._run_controls:
+            control.setEnabled(False)
+        self._show_results(None)
+        self.model_path.editingFinished.connect(self._model_changed)
+        for combo in (self.method, self.scope, self.device):
+            combo.currentIndexChanged.connect(self._parameters_changed)
+        for spin in (self.steps, self.seed, self.epsilon):
+            spin.valueChanged.connect(self._parameters_changed)
+        self.delta.editingFinished.connect(self._parameters_changed)
+
+    # -- start-up: PyTorch and the model load in a background thread ---------------------------
+    def _warm_up(self) -> None:
+        """Import PyTorch and load the model off the UI thread. A plain thread, polled: it
+        touches no Qt object, so closing napari while it runs cannot crash."""
+        self._loading = _LOADER.submit(_load_torch_and_model, self.bench)
+        self._poll = QTimer(self, interval=100)
+        self._poll.timeout.connect(self._check_loading)
+        self._poll.start()
+
+    def _check_loading(self) -> None:
+        if not self._loading.done():
+            return
+        self._poll.stop()
+        try:
+            loaded = self._loading.result()
+        except Exception as error:  # PyTorch itself failed to import: say so, keep the dock
+            self.preview.setText(f"PyTorch could not be loaded ({error}); reinstall the plugin.")
+            return
+        self._on_ready(loaded)
+
+    def _on_ready(self, loaded: tuple[dict[str, bool], str | None]) -> None:
+        operators, problem = loaded
+        self._certified = {name for name, certified in operators.items() if certified}
+        if not self.method.count():
+            self.method.blockSignals(True)
+            for name in operators:
+                label, tip = METHODS.get(name, (name, ""))
+                self.method.addItem(label, name)
+                self.method.setItemData(self.method.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
+            self.method.blockSignals(False)
+        self._ready = True
+        for control in self._run_controls:
+            control.setEnabled(True)
+        self._set_parameters(self.bench.parameters)
+        self.current.setText(self.bench.status())
+        if problem:
+            self.preview.setText(f"Could not load the model: {problem}")
+
+    # -- choices and parameters ----------------------------------------------------------------
     def _layers(self, kind: str) -> list[str]:
         return [
             layer.name
             for layer in self.viewer.layers
-            if layer._type_string == kind and not layer.metadata.get(RESULT)
+            if layer._type_string == kind
+            and not layer.metadata.get(_layers.RESULT)
+            and layer is not self.refined_layer
         ]
-
-    def _artefact_choices(self) -> list[str]:
-        return [FORGET_AS_S, *self._layers("labels")]
 
     def _refresh_choices(self, event=None) -> None:
         for combo, choices in (
             (self.image, self._layers("image")),
-            (self.coarse, self._layers("labels")),
-            (self.artefacts, self._artefact_choices()),
+            (self.coarse, [n for n in self._layers("labels") if "reference" not in n]),
+            (self.artefacts, [FORGET_AS_S, *self._layers("labels")]),
         ):
-            current = combo.value
-            combo.choices = choices
-            if current in combo.choices:
-                combo.value = current
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(choices)
+            if current in choices:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
 
-    # -- parameters -------------------------------------------------------------------------
     def parameters(self) -> dict:
+        delta = _float(self.delta.text())
         return {
-            "method": self.method.value,
-            "scope": self.scope.value,
-            "epsilon": float(self.epsilon.value),
-            "delta": _float(self.delta.value),
-            "steps": int(self.steps.value),
-            "device": self.device.value,
-            "seed": int(self.seed.value),
+            "method": self.method.currentData() or self.bench.parameters["method"],
+            "scope": self.scope.currentData(),
+            "epsilon": float(self.epsilon.value()),
+            "delta": self.bench.parameters["delta"] if delta is None else delta,
+            "steps": int(self.steps.value()),
+            "device": self.device.currentText(),
+            "seed": int(self.seed.value()),
         }
 
-    def _restore(self, values: dict) -> None:
+    def _set_parameters(self, values: dict) -> None:
         self._restoring = True
-        self.method.value, self.scope.value = values["method"], values["scope"]
-        self.epsilon.value, self.delta.value = values["epsilon"], f"{values['delta']:g}"
-        self.steps.value, self.device.value = values["steps"], values["device"]
-        self.seed.value = values["seed"]
+        self.method.setCurrentIndex(max(0, self.method.findData(values["method"])))
+        self.scope.setCurrentIndex(max(0, self.scope.findData(values["scope"])))
+        self.epsilon.setValue(values["epsilon"])
+        self.delta.setText(f"{values['delta']:g}")
+        self.steps.setValue(values["steps"])
+        self.device.setCurrentText(values["device"])
+        self.seed.setValue(values["seed"])
         self._restoring = False
         self._parameters_changed()
 
+    def restore_defaults(self) -> None:
+        self._set_parameters(DEFAULTS)
+
     def _parameters_changed(self, *_) -> None:
-        if getattr(self, "_restoring", False):
+        if getattr(self, "_restoring", False) or not self._ready:
             return
-        certified = self.method.value in CERTIFIED
-        self.epsilon.visible = self.delta.visible = certified
-        # The calibration fixes the noisy steps; for certified operators these are fine-tuning.
-        self.steps.label = "fine-tune steps" if certified else "steps"
+        if _float(self.delta.text()) is None:
+            show_warning(f"delta must be a number like 1e-5, got {self.delta.text()!r}")
+            self.delta.setText(f"{self.bench.parameters['delta']:g}")
+        self.bench.parameters.update(self.parameters())
+        certified = self.bench.parameters["method"] in self._certified
+        for widget in (self.epsilon, self.delta):
+            widget.setVisible(certified)
+            self.form.labelForField(widget).setVisible(certified)
+        self.form.labelForField(self.steps).setText("Relearn steps" if certified else "Steps")
+        device = _device_in_use(self.bench.parameters["device"])
         try:
-            device = resolve_device(self.device.value)
-            self.device_used.value = f"in use: {_describe(device)}"
-        except ValueError as error:
-            self.device_used.value = str(error)
-        self.certificate.value = self._certificate_preview() if certified else ""
-        values = self.parameters()
-        if values["delta"] is not None:
-            save_settings(values)
-
-    def operator(self):
-        values = self.parameters()
-        certified = values["method"] in CERTIFIED
-        if certified and values["delta"] is None:
-            raise CertificateError(f"delta must be a number, got {self.delta.value!r}")
-        return make_operator(
-            values["method"],
-            steps=values["steps"],
-            seed=values["seed"],
-            scope=values["scope"],
-            **({"epsilon": values["epsilon"], "delta": values["delta"]} if certified else {}),
-        )
-
-    def _certificate_preview(self) -> str:
-        from ..unlearning.certified import collapse_warning
-
-        try:
-            operator = self.operator()
-            certificate = operator.certificate(self.current_model())
+            preview = self.bench.preview()
         except (ValueError, FileNotFoundError) as error:
-            return str(error)
-        warning = collapse_warning(certificate)
-        return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
+            preview = str(error)
+        self.preview.setText(f"Device in use: {device}\n{preview}")
+        save_settings(self.bench.parameters)
 
-    # -- the model --------------------------------------------------------------------------
-    def current_model(self) -> Model:
-        """The accepted model, loading the chosen checkpoint the first time."""
-        device = resolve_device(self.device.value)
-        if not self.models or getattr(self, "_model_source", None) != str(self.model_path.value):
-            self.models = [Model.load(self.model_path.value, device)]
-            self._model_source = str(self.model_path.value)
-        if self.models[-1].device != device:
-            self.models[-1].to(device)
-        return self.models[-1]
+    def _choose_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Choose a model", str(self.bench.model_path.parent), "Models (*.safetensors)"
+        )
+        if path:
+            self.model_path.setText(path)
+            self._model_changed()
 
-    # -- refinement -------------------------------------------------------------------------
+    def _model_changed(self) -> None:
+        self.bench.set_model_path(self.model_path.text())
+        self._show_results(None)
+        self._warm_up()
+
+    # -- refinement ------------------------------------------------------------------------------
     def start_refinement(self) -> None:
-        if not self.coarse.value:
-            show_warning("Open or choose a coarse-mask Labels layer first.")
+        """Refine the chosen coarse masks; pressed again, it returns to the same layer."""
+        if not self.coarse.currentText() or not self.image.currentText():
+            show_warning("Open images and their coarse masks first (File > Open Sample).")
             return
-        coarse_layer = self.viewer.layers[self.coarse.value]
-        refinement = Refinement(np.asarray(coarse_layer.data))
-        if refinement.restore(autosave_folder()):
-            show_info("Restored your autosaved refinements of these masks.")
-        name = f"refined {coarse_layer.name}"
+        coarse_layer = self.viewer.layers[self.coarse.currentText()]
+        if coarse_layer is self.coarse_layer and self.refined_layer in self.viewer.layers:
+            self._pick_eraser()
+            return
+        self.flush_autosave()
+        images = self.viewer.layers[self.image.currentText()].data
+        meta = dict(coarse_layer.metadata)
+        try:
+            note = self.bench.open(images, coarse_layer.data, meta, autosave_folder())
+        except (MaskError, ValueError) as error:
+            show_error(str(error))
+            return
+        if note:
+            show_info(note)
+        self._drop_refinement_layers()
+        refinement = self.bench.refinement
+        self.coarse_layer = coarse_layer
         self.refined_layer = self.viewer.add_labels(
-            refinement.refined, name=name, metadata=dict(coarse_layer.metadata)
+            refinement.refined, name=f"refined {coarse_layer.name}", metadata=meta
         )
-        # The layer holds the array the refinement reads: edits need no copying.
-        self.refinement = Refinement(refinement.coarse, self.refined_layer.data)
+        self.refined_layer.colormap = _layers.class_colormap()
         self.forget_layer = self.viewer.add_image(
-            self.refinement.forget.view(np.uint8),
+            refinement.forget.view(np.uint8),
             name="forget set",
-            colormap="red",
-            blending="additive",
-            opacity=0.7,
+            colormap=_layers.forget_colormap(),
+            blending="translucent",
+            opacity=0.9,
             contrast_limits=(0, 1),
-            metadata={RESULT: True},
+            metadata={_layers.RESULT: True},
         )
-        self.refined_layer.events.paint.connect(self._edited)
-        self.refined_layer.events.data.connect(self._edited)
+        coarse_layer.visible = False  # the refined copy lies over it
+        self._touched = set(np.flatnonzero(refinement.edited()).tolist())
+        self.refined_layer.events.paint.connect(self._painted)
+        self.refined_layer.events.set_data.connect(self._refreshed)
+        self.refined_layer.events.data.connect(self._replaced)
+        self._pick_eraser()
+        self._show_stats()
+        self._show_results(None)
+
+    def _pick_eraser(self) -> None:
         self.viewer.layers.selection.active = self.refined_layer
         self.refined_layer.mode = "erase"
-        self._show_stats()
-
-    def _edited(self, event=None) -> None:
-        """A paint event. napari may send it before writing the pixels, so the forget set is
-        updated once the event loop is free again (which also merges a burst of events)."""
-        planes = _edited_planes(event)
-        self._pending = (
-            None if planes is None or self._pending is None else (self._pending | set(planes))
+        self.viewer.layers.move(
+            self.viewer.layers.index(self.forget_layer), len(self.viewer.layers)
         )
+
+    def _drop_refinement_layers(self) -> None:
+        for layer in (self.refined_layer, self.forget_layer):
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+
+    def _queue(self, planes: set[int] | None) -> None:
+        """Collect the edited images; the update runs once the event loop is free, since
+        napari may send an event before it writes the pixels (and bursts merge)."""
+        if planes is None or self._pending is None:
+            self._pending = None
+        else:
+            self._pending |= planes
         self._edit_timer.start()
 
+    def _painted(self, event) -> None:  # brush, fill, polygon, data_setitem
+        planes = edited_planes(getattr(event, "value", None), len(self.bench.refinement.coarse))
+        if planes is not None:
+            self._touched |= planes
+        self._queue(planes)
+
+    def _refreshed(self, event=None) -> None:
+        """Undo and redo show up only as a refresh, and only touched images can change."""
+        if self._touched:
+            self._queue(set(self._touched))
+
+    def _replaced(self, event=None) -> None:  # layer.data = new array
+        if self.refined_layer.data is self.bench.refinement.refined:
+            return
+        try:
+            self.bench.refinement.set_refined(self.refined_layer.data)
+        except MaskError as error:
+            show_error(f"{error}; the previous masks are kept")
+            self.refined_layer.data = self.bench.refinement.refined
+            return
+        self.forget_layer.data = self.bench.refinement.forget.view(np.uint8)
+        self._queue(None)
+
     def apply_edits(self) -> None:
-        """Recompute the forget set where the pending edits landed, and show it."""
+        """Recompute the forget set where the masks changed, redraw it, autosave those images."""
+        if self.bench.refinement is None:
+            return
         pending, self._pending = self._pending, set()
-        if pending is None:
-            self.refinement.update()
-        for plane in sorted(pending or ()):
-            self.refinement.update(plane)
-        self.forget_layer.refresh()
-        self._show_stats()
-        self._autosave_timer.start()
+        try:
+            changed = self.bench.refinement.sync(pending, autosave_folder())
+        except OSError as error:
+            show_error(f"Could not autosave your edits ({error}); free disk space or export them")
+            return
+        if changed:
+            self._touched |= set(changed)
+            self.forget_layer.refresh()
+            self._show_stats()
+
+    def flush_autosave(self) -> None:
+        if self._edit_timer.isActive():
+            self._edit_timer.stop()
+            self.apply_edits()
+
+    def hideEvent(self, event) -> None:  # napari closing, or the dock hidden: save now
+        self.flush_autosave()
+        super().hideEvent(event)
 
     def _show_stats(self) -> None:
-        s = self.refinement.stats()
-        self.stats.value = (
-            f"{s['refined_images']} of {s['images']} images refined; "
-            f"{s['forget_pixels']:,} forget pixels "
-            f"({s['forget_share']:.1%} of the coarse lesion)"
+        s = self.bench.refinement.stats()
+        text = (
+            f"{s['refined_images']} of {s['images']} images refined; forget set "
+            f"{s['forget_pixels']:,} pixels ({s['forget_share']:.1%} of the coarse lesions)."
         )
         if s["added_pixels"]:
-            self.stats.value += (
-                f"\n{s['added_pixels']:,} pixels painted outside the coarse "
-                "masks: a refinement may only erase"
-            )
-        self.clip.visible = bool(s["added_pixels"])
+            text += f"\n{s['added_pixels']:,} pixels painted outside the coarse masks: a "
+            text += "refinement may only erase."
+        self.stats.setText(text)
+        self.clip.setVisible(bool(s["added_pixels"]))
 
     def clip_added(self) -> None:
-        count = self.refinement.clip_added()
+        count = self.bench.refinement.clip_added()
+        self.bench.refinement.sync(None, autosave_folder())
         self.refined_layer.refresh()
         self.forget_layer.refresh()
         self._show_stats()
-        self.autosave()
         show_info(f"Removed {count} pixels painted outside the coarse masks.")
 
-    def autosave(self) -> None:
-        if self.refinement is not None:
-            self.refinement.autosave(autosave_folder())
-
-    # -- unlearning -------------------------------------------------------------------------
+    # -- unlearning --------------------------------------------------------------------------------
     def start_unlearning(self) -> None:
-        if self.refinement is None:
-            show_warning("Press Refine and erase what the coarse masks wrongly call lesion.")
-            return
+        self.flush_autosave()
         try:
-            operator = self.operator()
-            model = self.current_model()
-            images = np.asarray(self.viewer.layers[self.image.value].data)
-            # The worker gets a snapshot: painting during the run cannot race with it.
-            snapshot = Refinement(self.refinement.coarse, self.refinement.refined.copy())
-            snapshot.split()  # raises now, in the UI, for an empty or invalid refinement
             spurious = None
-            if self.artefacts.value != FORGET_AS_S:
-                spurious = np.asarray(self.viewer.layers[self.artefacts.value].data) != 0
+            if self.artefacts.currentText() not in ("", FORGET_AS_S):
+                spurious = self.viewer.layers[self.artefacts.currentText()].data
+            plan = self.bench.plan(spurious)
         except (ValueError, FileNotFoundError, KeyError) as error:
             show_error(str(error))
             return
-        self.autosave()
+        self._clear_results()
         self.cancel = Cancel()
         self._curve = {"step": [], "loss": [], "probe_step": [], "s_global": []}
-        self._last_draw = 0.0
+        self._started, self._first_step, self._last_draw = time.monotonic(), None, 0.0
+        steps = plan.operator.steps
+        self.progress.setRange(0, steps)
+        self.progress.setValue(0)
         self.worker = create_worker(
-            unlearn_stack,
-            model,
-            images,
-            snapshot,
-            operator,
-            spurious=spurious,
-            cancel=self.cancel,
-            _progress={"total": operator.steps, "desc": f"Unlearning ({operator.name})"},
+            self.bench.execute,
+            plan,
+            self.cancel,
+            _progress={"total": steps + 3, "desc": f"Unlearning ({plan.operator.name})"},
         )
         self.worker.yielded.connect(self._on_step)
         self.worker.returned.connect(self._on_result)
         self.worker.errored.connect(self._on_error)
         self.worker.finished.connect(self._on_finished)
-        self.run.enabled, self.stop.enabled = False, True
-        if model.device.type == "cpu":  # leave a core to the event loop (NAPARI.md)
-            import torch
-
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, self._threads - 1))
+        self._set_running(True)
         self.worker.start()
+
+    def _set_running(self, running: bool) -> None:
+        self.run.setEnabled(not running)
+        self.stop.setEnabled(running)
+        for button in (self.accept, self.revert, self.export):
+            button.setEnabled(False)
 
     def cancel_run(self) -> None:
         if self.cancel is not None:
             self.cancel.set()  # the job stops before its next step and keeps the old model
+            self.progress_text.setText("Cancelling after this step…")
 
     def _on_step(self, event) -> None:
+        now = time.monotonic()
+        self.progress.setValue(event.step)
+        if event.phase in (MEASURE_BEFORE, MEASURE_AFTER) or event.step == 0:
+            self.progress_text.setText(f"{event.phase[0].upper()}{event.phase[1:]}…")
+            return
+        if self._first_step is None:
+            self._first_step = (now, event.step)
+        t0, s0 = self._first_step
+        done = event.step - s0
+        left = (now - t0) / done * (event.total - event.step) if done else float("nan")
+        eta = f", about {_duration(left)} left" if np.isfinite(left) else ""
+        self.progress_text.setText(
+            f"Step {event.step} of {event.total} ({event.phase}){eta}; "
+            f"{_duration(now - self._started)} so far"
+        )
         self._curve["step"].append(event.step)
         self._curve["loss"].append(event.losses.get("total", np.nan))
         if event.metrics:
             self._curve["probe_step"].append(event.step)
             self._curve["s_global"].append(event.metrics.get("s_global", np.nan))
-        # Redrawing costs tens of milliseconds on the UI thread: at most twice a second.
-        now = time.monotonic()
-        if now - self._last_draw < 0.5 and event.step < event.total:
-            return
-        self._last_draw = now
-        self.loss_axis.clear()
-        self.s_axis.clear()
-        self.loss_axis.plot(self._curve["step"], self._curve["loss"])
-        self.loss_axis.set_ylabel("loss", fontsize=7)
-        self.s_axis.plot(self._curve["probe_step"], self._curve["s_global"], "o-")
-        self.s_axis.set_ylabel("S_global", fontsize=7)
-        self.s_axis.set_xlabel(f"step ({event.phase})", fontsize=7)
-        self.canvas.draw_idle()
+        if now - self._last_draw > 0.5 or event.step == event.total:  # redraws cost ~30 ms
+            self._last_draw = now
+            self._draw_curve(event.phase)
 
-    def _on_result(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        result = outcome.result
+    def _draw_curve(self, phase: str) -> None:
+        if self._curve_canvas is None:
+            from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+            from matplotlib.figure import Figure
+
+            figure = Figure(figsize=(3, 1.8))
+            self._axes = figure.subplots(2, 1, sharex=True)
+            self._curve_canvas = FigureCanvasQTAgg(figure)
+            self._curve_canvas.setFixedHeight(120)
+            self.curve_box.addWidget(self._curve_canvas)
+        loss_axis, s_axis = self._axes
+        loss_axis.clear()
+        s_axis.clear()
+        loss_axis.plot(self._curve["step"], self._curve["loss"])
+        loss_axis.set_ylabel("loss", fontsize=7)
+        s_axis.plot(self._curve["probe_step"], self._curve["s_global"], "o-")
+        s_axis.set_ylabel("S_global", fontsize=7)
+        s_axis.set_xlabel(f"step ({phase})", fontsize=7)
+        for axis in self._axes:
+            axis.tick_params(labelsize=6)
+        self._curve_canvas.figure.tight_layout()
+        self._curve_canvas.draw_idle()
+
+    def _on_result(self, record) -> None:
+        self.bench.show(record)
+        result = record.result
         if result.cancelled:
             show_info(f"Cancelled after {result.steps} steps; the previous model is kept.")
-            self.outcome = None
-            return
-        if result.collapsed:
+        elif result.collapsed:
             show_warning(
-                "The unlearned model collapsed (its probe Dice fell below its floor); the "
-                "previous model is kept. Try the head scope or a larger epsilon."
+                "The unlearned model collapsed (it stopped segmenting); the previous model is "
+                "kept and Accept is off. Try the last-layer scope or a larger epsilon."
             )
-        self._show_views(outcome)
-        self.accept.enabled = self.revert.enabled = not result.collapsed
-        self.export.enabled = True
+        self._show_results(self.bench.shown)
 
     def _on_error(self, error: Exception) -> None:
         show_error(_explain(error))
 
     def _on_finished(self) -> None:
-        import torch
-
-        self.run.enabled, self.stop.enabled = True, False
         self.worker = None
-        if getattr(self, "_threads", None):
-            torch.set_num_threads(self._threads)
-            self._threads = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # give the GPU memory back after each run
+        self._set_running(False)
+        record = self.bench.shown
+        self.accept.setEnabled(bool(record and record.usable and not record.accepted))
+        self.revert.setEnabled(record is not None)
+        self.export.setEnabled(record is not None)
+        self.progress_text.setText(
+            ""
+            if record is None
+            else f"Finished run {record.number} in {_duration(record.seconds)}."
+        )
 
-    def _show_views(self, outcome: Outcome) -> None:
-        """Before over the images, after over a copy placed to their right: one glance."""
-        before, after = outcome.before, outcome.after
-        images = self.viewer.layers[self.image.value]
-        shift = (0, 0, round(images.data.shape[2] * 1.06))
-        self._result_layer("images (after)", images.data, "image", rgb=images.rgb, translate=shift)
-        maps_before, vmax = normalise_maps(before.saliency)
-        maps_after, _ = normalise_maps(after.saliency, vmax)  # one colour scale for both
-        heat = {
-            "colormap": "inferno",
-            "opacity": 0.6,
-            "blending": "additive",
-            "contrast_limits": (0, 1),
-        }
-        self._result_layer("saliency before", maps_before, "image", **heat)
-        self._result_layer("saliency after", maps_after, "image", translate=shift, **heat)
-        self._result_layer("prediction before", before.predictions, "labels", contour=1)
-        self._result_layer(
-            "prediction after", after.predictions, "labels", contour=1, translate=shift
+    # -- results ---------------------------------------------------------------------------------
+    def _clear_results(self) -> None:
+        _layers.remove_result_layers(self.viewer, keep=("forget set",))
+        _layers.text_overlay(self.viewer).visible = False
+        self.result.setText("")
+        self.scores.setRowCount(0)
+
+    def _show_results(self, record) -> None:
+        """The run on display, or nothing; the current model is named in both cases."""
+        self.current.setText(self.bench.status())
+        if record is None:
+            self._clear_results()
+            self.result.setText("No run on display.")
+            for widget in (self.scale, self.scores, self.accept, self.revert, self.export):
+                widget.setEnabled(False)
+            return
+        self._show_layers(record)
+        self.result.setText(_summary(record, self.bench.labels))
+        self._fill_scores(record)
+        self.scale.setEnabled(True)
+        self.scores.setEnabled(True)
+        self._show_current_image()
+        self.scroll.ensureWidgetVisible(self.results)
+
+    def _show_layers(self, record) -> None:
+        images = self.viewer.layers[self.image.currentText()]
+        shift = _layers.after_shift(images)
+        heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
+        _layers.set_result_layer(
+            self.viewer, "images (after)", images.data, "image", rgb=images.rgb, translate=shift
         )
-        sb, sa = before.s_global, after.s_global
-        overlay = _text_overlay(self.viewer)
-        overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
-        overlay.text = (
-            f"S_global {sb['value']:.2e} -> {sa['value']:.2e} nats/px\n"
-            "left: before, right: after unlearning"
+        before, after = record.before, record.after
+        _layers.set_result_layer(
+            self.viewer, "saliency before", before.saliency, "image", colorbar="bottom_left", **heat
         )
-        self.result.setText(
-            f"S_global before {sb['value']:.2e} [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}]\n"
-            f"S_global after  {sa['value']:.2e} [{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]\n"
-            f"(nats per pixel, 95% CI over images; permutation null {sb['null_mean']:.1e})\n"
-            f"Dice on the refined images {before.dice:.3f} -> {after.dice:.3f}"
+        _layers.set_result_layer(
+            self.viewer,
+            "saliency after",
+            after.saliency,
+            "image",
+            translate=shift,
+            colorbar="bottom_right",
+            **heat,
         )
-        self.result.setMinimumHeight(self.result.sizeHint().height())  # all lines, not one
+        _layers.set_result_layer(
+            self.viewer, "prediction before", before.predictions, "labels", contour=1
+        )
+        _layers.set_result_layer(
+            self.viewer,
+            "prediction after",
+            after.predictions,
+            "labels",
+            contour=1,
+            translate=shift,
+        )
+        self._apply_scale()
         self.viewer.reset_view()
+        if self.refined_layer in self.viewer.layers:  # the eraser stays at hand
+            self.viewer.layers.selection.active = self.refined_layer
 
-    def _result_layer(self, name: str, data, kind: str, **style) -> None:
-        """Update this widget's own result layer, or add one; never a layer the user made."""
-        for layer in self.viewer.layers:
-            if layer.name == name and layer.metadata.get(RESULT):
-                layer.data = data
-                return
-        contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
-        add = self.viewer.add_image if kind == "image" else self.viewer.add_labels
-        layer = add(data, name=name, metadata={RESULT: True}, **style)
-        if contour:
-            layer.contour = contour
+    def _apply_scale(self, *_) -> None:
+        record = self.bench.shown
+        if record is None or "saliency before" not in self.viewer.layers:
+            return
+        vb, va = record.before.saliency_vmax, record.after.saliency_vmax
+        shared = self.scale.currentText() == "shared"
+        for name, vmax in (("saliency before", vb), ("saliency after", vb if shared else va)):
+            self.viewer.layers[name].contrast_limits = (0, max(vmax, 1e-12))
+
+    def _fill_scores(self, record) -> None:
+        ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(record.before.scores))]
+        labels = self.bench.labels
+        self.scores.setRowCount(len(ids))
+        for row, name in enumerate(ids):
+            label = "" if labels is None else ("malignant" if labels[row] else "benign")
+            cells = (
+                str(name),
+                label,
+                f"{record.before.scores[row]:.3f}",
+                f"{record.after.scores[row]:.3f}",
+            )
+            for column, text in enumerate(cells):
+                self.scores.setItem(row, column, QTableWidgetItem(text))
+
+    def _show_current_image(self, *_) -> None:
+        record = self.bench.shown
+        overlay = _layers.text_overlay(self.viewer)
+        if record is None:
+            overlay.visible = False
+            return
+        i = int(self.viewer.dims.current_step[0]) if self.viewer.dims.ndim > 2 else 0
+        if not 0 <= i < len(record.before.scores):
+            return
+        label = self.bench.labels
+        truth = "" if label is None else f" ({'malignant' if label[i] else 'benign'})"
+        sb, sa = (
+            record.before.metrics["s_global"]["value"],
+            record.after.metrics["s_global"]["value"],
+        )
+        overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
+        drop = f"{1 - sa / sb:.0%} lower" if sb > 0 and sa <= sb else "not lower"
+        overlay.text = (
+            f"Left: before, right: after run {record.number}; S_global {drop}\n"
+            f"This image{truth}: malignancy {record.before.scores[i]:.2f} -> "
+            f"{record.after.scores[i]:.2f}"
+        )
 
     def accept_model(self) -> None:
-        self.models.append(self.outcome.result.model)
-        self.accept.enabled = False
+        self.bench.accept()
+        self.accept.setEnabled(False)
+        self.current.setText(self.bench.status())
         show_info("The unlearned model is now the current model.")
 
     def revert_model(self) -> None:
-        if not self.accept.enabled and len(self.models) > 1:
-            self.models.pop()  # undo an accept
-        self.accept.enabled = self.revert.enabled = False
-        show_info("Reverted: the model from before this run is current.")
+        self.bench.revert()
+        self._show_results(None)
+        show_info("Reverted: the model from before the run is current.")
 
-    def export_run(self, folder: str | Path | None = None) -> Path:
-        """Write the current model, the refined masks, metrics and pictures to a new folder."""
-        base = Path(folder) if folder else Path(str(self.model_path.value)).parent / "exports"
-        out = base / time.strftime("run-%Y%m%d-%H%M%S")
-        out.mkdir(parents=True, exist_ok=False)  # a new folder: nothing is overwritten
-        self.models[-1].save(out / "model")
-        write_masks(
-            str(out / "refined_masks"),
-            self.refinement.refined,
-            {"metadata": self.refined_layer.metadata},
-        )
-        outcome = self.outcome
-        report = {"parameters": self.parameters(), "refinement": self.refinement.stats()}
-        if outcome is not None and outcome.after is not None:
-            report.update(
-                s_global_before=outcome.before.s_global,
-                s_global_after=outcome.after.s_global,
-                dice_before=outcome.before.dice,
-                dice_after=outcome.after.dice,
-                collapsed=outcome.result.collapsed,
-                certificate=outcome.certificate.to_dict() if outcome.certificate else None,
-            )
-            self.viewer.screenshot(str(out / "before_after.png"), canvas_only=True)
-        (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-        show_info(f"Exported to {out}")
+    def export_run(self, folder: str | Path | None = None) -> Path | None:
+        """Export the run on display into a new folder inside `folder` (asked for if None)."""
+        if folder is None:
+            default = exports_folder()
+            default.mkdir(parents=True, exist_ok=True)
+            folder = QFileDialog.getExistingDirectory(self, "Export the run into", str(default))
+            if not folder:
+                return None
+        try:
+            out = self.bench.export(folder)
+        except (ValueError, OSError) as error:
+            show_error(str(error))
+            return None
+        show_info(f"Exported run {self.bench.shown.number} to {out}")
         return out
 
 
-def _edited_planes(event) -> list[int] | None:
-    """The image indices a paint event touched, or None if unknown."""
-    atoms = getattr(event, "value", None)
-    if not isinstance(atoms, list | tuple):
-        return None
-    planes = set()
-    for atom in atoms:
-        indices = atom[0] if isinstance(atom, tuple | list) else None
-        if indices is None or len(indices) < 3:
-            return None
-        planes.update(np.unique(np.asarray(indices[0])).tolist())
-    return sorted(planes)
+# -- helpers (no state) ------------------------------------------------------------------------
+_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortcut-unlearning-load")
 
 
-def _text_overlay(viewer):
-    """The canvas text overlay (viewer.canvas.overlays.text since napari 0.9)."""
-    canvas = getattr(viewer, "canvas", None)
-    overlays = getattr(canvas, "overlays", None)
-    return overlays.text if overlays is not None else viewer.text_overlay
+def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, bool], str | None]:
+    """In a worker: import PyTorch and load the model. Returns the registry's operators
+    (name: certified) and what went wrong with the model, if anything."""
+    from ..unlearning import CERTIFIED, OPERATORS
+
+    operators = {name: name in CERTIFIED for name in OPERATORS}
+    try:
+        bench.current_model()
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        return operators, str(error)
+    return operators, None
+
+
+def _section(title: str, rows) -> QGroupBox:
+    box = QGroupBox(title)
+    layout = QFormLayout(box) if rows and isinstance(rows[0], tuple) else QVBoxLayout(box)
+    for row in rows:
+        if isinstance(row, tuple):
+            layout.addRow(*row)
+        else:
+            layout.addWidget(row)
+    return box
+
+
+def _row(*widgets) -> QWidget:
+    holder = QWidget()
+    layout = QHBoxLayout(holder)
+    layout.setContentsMargins(0, 0, 0, 0)
+    for widget in widgets:
+        layout.addWidget(widget)
+    return holder
+
+
+def _button(text: str, slot, tip: str = "") -> QPushButton:
+    button = QPushButton(text, toolTip=tip)
+    button.clicked.connect(lambda *_: slot())
+    return button
+
+
+def _text(text: str, tip: str = "") -> QLabel:
+    label = QLabel(text, toolTip=tip, wordWrap=True)
+    label.setTextFormat(Qt.TextFormat.AutoText)
+    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    return label
 
 
 def _float(text: str) -> float | None:
@@ -530,7 +802,49 @@ def _float(text: str) -> float | None:
         return None
 
 
-def _describe(device) -> str:
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _change(before: float, after: float) -> str:
+    if before <= 0:
+        return f"{before:.1e} -> {after:.1e} nats/px"
+    drop = 1 - after / before
+    word = "lower" if drop >= 0 else "higher"
+    return f"{abs(drop):.0%} {word} ({before:.1e} -> {after:.1e} nats/px)"
+
+
+def _summary(record, labels) -> str:
+    """The dock's result lines: plain words first, numbers with their uncertainty after."""
+    before, after = record.before.metrics, record.after.metrics
+    sb, sa = before["s_global"], after["s_global"]
+    lines = [
+        f"Run {record.number} ({METHODS.get(record.method, (record.method,))[0]}):",
+        f"S_global {_change(sb['value'], sa['value'])}. Lower means the predictions carry less "
+        "information from the artefact pixels.",
+        f"95% intervals over images: before [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}], after "
+        f"[{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]; chance level {sb['null_mean']:.1e}.",
+        f"Dice on the refined images {before['dice_refined']:.2f} -> {after['dice_refined']:.2f}.",
+        f"Predicted lesion called malignant: {before['malignant_share']:.0%} -> "
+        f"{after['malignant_share']:.0%}.",
+    ]
+    if "auroc" in after and np.isfinite(after["auroc"]):
+        lines.append(f"AUROC on these images: {before['auroc']:.2f} -> {after['auroc']:.2f}.")
+    if record.result.collapsed:
+        lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
+    if record.certificate is not None:
+        lines.append(record.certificate.summary())
+    return "\n".join(lines)
+
+
+def _device_in_use(name: str) -> str:
+    from ..model import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except ValueError as error:
+        return str(error)
     if device.type == "cuda":
         import torch
 
@@ -543,9 +857,9 @@ def _explain(error: Exception) -> str:
     name = type(error).__name__
     if "OutOfMemory" in name:
         return (
-            "The GPU ran out of memory; the previous model is kept. Free GPU memory, use "
-            "fewer images or the cpu device."
+            "The GPU ran out of memory; the previous model is kept. Free GPU memory, refine "
+            "fewer images or pick the cpu device."
         )
-    if isinstance(error, MaskError | CertificateError | FloatingPointError | ValueError):
+    if isinstance(error, ValueError | FloatingPointError | FileNotFoundError):
         return f"{error} (the previous model is kept)"
     return f"Unlearning failed ({name}: {error}); the previous model is kept."

@@ -1,0 +1,95 @@
+"""How the plugin's layers look, and the result layers it owns (thin; no policy).
+
+Colours are fixed so a legend can name them: benign green, malignant red (as in the
+project's figures), the forget set yellow on top, saliency in inferno with a colour bar.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+RESULT = "shortcut_unlearning_result"  # metadata flag of the layers this plugin owns
+BENIGN, MALIGNANT, FORGET = "#2ca02c", "#d62728", "#ffd400"
+AFTER_GAP = 1.06  # the "after" copy sits this many image widths to the right
+
+
+def class_colormap():
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(
+        color_dict={None: "transparent", 0: "transparent", 1: BENIGN, 2: MALIGNANT}
+    )
+
+
+def forget_colormap():
+    from napari.utils.colormaps import Colormap
+
+    return Colormap([[0, 0, 0, 0], [1, 0.83, 0, 1]], name="forget set", interpolation="zero")
+
+
+def saliency_colormap():
+    """inferno, transparent where attribution is weak: the image stays readable under it."""
+    from matplotlib import colormaps
+    from napari.utils.colormaps import Colormap
+
+    colours = colormaps["inferno"](np.linspace(0, 1, 256))
+    colours[:, 3] = np.clip(np.linspace(0, 1.6, 256), 0, 0.85)
+    return Colormap(colours, name="saliency")
+
+
+def legend_html() -> str:
+    """The dock's legend, in the layers' colours."""
+
+    def swatch(colour: str, text: str) -> str:
+        return f"<span style='color:{colour}'>&#9632;</span>&nbsp;{text}"
+
+    return (
+        f"{swatch(BENIGN, 'benign lesion')} &nbsp; {swatch(MALIGNANT, 'malignant lesion')}"
+        f"<br>{swatch(FORGET, 'forget set: erased from a coarse mask')}"
+        "<br>Outlines: the model's predicted lesion. Heat: saliency of the malignant score "
+        "(colour bars show its scale). Left: before, right: after unlearning."
+    )
+
+
+def after_shift(image_layer) -> tuple[float, ...]:
+    """Translation that places a copy of the image stack to its right."""
+    width = image_layer.data.shape[2]
+    return (0, 0, round(width * AFTER_GAP))
+
+
+def set_result_layer(viewer, name: str, data, kind: str, **style):
+    """Update this plugin's own result layer `name`, or add it; never a layer the user made."""
+    for layer in viewer.layers:
+        if layer.name == name and layer.metadata.get(RESULT):
+            layer.data = data
+            for key in ("translate", "contrast_limits"):
+                if key in style:
+                    setattr(layer, key, style[key])
+            return layer
+    contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
+    colorbar = style.pop("colorbar", None)
+    add = viewer.add_image if kind == "image" else viewer.add_labels
+    layer = add(data, name=name, metadata={RESULT: True}, **style)
+    if contour:
+        layer.contour = contour
+    if kind == "labels":
+        layer.colormap = class_colormap()
+    if colorbar:
+        layer.colorbar.visible = True
+        layer.colorbar.position = colorbar
+    return layer
+
+
+def remove_result_layers(viewer, keep=()) -> None:
+    """Take this plugin's result layers off the canvas (the forget set and `keep` stay)."""
+    for layer in [
+        layer for layer in viewer.layers if layer.metadata.get(RESULT) and layer.name not in keep
+    ]:
+        viewer.layers.remove(layer)
+
+
+def text_overlay(viewer):
+    """The canvas text overlay (viewer.canvas.overlays.text since napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    return overlays.text if overlays is not None else viewer.text_overlay

@@ -1,0 +1,427 @@
+"""The plugin's state and decisions, without Qt: the clinician's workbench.
+
+A Workbench holds the stack being refined (images at the working resolution, coarse masks and
+their refinement), the model history (the loaded checkpoint, then every accepted run), the
+unlearning parameters, and the run on display. The napari widget lays out controls and calls
+these methods; tests drive them without a viewer.
+
+A run is planned on the UI thread (`plan`: validates the refinement and the parameters and
+snapshots them, so painting during the run cannot race with it) and executed in a worker
+(`execute`: a generator of Progress events, as every long job in the project). torch is
+imported only when a model is needed, so the widget opens at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import site
+import sysconfig
+import threading
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import masks as masklib
+from .data.folders import write_masks
+from .progress import Cancel, Progress
+from .refinement import Refinement
+from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
+from .settings import DEFAULTS
+from .stack import ImageStack
+
+MEASURE_BEFORE, MEASURE_AFTER = "measuring the starting model", "measuring the unlearned model"
+
+
+@dataclass
+class Views:
+    """What the viewer shows of one model on the stack (working resolution)."""
+
+    predictions: np.ndarray  # (N, H, W) uint8 predicted classes
+    saliency: np.ndarray  # (N, H, W) float32 attribution of the malignant score
+    saliency_vmax: float  # 99th percentile of the maps: their own colour scale
+    scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability)
+    metrics: dict  # s_global (report), dice_refined, dice_by_class, auroc, malignant_share
+
+
+@dataclass
+class Plan:
+    """A validated run, snapshotted on the UI thread."""
+
+    parameters: dict
+    operator: object  # an unlearning Operator
+    refinement: Refinement  # a frozen copy of the clinician's masks
+    spurious: np.ndarray | None  # painted S map, or None: the forget set
+
+
+@dataclass
+class RunRecord:
+    """One finished run: what the dock shows until it is accepted or reverted."""
+
+    number: int
+    plan: Plan
+    start_name: str
+    result: object  # UnlearnResult
+    before: Views
+    after: Views | None  # None when cancelled
+    certificate: object | None
+    seconds: float
+    refined_index: np.ndarray  # images the run refined
+    accepted: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.plan.parameters["method"]
+
+    @property
+    def usable(self) -> bool:
+        """Finished and not collapsed: may become the current model."""
+        return not (self.result.cancelled or self.result.collapsed)
+
+    @property
+    def model(self):
+        """The model the shown numbers describe (the rejected one after a collapse)."""
+        return self.result.rejected or self.result.model
+
+
+class Workbench:
+    """Refinement, model history and runs of the napari plugin."""
+
+    def __init__(self, model_path: str | Path | None = None, parameters: dict | None = None):
+        self.parameters = {**DEFAULTS, **(parameters or {})}
+        self.model_path = Path(model_path) if model_path else sample_data_dir() / SAMPLE_MODEL
+        self.models: list[tuple[str, object]] = []  # accepted models, the current one last
+        self._loading = threading.Lock()  # the widget loads in a thread, runs in another
+        self.shown: RunRecord | None = None
+        self.runs = 0
+        self.stack: ImageStack | None = None
+        self.refinement: Refinement | None = None
+        self.meta: dict = {}
+
+    # -- the stack ----------------------------------------------------------------------------
+    def open(self, images, coarse, meta: dict | None = None, autosave: Path | None = None):
+        """Start refining `coarse` over `images`; returns a note on the autosave, if any."""
+        stack = ImageStack(images, (meta or {}).get("extents"))
+        refinement = Refinement(coarse)
+        if refinement.coarse.shape != (len(stack), *stack.shape):
+            raise masklib.MaskError(
+                f"the coarse masks are {refinement.coarse.shape} but the images are "
+                f"{(len(stack), *stack.shape)} (N, H, W); pick the masks of these images"
+            )
+        note = refinement.restore(autosave) if autosave else None
+        self.stack, self.refinement, self.meta = stack, refinement, dict(meta or {})
+        self.shown = None
+        return note
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        labels = self.meta.get("labels")
+        return None if labels is None else np.asarray(labels, int)
+
+    # -- the model ----------------------------------------------------------------------------
+    def set_model_path(self, path: str | Path) -> None:
+        """Start over from another checkpoint (the history of accepted runs is dropped)."""
+        with self._loading:
+            if Path(path) != self.model_path:
+                self.model_path, self.models, self.shown = Path(path), [], None
+
+    def current_model(self):
+        """The current model, loading the checkpoint on first use (on the caller's thread;
+        one load at a time, and a load for a path chosen meanwhile is not kept)."""
+        from .model import Model, resolve_device
+
+        device = resolve_device(self.parameters["device"])
+        with self._loading:
+            if not self.models:
+                model = Model.load(self.model_path, device)
+                self.models = [(f"{self.model_path.stem} (loaded)", model)]
+            model = self.models[-1][1]
+            if model.device != device:
+                model.to(device)
+            return model
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.models)
+
+    def status(self) -> str:
+        """Which model is current, and what the dock shows: always on screen."""
+        if not self.models:
+            return f"Current model: {self.model_path.name} (not loaded yet)"
+        text = f"Current model: {self.models[-1][0]}"
+        if self.shown is not None and not self.shown.accepted:
+            text += f". Shown: run {self.shown.number}, not accepted"
+        return text
+
+    # -- parameters ---------------------------------------------------------------------------
+    def operator(self, parameters: dict | None = None):
+        from .unlearning import CERTIFIED, make_operator
+
+        p = {**self.parameters, **(parameters or {})}
+        certified = p["method"] in CERTIFIED
+        return make_operator(
+            p["method"],
+            steps=p["steps"],
+            seed=p["seed"],
+            scope=p["scope"],
+            **({"epsilon": p["epsilon"], "delta": p["delta"]} if certified else {}),
+        )
+
+    def preview(self) -> str:
+        """What the chosen operator will do: the certificate and its warnings, before a run."""
+        from .unlearning.certified import CertifiedOperator, collapse_warning
+
+        try:
+            operator = self.operator()
+        except ValueError as error:
+            return str(error)
+        if not isinstance(operator, CertifiedOperator):
+            return f"{operator.steps} steps; not certified (no formal guarantee)."
+        if not self.loaded:
+            return "Certificate: shown once the model is loaded."
+        certificate = operator.certificate(self.current_model())
+        warning = collapse_warning(certificate)
+        return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
+
+    # -- a run --------------------------------------------------------------------------------
+    def plan(self, spurious: np.ndarray | None = None) -> Plan:
+        """Validate and snapshot a run (UI thread); raises with a message for the user."""
+        if self.refinement is None:
+            raise masklib.MaskError(
+                "press Refine and erase what the coarse masks wrongly call lesion"
+            )
+        snapshot = self.refinement.snapshot()
+        snapshot.split()  # an empty or invalid refinement fails here, not in the worker
+        if spurious is not None:
+            spurious = np.asarray(spurious) != 0
+            if spurious.shape != snapshot.coarse.shape:
+                raise masklib.MaskError(
+                    f"the artefact layer is {spurious.shape} but the masks are "
+                    f"{snapshot.coarse.shape}; paint artefacts on a layer of the images' shape"
+                )
+        return Plan(dict(self.parameters), self.operator(), snapshot, spurious)
+
+    def execute(
+        self, plan: Plan, cancel: Cancel | None = None
+    ) -> Generator[Progress, None, RunRecord]:
+        """Unlearn the plan's forget set from the current model (worker thread)."""
+        from .unlearning import UnlearnData
+
+        clock = time.perf_counter()
+        operator, steps = plan.operator, plan.operator.steps
+        yield Progress(0, steps, "loading the model")
+        model = self.current_model()
+        start_name = self.models[-1][0]
+        size = model.config.image_size
+        images = self.stack.to_model(size)
+        coarse = self.stack.masks_to_model(plan.refinement.coarse, size)
+        refined = self.stack.masks_to_model(plan.refinement.refined, size)
+        edited = np.flatnonzero(plan.refinement.edited())
+        split = masklib.split_pixels(coarse, {int(i): refined[i] for i in edited})
+        s_map = (
+            split.forget
+            if plan.spurious is None
+            else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
+        )
+        measure = _Measure(self.stack, images, split.targets, s_map, edited, self.labels)
+
+        def probe(m) -> dict:
+            return measure.probe(m)
+
+        certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
+        yield Progress(0, steps, MEASURE_BEFORE)
+        before = measure.views(model)
+        if cancel:
+            result = _cancelled(model)
+        else:
+            data = UnlearnData(images, coarse, split, probe)
+            result = yield from operator.run(model, data, cancel)
+        after = None
+        if not result.cancelled:
+            yield Progress(steps, steps, MEASURE_AFTER)
+            after = measure.views(result.rejected or result.model)
+        self.runs += 1
+        return RunRecord(
+            number=self.runs,
+            plan=plan,
+            start_name=start_name,
+            result=result,
+            before=before,
+            after=after,
+            certificate=certificate,
+            seconds=time.perf_counter() - clock,
+            refined_index=edited,
+        )
+
+    def show(self, record: RunRecord) -> None:
+        """Put a finished run on display (a cancelled one shows nothing)."""
+        self.shown = record if record.after is not None else None
+
+    def accept(self) -> None:
+        record = self.shown
+        if record is None or record.accepted or not record.usable:
+            raise ValueError("there is no finished, working run to accept")
+        self.models.append((f"run {record.number} ({record.method}), accepted", record.model))
+        record.accepted = True
+
+    def revert(self) -> None:
+        """Go back to the model from before the run on display; the run leaves the screen."""
+        if self.shown is not None and self.shown.accepted:
+            self.models.pop()
+        self.shown = None
+
+    # -- export -------------------------------------------------------------------------------
+    def export(self, folder: str | Path) -> Path:
+        """Write the run on display: its model, the masks it used, metrics.json (the schema of
+        `run`) and a before/after picture, into a new folder inside `folder`."""
+        record = self.shown
+        if record is None:
+            raise ValueError("no run is shown: run Unlearn first (Revert and Cancel clear it)")
+        base = Path(folder).expanduser().resolve()
+        refuse_package_folder(base)
+        out = base / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}"
+        out.mkdir(parents=True, exist_ok=False)  # a new folder: nothing is overwritten
+        record.model.save(out / "model")
+        write_masks(
+            record.plan.refinement.refined,
+            [self._id(i) for i in range(len(self.stack))],
+            self.meta.get("original_sizes") or self.stack.extents,
+            out / "refined_masks",
+            extents=self.stack.extents,
+        )
+        (out / "metrics.json").write_text(
+            json.dumps(self.report(record), indent=2, default=_plain) + "\n"
+        )
+        self._picture(record, out / "before_after.png")
+        return out
+
+    def report(self, record: RunRecord) -> dict:
+        """metrics.json of a run, in the schema `shortcut-unlearning run` writes."""
+        result, certificate = record.result, record.certificate
+        return {
+            "coarse": record.before.metrics,
+            "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
+            "config": record.plan.parameters,
+            "seed": record.plan.parameters["seed"],
+            "device": str(record.model.device),
+            "operator": {"name": record.plan.operator.name, **asdict(record.plan.operator)},
+            "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
+            if certificate
+            else None,
+            "unlearning": {
+                "collapsed": result.collapsed,
+                "kept_starting_model": result.rejected is not None,
+                "accepted": record.accepted,
+                "start_model": record.start_name,
+                "start_probe": result.start_metrics,
+                "trajectory": [
+                    {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})}
+                    for e in result.history
+                ],
+            },
+            "refined_ids": [self._id(i) for i in record.refined_index],
+            "forget_pixels": int(record.plan.refinement.forget.sum()),
+            "n_train": len(self.stack),
+            "n_test": len(self.stack),  # the plugin measures on the images being refined
+            "timings": {"run_s": record.seconds},
+        }
+
+    def _id(self, index: int) -> str:
+        ids = self.meta.get("ids")
+        return str(ids[index]) if ids else f"image_{index:04d}"
+
+    def _picture(self, record: RunRecord, out: Path) -> None:
+        from .figures import saliency_grid
+
+        picks = record.refined_index[:6] if len(record.refined_index) else np.arange(1)
+        scores = zip(record.before.scores[picks], record.after.scores[picks], strict=True)
+        captions = [
+            f"{self._id(i)}\nmalignancy {a:.2f} -> {b:.2f}"
+            for i, (a, b) in zip(picks, scores, strict=True)
+        ]
+        saliency_grid(
+            np.asarray(self.stack.images[picks]),
+            record.before.saliency[picks],
+            record.after.saliency[picks],
+            captions,
+            out,
+            title=f"Saliency of the malignant score, before and after run {record.number}",
+        )
+
+
+class _Measure:
+    """Predictions, saliency and numbers of one model on the stack (worker thread)."""
+
+    def __init__(self, stack, images, truth, s_map, refined_index, labels):
+        self.stack, self.images, self.truth, self.s_map = stack, images, truth, s_map
+        self.refined, self.labels = refined_index, labels
+
+    def probe(self, model) -> dict:
+        from . import metrics
+
+        probs = model.probabilities(self.images)
+        found = {
+            "dice": metrics.dice(probs[self.refined], self.truth[self.refined]),
+            "s_global": metrics.s_global(probs, self.s_map, self.truth),
+        }
+        if self.labels is not None:
+            found["auroc"] = metrics.pooled_auroc(probs, self.labels)
+        return found
+
+    def views(self, model) -> Views:
+        from . import metrics, saliency
+
+        probs = model.probabilities(self.images)
+        maps = self.stack.from_model(saliency.saliency_maps(model, self.images))
+        numbers = {
+            "s_global": metrics.s_global_report(
+                probs, self.s_map, self.truth, n_boot=200, n_perm=50
+            ),
+            "dice_refined": metrics.dice(probs[self.refined], self.truth[self.refined]),
+            "malignant_share": _malignant_share(probs),
+        }
+        if self.labels is not None:
+            numbers["auroc"] = metrics.pooled_auroc(probs, self.labels)
+        return Views(
+            predictions=self.stack.from_model(probs.argmax(1).astype(np.uint8), labels=True),
+            saliency=maps.astype(np.float32),
+            saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
+            scores=metrics.image_scores(probs),
+            metrics=numbers,
+        )
+
+
+def _malignant_share(probs: np.ndarray) -> float:
+    """Share of predicted lesion pixels predicted malignant (nan when none is lesion)."""
+    predicted = probs.argmax(1)
+    lesion = int((predicted != 0).sum())
+    return float((predicted == 2).sum() / lesion) if lesion else float("nan")
+
+
+def _cancelled(model):
+    from .unlearning import UnlearnResult
+
+    return UnlearnResult(model=model, cancelled=True)
+
+
+def refuse_package_folder(folder: Path) -> None:
+    """Exports never go into the installed package, its sample data or site-packages."""
+    forbidden = [PACKAGE_DIR, *site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    with contextlib.suppress(FileNotFoundError):
+        forbidden.append(sample_data_dir())
+    for place in forbidden:
+        place = Path(place).resolve()
+        if folder == place or place in folder.parents:
+            raise ValueError(
+                f"{folder} is inside {place}, which belongs to the installed software; "
+                "export to a folder of your own (the default is in your user data folder)"
+            )
+
+
+def _plain(value):
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    return str(value)

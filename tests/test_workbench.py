@@ -1,0 +1,113 @@
+"""The plugin's state and decisions, driven without Qt."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from shortcut_unlearning.masks import MaskError
+from shortcut_unlearning.model import Model
+from shortcut_unlearning.progress import Cancel, drive
+from shortcut_unlearning.resources import PACKAGE_DIR
+from shortcut_unlearning.workbench import Workbench
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return Model(TINY).save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture
+def bench(tiny_data, model_path):
+    data, coarse = tiny_data
+    wb = Workbench(model_path, {"steps": 3, "device": "cpu"})
+    meta = {"ids": data.ids[:8], "labels": data.labels[:8].tolist()}
+    wb.open(data.images[:8], coarse[:8], meta)
+    for i in (0, 1):  # refine two images to their fine masks
+        wb.refinement.refined[i][data.masks[i] == 0] = 0
+    wb.refinement.sync()
+    return wb
+
+
+def test_a_run_shows_before_and_after_and_leaves_the_model(bench):
+    start = bench.current_model()
+    before = {k: v.clone() for k, v in start.net.state_dict().items()}
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    assert not record.result.cancelled and len(record.result.history) == 3
+    assert record.before.predictions.shape == record.after.saliency.shape == (8, 48, 48)
+    assert record.before.scores.shape == (8,) and np.isfinite(record.after.scores).all()
+    for key in ("s_global", "dice_refined", "malignant_share", "auroc"):
+        assert key in record.after.metrics
+    assert all(v.equal(start.net.state_dict()[k]) for k, v in before.items())
+    bench.show(record)
+    assert "Shown: run 1, not accepted" in bench.status()
+    bench.accept()
+    assert (
+        bench.current_model() is record.model and "run 1 (neggrad-seg), accepted" in bench.status()
+    )
+    bench.revert()
+    assert bench.current_model() is start and bench.shown is None
+
+
+def test_the_plan_is_a_snapshot_and_edits_during_a_run_do_not_leak(bench):
+    plan = bench.plan()
+    bench.refinement.refined[5][...] = 0
+    assert plan.refinement.refined[5].any()
+
+
+def test_nothing_to_forget_and_foreign_artefact_maps_are_refused(tiny_data, model_path):
+    data, coarse = tiny_data
+    wb = Workbench(model_path)
+    with pytest.raises(MaskError, match="Refine"):
+        wb.plan()
+    wb.open(data.images[:4], coarse[:4])
+    with pytest.raises(MaskError, match="nothing to unlearn"):
+        wb.plan()
+    wb.refinement.refined[0][data.masks[0] == 0] = 0
+    wb.refinement.sync()
+    with pytest.raises(MaskError, match="artefact layer"):
+        wb.plan(spurious=np.zeros((4, 10, 10), bool))
+    with pytest.raises(MaskError, match="pick the masks of these images"):
+        wb.open(data.images[:4], coarse[:3])
+
+
+def test_a_cancelled_run_shows_nothing(bench):
+    cancel = Cancel()
+    job = bench.execute(bench.plan(), cancel)
+    next(job)
+    cancel.set()
+    record = drive(job, quiet=True)
+    assert record.result.cancelled and record.after is None
+    bench.show(record)
+    assert bench.shown is None
+    with pytest.raises(ValueError, match="accept"):
+        bench.accept()
+
+
+def test_export_writes_exactly_the_run_on_display(bench, tmp_path):
+    with pytest.raises(ValueError, match="no run is shown"):
+        bench.export(tmp_path)
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    bench.show(record)
+    out = bench.export(tmp_path)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["unlearned"]["s_global"]["value"] == record.after.metrics["s_global"]["value"]
+    assert report["coarse"]["dice_refined"] == record.before.metrics["dice_refined"]
+    assert report["unlearning"]["accepted"] is False and report["refined_ids"] == record_ids(bench)
+    saved = Model.load(out / "model.safetensors")
+    for key, value in record.model.net.state_dict().items():
+        assert value.equal(saved.net.state_dict()[key]), key
+    assert (out / "before_after.png").stat().st_size > 10_000
+    assert len(list((out / "refined_masks").glob("*_segmentation.png"))) == 8
+    assert bench.export(tmp_path) != out  # a second export never overwrites the first
+
+
+def record_ids(bench):
+    return [bench.meta["ids"][i] for i in (0, 1)]
+
+
+def test_exports_never_go_into_the_package(bench):
+    bench.show(drive(bench.execute(bench.plan()), quiet=True))
+    with pytest.raises(ValueError, match="belongs to the installed software"):
+        bench.export(PACKAGE_DIR / "exports")
