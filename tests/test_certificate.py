@@ -4,29 +4,162 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, refinement, same_state, state
+from conftest import TINY, refinement, state
 
 from shortcut_unlearning import certificate as cert
-from shortcut_unlearning.model import Model
+from shortcut_unlearning.model import FrozenInputs, Model
 from shortcut_unlearning.progress import drive
+from shortcut_unlearning.training import TrainConfig, train
 from shortcut_unlearning.unlearning import GradientClipping, ModelClipping, UnlearnData
-from shortcut_unlearning.unlearning.certified import add_noise_, project_
+from shortcut_unlearning.unlearning.certified import (
+    add_noise_,
+    estimate_batch_statistics,
+    global_norm,
+    project_,
+    scope_batch_norms,
+)
+
+L5 = math.log(1e5)
 
 
-def test_gradient_clipping_calibration_by_hand():
-    sigma, steps = cert.gradient_clipping_sigma(1.0, 1e-5, c0=0.1, c1=10, gamma=1e-3)
+# -- an independent accountant: the authors' formulas, a brute-force grid, bisection ---------
+def authors_rho(sigma, c0, c1, gamma, lam, steps):
+    """D_alpha / alpha after T steps, written as the authors' `unlearn_sigma_t` solves it for
+    sigma (geometric sums in closed form): sigma^2 = Z^2 gamma lam (2 - gamma lam) /
+    (2 rho (1 - c^2)) with c = (1 - gamma lam)^T, Z = 2 C0 c + (2 C1 / lam)(1 - c); lam = 0 is
+    its limit Z = 2 C0 + 2 gamma C1 T, sigma^2 = Z^2 / (2 rho T)."""
+    if lam == 0:
+        return (2 * c0 + 2 * gamma * c1 * steps) ** 2 / (2 * sigma**2 * steps)
+    c = (1 - gamma * lam) ** steps
+    z = 2 * c0 * c + (2 * c1 / lam) * (1 - c)
+    return z**2 * gamma * lam * (2 - gamma * lam) / (2 * sigma**2 * (1 - c**2))
+
+
+ORDERS = 1 + np.geomspace(1e-7, 1e9, 400_001)
+
+
+def grid_epsilon(rho, delta):
+    """min over a dense grid of orders of the Renyi-to-(eps, delta) conversion."""
+    a = ORDERS
+    return float(
+        np.min(a * rho + np.log((a - 1) / a) - (np.log(delta) + np.log(a)) / (a - 1)).clip(0)
+    )
+
+
+def bisect_sigma(epsilon, delta, c0, c1, gamma, lam, steps):
+    lo, hi = 1e-8, 1e4  # eps falls as sigma grows
+    for _ in range(80):
+        mid = math.sqrt(lo * hi)
+        if grid_epsilon(authors_rho(mid, c0, c1, gamma, lam, steps), delta) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+SETTINGS = [  # (eps, delta, C0, C1, gamma, lambda)
+    (1.0, 1e-5, 0.1, 10.0, 1e-3, 0.0),  # the paper's published setting
+    (0.3, 1e-6, 0.5, 1.0, 0.1, 0.0),
+    (3.0, 1e-3, 1.0, 2.0, 0.05, 0.0),
+    (16.0, 1e-5, 0.1, 10.0, 1e-3, 0.0),
+    (30.0, 1e-5, 0.1, 10.0, 1e-3, 0.0),
+    (1.0, 1e-5, 0.1, 10.0, 1e-3, 0.5),
+    (16.0, 1e-5, 1.0, 1.0, 0.01, 5.0),
+    (30.0, 1e-8, 0.5, 1.0, 0.1, 0.1),
+]
+
+
+@pytest.mark.parametrize(("epsilon", "delta", "c0", "c1", "gamma", "lam"), SETTINGS)
+def test_accountant_matches_an_independent_search(epsilon, delta, c0, c1, gamma, lam):
+    sigma, steps = cert.gradient_clipping_sigma(epsilon, delta, c0, c1, gamma, lam)
+    assert steps == math.ceil(c0 / (gamma * c1) - 1e-12)
+    expected = bisect_sigma(epsilon, delta, c0, c1, gamma, lam, steps)
+    assert sigma == pytest.approx(expected, rel=1e-4)
+    # The sigma is tight: it spends the whole budget.
+    assert grid_epsilon(authors_rho(sigma, c0, c1, gamma, lam, steps), delta) == pytest.approx(
+        epsilon, rel=1e-4
+    )
+    assert cert.gradient_clipping_epsilon(sigma, delta, c0, c1, gamma, lam) == pytest.approx(
+        epsilon, rel=1e-6
+    )
+
+
+def test_renyi_conversion_by_hand():
+    # rho = 1, delta = 1e-5: alpha = 5 gives 5 + log(4/5) - (log 1e-5 + log 5) / 4 = 7.2527,
+    # alpha = 4.2 gives 4.2 + log(3.2/4.2) - (log 1e-5 + log 4.2) / 3.2 = 7.0774, near the minimum.
+    def at(alpha):
+        return (
+            alpha + math.log((alpha - 1) / alpha) - (math.log(1e-5) + math.log(alpha)) / (alpha - 1)
+        )
+
+    assert at(5) == pytest.approx(7.2527, abs=1e-4)
+    assert at(4.2) == pytest.approx(7.0774, abs=1e-4)
+    assert 7.07 < cert.renyi_epsilon(1.0, 1e-5) <= at(4.2)
+    assert cert.renyi_epsilon(1.0, 1e-5) == pytest.approx(grid_epsilon(1.0, 1e-5), rel=1e-7)
+    assert cert.renyi_epsilon(0.0, 1e-5) == 0  # no divergence, no loss
+
+
+def test_closed_form_by_hand():
+    sigma, steps = cert.gradient_clipping_sigma_closed_form(1.0, 1e-5, c0=0.1, c1=10, gamma=1e-3)
     assert steps == 10  # ceil(0.1 / (1e-3 * 10))
     # sigma^2 = 9 ln(1e5) (0.1 + 1e-3 * 10 * 10)^2 / (1 * 10) = 9 * 11.5129 * 0.04 / 10
     assert sigma == pytest.approx(math.sqrt(0.414465), rel=1e-5)
-    assert sigma == pytest.approx(0.64379, abs=1e-5)
+    sigma, _ = cert.gradient_clipping_sigma_closed_form(1.0, 1e-5, 0.1, 10, 1e-3, lam=0.5)
+    expected = 72 * 1e-3 * 0.5 * L5 * (0.1 * (1 - 5e-4) ** 10 + 10 / 0.5) ** 2
+    assert sigma == pytest.approx(math.sqrt(expected), rel=1e-9)
 
 
-def test_gradient_clipping_with_weight_decay_by_hand():
-    sigma, steps = cert.gradient_clipping_sigma(1.0, 1e-5, c0=0.1, c1=10, gamma=1e-3, lam=0.5)
-    expected = 72 * 1e-3 * 0.5 * math.log(1e5) * (0.1 * (1 - 5e-4) ** 10 + 10 / 0.5) ** 2
-    assert steps == 10 and sigma == pytest.approx(math.sqrt(expected), rel=1e-9)
+def test_closed_form_is_conservative_only_below_about_eps_8():
+    def ratio(epsilon, delta, lam=0.0, c0=0.1, c1=10.0, gamma=1e-3):
+        closed = cert.gradient_clipping_sigma_closed_form(epsilon, delta, c0, c1, gamma, lam)[0]
+        return closed / cert.gradient_clipping_sigma(epsilon, delta, c0, c1, gamma, lam)[0]
+
+    # lam = 0: conservative up to eps 5.2 (delta 1e-2), 7.9 (1e-5), 10 (1e-8); not beyond.
+    for delta, top in ((1e-2, 5.2), (1e-5, 7.85), (1e-8, 10.0)):
+        assert all(ratio(e, delta) >= 1 for e in np.linspace(0.05, top, 12))
+        assert ratio(top + 0.5, delta) < 1
+    # What the closed form would certify, asked for eps 16 and 30 at 1e-5: 18.9 and 44.1.
+    for asked, really in ((16, 18.9), (30, 44.1)):
+        closed = cert.gradient_clipping_sigma_closed_form(asked, 1e-5, 0.1, 10, 1e-3)[0]
+        assert cert.gradient_clipping_epsilon(closed, 1e-5, 0.1, 10, 1e-3) == pytest.approx(
+            really, abs=0.1
+        )
+    # lam > 0: far above the numerical sigma at every setting checked within its range.
+    for lam, (c0, c1, gamma), epsilon in itertools.product(
+        (1e-3, 0.5, 5.0), ((0.1, 10.0, 1e-3), (1.0, 1.0, 0.01)), (0.5, 8.0, 30.0)
+    ):
+        assert ratio(epsilon, 1e-5, lam, c0, c1, gamma) > 1.5
 
 
+def test_large_epsilon_is_accounted_not_refused():
+    sigma, _ = cert.gradient_clipping_sigma(40.0, 1e-5, 0.1, 10, 1e-3)
+    assert 0 < sigma < cert.gradient_clipping_sigma(30.0, 1e-5, 0.1, 10, 1e-3)[0]
+    assert cert.gradient_clipping_epsilon(sigma, 1e-5, 0.1, 10, 1e-3) == pytest.approx(40)
+    with pytest.raises(cert.CertificateError, match="use gradient_clipping_sigma"):
+        cert.gradient_clipping_sigma_closed_form(40.0, 1e-5, 0.1, 10, 1e-3)
+
+
+# -- what to expect: the read-out bound --------------------------------------------------------
+def test_read_out_bound_of_gradient_clipping():
+    # Under the closed form the bound is eps / (3 sqrt(log(1/delta))): 0.098 at (1, 1e-5).
+    closed, steps = cert.gradient_clipping_sigma_closed_form(1.0, 1e-5, 0.1, 10, 1e-3)
+    snr = cert.gradient_clipping_snr(closed, 0.1, 10, 1e-3, 0.0, steps)
+    assert snr == pytest.approx(1 / (3 * math.sqrt(L5)), rel=1e-9)
+    assert snr == pytest.approx((0.1 + 1e-3 * 10 * 10) / (closed * math.sqrt(10)), rel=1e-9)
+    for epsilon, delta, c0, c1, gamma, lam in SETTINGS:
+        sigma, steps = cert.gradient_clipping_sigma(epsilon, delta, c0, c1, gamma, lam)
+        snr = cert.gradient_clipping_snr(sigma, c0, c1, gamma, lam, steps)
+        # sqrt(rho / 2), so (eps, delta) alone fix it; inverting it gives the eps back.
+        assert snr == pytest.approx(math.sqrt(authors_rho(sigma, c0, c1, gamma, lam, steps) / 2))
+        assert cert.gradient_clipping_epsilon_for_snr(snr, delta) == pytest.approx(epsilon, 1e-6)
+    # A ratio of 1 at 1e-5 needs rho = 2: eps 10.7.
+    assert cert.gradient_clipping_epsilon_for_snr(1.0, 1e-5) == pytest.approx(
+        grid_epsilon(2.0, 1e-5), rel=1e-7
+    )
+    assert cert.model_clipping_snr(0.5, 0.25) == 2
+
+
+# -- model clipping ----------------------------------------------------------------------------
 def test_model_clipping_accountant_reaches_delta_in_six_steps():
     deltas = cert.model_clipping_deltas(1.0, 1e-5, c2=0.5, sigma=0.5)
     assert len(deltas) - 1 == 6
@@ -39,7 +172,6 @@ def test_model_clipping_accountant_reaches_delta_in_six_steps():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"epsilon": 40.0, "delta": 1e-5}, "eps <= 3 log"),
         ({"epsilon": 1.0, "delta": 1.5}, "delta must lie in"),
         ({"epsilon": 1.0, "delta": 0.0}, "delta must lie in"),
         ({"epsilon": 0.0, "delta": 1e-5}, "epsilon must be positive"),
@@ -47,6 +179,7 @@ def test_model_clipping_accountant_reaches_delta_in_six_steps():
         ({"epsilon": 1.0, "delta": 1e-5, "c1": 0}, "C1 must be positive"),
         ({"epsilon": 1.0, "delta": 1e-5, "gamma": 0}, "gamma must be positive"),
         ({"epsilon": 1.0, "delta": 1e-5, "lam": -0.1}, "lambda"),
+        ({"epsilon": 1.0, "delta": 1e-5, "lam": 2000}, "gamma \\* lambda"),
     ],
 )
 def test_invalid_requests_say_what_is_allowed(kwargs, message):
@@ -83,12 +216,23 @@ def test_noise_has_the_calibrated_variance():
     assert abs(float(sample.mean())) < 4 * 0.3 / math.sqrt(1e5)
 
 
+# -- certified runs ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setting(tiny_data):
     data, coarse = tiny_data
     return Model(TINY), UnlearnData(data.images, coarse, refinement(coarse, data.masks, 6))
 
 
+@pytest.fixture(scope="module")
+def coarse_model(tiny_data):
+    """A decoder-scope model trained on the coarse masks: its batch-norm statistics too."""
+    data, coarse = tiny_data
+    model = Model(TINY)
+    drive(train(model, data.images, coarse, TrainConfig(epochs=2, batch_size=8)), quiet=True)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
 def test_gradient_clipping_runs_two_phases_and_certifies(setting):
     model, data = setting
     before = state(model)
@@ -96,14 +240,36 @@ def test_gradient_clipping_runs_two_phases_and_certifies(setting):
     assert op.noisy_steps() == 5 and op.steps == 8
     result = drive(op.run(model, data), quiet=True)
     assert [e.phase for e in result.history] == ["noisy"] * 5 + ["fine-tune"] * 3
-    assert same_state(before, state(model))
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())
     c = op.certificate(model)
     assert c.scope == "head" and c.frozen == ["encoder", "decoder"]
     assert c.scoped_parameters == sum(p.numel() for p in model.net.segmentation_head.parameters())
-    assert c.noise_norm == pytest.approx(c.sigma * math.sqrt(c.scoped_parameters))
+    d = c.scoped_parameters
+    assert c.noise_norm == pytest.approx(c.sigma * math.sqrt(d * 5))
+    assert c.noise_norm_per_step == pytest.approx(c.sigma * math.sqrt(d))
     assert c.frozen_saw_coarse_labels is None  # this model has no training provenance
-    assert "certified by gradient-clipping" in c.summary()
-    assert {"epsilon", "delta", "sigma", "noisy_steps", "assumptions"} <= set(c.to_dict())
+    assert c.snr_bound == pytest.approx(cert.gradient_clipping_snr(c.sigma, 0.5, 1.0, 0.1, 0, 5))
+    assert c.epsilon_for_target_snr == pytest.approx(
+        cert.gradient_clipping_epsilon_for_snr(1.0, 1e-5)
+    )
+    # The sigma that keeps the ratio is the one the accountant gives at that eps.
+    at = cert.gradient_clipping_sigma(c.epsilon_for_target_snr, 1e-5, 0.5, 1.0, 0.1)[0]
+    assert c.sigma_for_target_snr == pytest.approx(at, rel=1e-6)
+    summary = c.summary()
+    for words in ("certified by gradient-clipping", "signal-to-noise", "would keep 1"):
+        assert words in summary
+    assert {
+        "epsilon",
+        "delta",
+        "sigma",
+        "noisy_steps",
+        "assumptions",
+        "coverage",
+        "snr_bound",
+        "epsilon_for_target_snr",
+        "noise_norm_per_step",
+    } <= set(c.to_dict())
+    assert any("corrected labels" in a for a in c.assumptions)
 
 
 def test_model_clipping_projects_onto_the_c2_ball(setting):
@@ -115,25 +281,79 @@ def test_model_clipping_projects_onto_the_c2_ball(setting):
     result = drive(op.run(model, data), quiet=True)
     head = [p for p in result.model.net.segmentation_head.parameters()]
     assert float(torch.sqrt(sum((p.detach() ** 2).sum() for p in head))) < 1e-3 + 0.05
-    assert op.certificate(model).achieved_delta <= 1e-5
+    c = op.certificate(model)
+    assert c.achieved_delta <= 1e-5
+    assert c.snr_bound == 1 and c.epsilon_for_target_snr is None
+    assert c.sigma_for_target_snr == 1e-3  # C2 / 1
+    assert "eps does not set it" in c.summary()
+
+
+def test_reported_noise_is_the_noise_added(setting):
+    """After T noisy steps with a negligible signal the scope is the sum of T draws: its norm
+    is the reported sigma sqrt(d T), sqrt(T) times one draw."""
+    model, data = setting
+    # Signal at most C0 + gamma C1 T = 2e-3; the noise is some 0.12 sqrt(d) times larger.
+    op = GradientClipping(c0=1e-3, c1=1e-4, lr=1.0, finetune_steps=0, scope="decoder")
+    assert op.noisy_steps() == 10
+    result = drive(op.run(model, data), quiet=True)
+    c = op.certificate(model)
+    released = float(global_norm(result.model.scoped_parameters()))
+    assert released == pytest.approx(c.noise_norm, rel=0.02)
+    assert c.noise_norm == pytest.approx(math.sqrt(10) * c.noise_norm_per_step)
+
+
+@pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
+@pytest.mark.parametrize(
+    "op",
+    [
+        GradientClipping(finetune_steps=2),
+        GradientClipping(finetune_steps=0),
+        ModelClipping(finetune_steps=2),
+        ModelClipping(finetune_steps=0),
+    ],
+    ids=["gradient-clipping", "gradient-clipping-noisy-only", "model-clipping", "mc-noisy-only"],
+)
+def test_no_released_tensor_of_the_scope_is_the_coarse_models(coarse_model, setting, op):
+    _, data = setting
+    coarse = state(coarse_model)
+    released = state(drive(op.run(coarse_model, data), quiet=True).model)
+    c = op.certificate(coarse_model)
+    scope = [k for k in coarse if k.split(".")[0] in ("decoder", "segmentation_head")]
+    assert sorted(c.coverage) == sorted(scope)  # every tensor of the scope, buffers included
+    assert any(how == cert.REESTIMATED for how in c.coverage.values())
+    assert "running_mean" in "".join(k for k, v in c.coverage.items() if v == cert.REESTIMATED)
+    same = [k for k in scope if torch.equal(coarse[k], released[k])]
+    assert not same, f"released unchanged from the coarse model: {same}"
+    assert all(torch.equal(coarse[k], released[k]) for k in coarse if k not in scope)
+
+
+def test_statistics_are_re_estimated_on_retain_images_from_the_last_noisy_iterate(
+    coarse_model, setting
+):
+    _, data = setting
+    op = GradientClipping(finetune_steps=0)
+    with pytest.warns(UserWarning):
+        released = drive(op.run(coarse_model, data), quiet=True).model
+    # Re-estimate from the released weights and the retain (refined) images alone: the same.
+    again = released.copy()
+    for m in scope_batch_norms(again):
+        m.running_mean.fill_(7.0)
+    retain = np.flatnonzero(data.split.forget.any(axis=(1, 2)))
+    inputs = FrozenInputs(again, data.images[retain])
+    estimate_batch_statistics(again, inputs, np.arange(len(retain)), op.batch_size)
+    for a, b in zip(state(released).values(), state(again).values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_uncovered_buffer_in_the_scope_is_refused(setting):
+    model = setting[0].copy()
+    model.net.decoder.register_buffer("leak", torch.ones(3))
+    with pytest.raises(cert.CertificateError, match=r"decoder\.leak"):
+        GradientClipping().certificate(model)
 
 
 def test_noise_that_dwarfs_the_parameters_warns_and_names_the_remedy(setting):
     model, data = setting
-    op = GradientClipping(c0=0.1, c1=10, lr=1e-3, finetune_steps=0)  # sigma 0.64 on the decoder
+    op = GradientClipping(c0=0.1, c1=10, lr=1e-3, finetune_steps=0)  # sigma 0.51 on the decoder
     with pytest.warns(UserWarning, match="scope='head'"):
         drive(op.run(model, data), quiet=True)
-
-
-def test_a_collapsed_model_never_replaces_the_start(setting):
-    model, data = setting
-    dice = iter([0.9, 0.1, 0.1])
-    probe = UnlearnData(data.images, data.coarse, data.split, probe=lambda m: {"dice": next(dice)})
-    op = GradientClipping(c0=0.5, c1=1.0, lr=0.1, finetune_steps=0, scope="head")
-    result = drive(op.run(model, probe), quiet=True)
-    assert result.collapsed and result.model is model and result.rejected is not None
-    dice = iter([0.9, 0.1, 0.1])
-    op.accept_collapse = True
-    result = drive(op.run(model, probe), quiet=True)
-    assert result.collapsed and result.model is not model
-    np.testing.assert_array_equal(result.start_metrics["dice"], 0.9)

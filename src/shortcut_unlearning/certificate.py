@@ -2,23 +2,35 @@
 
 METHOD.md sections 5.2-5.4.
 
-Gradient clipping: noisy projected SGD for T = ceil(C0 / (gamma C1)) steps with a closed-form
-sigma. Model clipping: an accountant that contracts delta at fixed eps, one noisy step at a
-time, with the exact Gaussian-mechanism delta. A Certificate states what was guaranteed, for
-which parameters, and under which assumptions.
+Gradient clipping: noisy projected SGD for T = ceil(C0 / (gamma C1)) steps, with sigma found
+numerically from a Renyi accountant (privacy amplification by iteration), converted to
+(eps, delta) and minimised over Renyi orders. Model clipping: an accountant that contracts
+delta at fixed eps, one noisy step at a time, with the exact Gaussian-mechanism delta. Both
+also bound the signal-to-noise ratio of any linear read-out of the released scope, which says
+before a run how much of the scope survives the noisy phase. A Certificate states what was
+guaranteed, for which tensors, and under which assumptions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+from scipy.optimize import brentq, minimize_scalar
 from scipy.stats import norm
 
 ASSUMPTIONS = (
     "one lesion class per image (single-class)",
     "artefacts do not overlap the lesion (disjoint support; hair crossing a lesion violates it)",
-    "the guarantee covers the scoped parameters only; frozen parameters are released as they are",
+    "the guarantee covers the scope's tensors only; frozen blocks are released as they are",
+    "the retain loss trains on the corrected labels: the refined images' forget pixels count "
+    "in it as background, so the guarantee is relative to a model trained on the corrected "
+    "labels (the retrain baseline), not on the other pixels alone",
+    "the noise is secret: whoever knows the run's seed can regenerate and subtract it",
+    "it covers the released weights, not the run's curves: losses and probes taken during the "
+    "noisy phase read intermediate iterates, which still depend on the forget set",
 )
 
 
@@ -26,9 +38,13 @@ class CertificateError(ValueError):
     """An (eps, delta) request or constant outside what the calibration allows."""
 
 
-def _check(epsilon: float, delta: float, **constants: float) -> None:
+def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise CertificateError(f"delta must lie in (0, 1), got {delta}; 1e-5 is usual")
+
+
+def _check(epsilon: float, delta: float, **constants: float) -> None:
+    _check_delta(delta)
     if not epsilon > 0:
         raise CertificateError(f"epsilon must be positive, got {epsilon}; 1 is usual")
     for name, value in constants.items():
@@ -36,6 +52,99 @@ def _check(epsilon: float, delta: float, **constants: float) -> None:
             raise CertificateError(f"{name} must be positive, got {value}")
 
 
+# -- Renyi accounting -------------------------------------------------------------------------
+def renyi_epsilon(rho: float, delta: float) -> float:
+    """The eps of (eps, delta)-unlearning from Renyi divergences D_alpha <= alpha * rho:
+
+        eps = min over alpha > 1 of
+              alpha rho + log((alpha - 1) / alpha) - (log delta + log alpha) / (alpha - 1)
+
+    (the conversion of Balle et al. 2020, Canonne et al. 2020); never below 0.
+    """
+    log_delta = math.log(delta)
+
+    def eps_at(u: float) -> float:  # u = log(alpha - 1): the orders span many decades
+        a1 = math.exp(u)
+        alpha = 1 + a1
+        return alpha * rho + math.log(a1 / alpha) - (log_delta + math.log(alpha)) / a1
+
+    # A coarse scan over the orders brackets the minimum, a bounded search refines it; should
+    # the search miss, the scan's value stands, which overstates eps (the safe side).
+    grid = np.linspace(-12, 25, 75)
+    values = [eps_at(u) for u in grid]
+    best = int(np.argmin(values))
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    refined = minimize_scalar(eps_at, bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})
+    return max(0.0, min(values[best], float(refined.fun)))
+
+
+@functools.lru_cache(maxsize=256)
+def renyi_budget(epsilon: float, delta: float) -> float:
+    """The largest rho (D_alpha <= alpha * rho) that renyi_epsilon turns into at most eps."""
+    _check(epsilon, delta)
+
+    def excess(log_rho: float) -> float:
+        return renyi_epsilon(math.exp(log_rho), delta) - epsilon
+
+    lo, hi = math.log(epsilon) - 5, math.log(epsilon) + 1
+    while excess(lo) > 0:  # eps is increasing in rho: widen the bracket until it holds the root
+        lo -= 5
+    while excess(hi) < 0:
+        hi += 1
+    return math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12))
+
+
+# -- gradient clipping ------------------------------------------------------------------------
+def _check_gradient_clipping(epsilon, delta, c0, c1, gamma, lam) -> None:
+    _check(epsilon, delta, C0=c0, C1=c1, gamma=gamma)
+    if lam < 0:
+        raise CertificateError(f"lambda (weight decay) must be >= 0, got {lam}")
+    if lam > 0 and gamma * lam >= 1:
+        raise CertificateError(f"gamma * lambda must be below 1, got {gamma * lam}")
+
+
+def gradient_clipping_steps(c0: float, c1: float, gamma: float, steps: int | None = None) -> int:
+    """T = ceil(C0 / (gamma C1)) unless given: the T that minimises sigma at lam = 0."""
+    t = steps if steps is not None else math.ceil(c0 / (gamma * c1) - 1e-12)
+    if t < 1:
+        raise CertificateError(f"the noisy phase needs at least one step, got {t}")
+    return t
+
+
+def _shift_and_noise(c0: float, c1: float, gamma: float, lam: float, t: int) -> tuple[float, float]:
+    """(Z, S): Z bounds the distance between the two runs after T steps (both start in the C0
+    ball, each step moves them apart by at most 2 gamma C1, weight decay shrinks the gap by
+    1 - gamma lam), S sums the squared decay of the noise. lam = 0: Z = 2 C0 + 2 gamma C1 T,
+    S = T."""
+    decay = (1 - gamma * lam) ** np.arange(t)  # (1 - gamma lam)^s for s = 0 .. T-1
+    z = 2 * c0 * (1 - gamma * lam) ** t + 2 * gamma * c1 * float(decay.sum())
+    return z, float((decay**2).sum())
+
+
+def gradient_clipping_rho(
+    sigma: float, c0: float, c1: float, gamma: float, lam: float, steps: int
+) -> float:
+    """rho with D_alpha <= alpha rho for T noisy steps (amplification by iteration, the
+    authors' bound): rho = Z^2 / (2 sigma^2 S); lam = 0: (2 C0 + 2 gamma C1 T)^2 / (2 sigma^2 T)."""
+    z, s = _shift_and_noise(c0, c1, gamma, lam, steps)
+    return z**2 / (2 * sigma**2 * s)
+
+
+def gradient_clipping_epsilon(
+    sigma: float,
+    delta: float,
+    c0: float,
+    c1: float,
+    gamma: float,
+    lam: float = 0.0,
+    steps: int | None = None,
+) -> float:
+    """The eps that sigma buys at delta (the inverse of gradient_clipping_sigma)."""
+    t = gradient_clipping_steps(c0, c1, gamma, steps)
+    return renyi_epsilon(gradient_clipping_rho(sigma, c0, c1, gamma, lam, t), delta)
+
+
+@functools.lru_cache(maxsize=256)
 def gradient_clipping_sigma(
     epsilon: float,
     delta: float,
@@ -45,30 +154,42 @@ def gradient_clipping_sigma(
     lam: float = 0.0,
     steps: int | None = None,
 ) -> tuple[float, int]:
-    """(sigma, T) for gradient clipping. With lam = 0, T = ceil(C0 / (gamma C1)):
+    """(sigma, T) for gradient clipping: the smallest sigma whose Renyi bound converts to the
+    requested (eps, delta); T = ceil(C0 / (gamma C1)) unless given. Any eps > 0 is covered."""
+    _check_gradient_clipping(epsilon, delta, c0, c1, gamma, lam)
+    t = gradient_clipping_steps(c0, c1, gamma, steps)
+    z, s = _shift_and_noise(c0, c1, gamma, lam, t)
+    # rho = Z^2 / (2 sigma^2 S) falls as sigma grows: solve for rho, then read off sigma.
+    return z / math.sqrt(2 * renyi_budget(epsilon, delta) * s), t
 
-        sigma^2 = 9 log(1/delta) (C0 + gamma C1 T)^2 / (eps^2 T)
 
-    with lam > 0 (T defaults to the same count):
+def gradient_clipping_sigma_closed_form(
+    epsilon: float,
+    delta: float,
+    c0: float,
+    c1: float,
+    gamma: float,
+    lam: float = 0.0,
+    steps: int | None = None,
+) -> tuple[float, int]:
+    """METHOD 5.2's closed form, kept as a cross-check of gradient_clipping_sigma:
 
-        sigma^2 = 72 gamma lam log(1/delta) (C0 (1 - gamma lam)^T + C1 / lam)^2 / eps^2
+        lam = 0:  sigma^2 = 9 log(1/delta) (C0 + gamma C1 T)^2 / (eps^2 T)
+        lam > 0:  sigma^2 = 72 gamma lam log(1/delta) (C0 (1 - gamma lam)^T + C1 / lam)^2 / eps^2
 
-    Valid only for eps <= 3 log(1/delta).
+    It is stated for eps <= 3 log(1/delta) but is conservative (never below the numerical
+    sigma) only over part of that range: at lam = 0 up to eps of about 5 (delta 1e-2), 7.9
+    (1e-5) or 11 (1e-10). Above that it adds too little noise (eps 16 asked at delta 1e-5
+    is really 18.9, eps 30 is 44), which is why the numerical accountant sets sigma.
     """
-    _check(epsilon, delta, C0=c0, C1=c1, gamma=gamma)
-    if lam < 0:
-        raise CertificateError(f"lambda (weight decay) must be >= 0, got {lam}")
-    if lam > 0 and gamma * lam >= 1:
-        raise CertificateError(f"gamma * lambda must be below 1, got {gamma * lam}")
+    _check_gradient_clipping(epsilon, delta, c0, c1, gamma, lam)
     limit = 3 * math.log(1 / delta)
     if epsilon > limit:
         raise CertificateError(
-            f"the gradient-clipping calibration holds for eps <= 3 log(1/delta) = {limit:.3g}; "
-            f"got eps = {epsilon}: ask for a smaller eps or a smaller delta"
+            f"the closed form is stated for eps <= 3 log(1/delta) = {limit:.3g}; got eps = "
+            f"{epsilon}: use gradient_clipping_sigma, which covers any eps"
         )
-    t = steps if steps is not None else math.ceil(c0 / (gamma * c1) - 1e-12)
-    if t < 1:
-        raise CertificateError(f"the noisy phase needs at least one step, got {t}")
+    t = gradient_clipping_steps(c0, c1, gamma, steps)
     log_term = math.log(1 / delta)
     if lam == 0:
         variance = 9 * log_term * (c0 + gamma * c1 * t) ** 2 / (epsilon**2 * t)
@@ -79,15 +200,41 @@ def gradient_clipping_sigma(
     return math.sqrt(variance), t
 
 
+def gradient_clipping_snr(
+    sigma: float, c0: float, c1: float, gamma: float, lam: float, steps: int
+) -> float:
+    """Bound on the signal-to-noise ratio of any linear read-out of the released scope.
+
+    After T steps the scope is a part of norm at most Z / 2 (what it kept of the start and of
+    the clipped gradients) plus Gaussian noise of per-coordinate variance sigma^2 S, so a unit
+    read-out sees signal at most Z / 2 against noise sigma sqrt(S): lam = 0 gives
+    (C0 + gamma C1 T) / (sigma sqrt T), which the closed form puts at eps / (3 sqrt(log(1/delta))).
+    It equals sqrt(rho / 2), so it depends on (eps, delta) alone.
+    """
+    z, s = _shift_and_noise(c0, c1, gamma, lam, steps)
+    return z / (2 * sigma * math.sqrt(s))
+
+
+def gradient_clipping_epsilon_for_snr(snr: float, delta: float) -> float:
+    """The eps at which gradient clipping's read-out bound reaches `snr` (rho = 2 snr^2),
+    whatever C0, C1, gamma, lam and T."""
+    if not snr > 0:
+        raise CertificateError(f"the signal-to-noise ratio must be positive, got {snr}")
+    _check_delta(delta)
+    return renyi_epsilon(2 * snr**2, delta)
+
+
+# -- model clipping ---------------------------------------------------------------------------
 def gaussian_delta(epsilon: float, r: float) -> float:
     """theta_eps(r) = Q(eps/r - r/2) - e^eps Q(eps/r + r/2): the exact delta of a Gaussian
     mechanism with sensitivity-to-noise ratio r."""
     return float(norm.sf(epsilon / r - r / 2) - math.exp(epsilon) * norm.sf(epsilon / r + r / 2))
 
 
+@functools.lru_cache(maxsize=256)
 def model_clipping_deltas(
     epsilon: float, delta: float, c2: float, sigma: float, max_steps: int = 10_000
-) -> list[float]:
+) -> tuple[float, ...]:
     """delta_t after each noisy model-clipping step until delta_t <= delta (first entry: 1).
 
     delta_0 = 1, eps_t = log(1 + (e^eps - 1) / delta_t),
@@ -103,28 +250,48 @@ def model_clipping_deltas(
             )
         eps_t = math.log1p(math.expm1(epsilon) / deltas[-1])
         deltas.append(deltas[-1] * gaussian_delta(eps_t, r))
-    return deltas
+    return tuple(deltas)
+
+
+def model_clipping_snr(c2: float, sigma: float) -> float:
+    """Bound on the signal-to-noise ratio of any linear read-out of the released scope: the
+    last step releases a point of the C2 ball plus one noise draw, C2 / sigma. eps does not
+    set it (the accountant trades eps for noisy steps); sigma = C2 / ratio keeps a ratio."""
+    return c2 / sigma
+
+
+# -- the certificate --------------------------------------------------------------------------
+# How the release covers each tensor of the scope.
+NOISED = "projected and noised"
+REESTIMATED = "reset before the noisy phase, re-estimated on retain images after it"
 
 
 @dataclass(frozen=True)
 class Certificate:
-    """What a certified run guarantees, for which parameters, and at what cost in noise."""
+    """What a certified run guarantees, for which tensors, and at what cost in noise."""
 
     operator: str
     epsilon: float
     delta: float
-    sigma: float
+    sigma: float  # per-coordinate standard deviation of each step's noise
     noisy_steps: int
     gamma: float
     lam: float
     clipping: dict[str, float]
     achieved_delta: float
+    accountant: str
     scope: str
     scoped_parameters: int
+    coverage: dict[str, str]  # every tensor of the scope (parameters, buffers) -> its treatment
     frozen: list[str]
     frozen_saw_coarse_labels: bool | None  # None: unknown (e.g. a checkpoint from elsewhere)
-    noise_norm: float  # expected norm of one noise draw, sigma * sqrt(d)
+    noise_norm: float  # expected norm of all the noise added, sigma * sqrt(d * T)
+    noise_norm_per_step: float  # expected norm of one step's draw, sigma * sqrt(d)
     parameter_norm: float  # norm of the scoped parameters before unlearning
+    snr_bound: float  # signal-to-noise bound of any linear read-out of the released scope
+    target_snr: float  # a ratio the user would keep ...
+    epsilon_for_target_snr: float | None  # ... the eps that keeps it (None: eps does not set it)
+    sigma_for_target_snr: float  # ... and the per-step sigma that keeps it
     assumptions: tuple[str, ...] = field(default=ASSUMPTIONS)
 
     @property
@@ -134,17 +301,34 @@ class Certificate:
     def to_dict(self) -> dict:
         return {**asdict(self), "noise_to_parameters": self.noise_to_parameters}
 
+    def expectation(self) -> str:
+        """What to expect of the noisy phase, before a run."""
+        target, sigma = f"{self.target_snr:g}", f"sigma {self.sigma_for_target_snr:.3g}"
+        if self.epsilon_for_target_snr is None:
+            keep = f"eps does not set it; {sigma} keeps {target} (a smaller eps: more noisy steps)"
+        else:
+            keep = f"eps {self.epsilon_for_target_snr:.3g} ({sigma}) would keep {target}"
+        bound = f"signal-to-noise of any linear read-out of the scope <= {self.snr_bound:.3g}"
+        return f"{bound}; {keep}"
+
     def summary(self) -> str:
         saw = {
             True: "saw the coarse labels: the guarantee does not cover them",
             False: "never saw the coarse labels",
             None: "provenance unknown",
         }
+        treated = {h: sum(v == h for v in self.coverage.values()) for h in (NOISED, REESTIMATED)}
+        buffers = (
+            f", {treated[REESTIMATED]} batch-norm buffers reset and re-estimated on retain images"
+            if treated[REESTIMATED]
+            else ""
+        )
         return (
             f"({self.epsilon:g}, {self.delta:.1e})-certified by {self.operator} over the "
-            f"{self.scope} scope ({self.scoped_parameters:,} parameters; frozen: "
+            f"{self.scope} scope ({self.scoped_parameters:,} parameters in {treated[NOISED]} "
+            f"tensors projected and noised{buffers}; frozen: "
             f"{', '.join(self.frozen) or 'none'}, {saw[self.frozen_saw_coarse_labels]}); "
-            f"sigma {self.sigma:.3g} over {self.noisy_steps} noisy steps; noise norm "
+            f"sigma {self.sigma:.3g} per step over {self.noisy_steps} noisy steps; noise added "
             f"{self.noise_norm:.3g} against parameter norm {self.parameter_norm:.3g} "
-            f"(x{self.noise_to_parameters:.2g})"
+            f"(x{self.noise_to_parameters:.2g}); {self.expectation()}"
         )

@@ -1,7 +1,7 @@
 """Unlearning operators, by name: a registry the command line and the plugin choose from."""
 
 from .base import Operator, UnlearnData, UnlearnResult
-from .certified import GradientClipping, ModelClipping
+from .certified import CertifiedOperator, GradientClipping, ModelClipping
 from .finetune import FineTune
 from .neggrad_seg import NegGradSeg
 
@@ -13,7 +13,7 @@ OPERATORS: dict[str, type[Operator]] = {
 }
 
 # The operators that give an (eps, delta) certificate.
-CERTIFIED = tuple(name for name, op in OPERATORS.items() if hasattr(op, "certificate"))
+CERTIFIED = tuple(name for name, op in OPERATORS.items() if issubclass(op, CertifiedOperator))
 
 
 def make_operator(
@@ -43,6 +43,7 @@ def make_operator(
 __all__ = [
     "CERTIFIED",
     "OPERATORS",
+    "CertifiedOperator",
     "FineTune",
     "GradientClipping",
     "ModelClipping",

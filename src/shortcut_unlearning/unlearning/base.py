@@ -106,8 +106,18 @@ class Operator:
     def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
         """Called after each optimiser step (e.g. projection, noise)."""
 
+    def phase_end(
+        self, model: Model, phase: str, inputs: FrozenInputs, retain_rows: np.ndarray
+    ) -> None:
+        """Called after a phase's last step with the retain images' inputs (e.g. to
+        re-estimate batch-norm statistics)."""
+
     def phase(self, step: int) -> str:
         return self.name
+
+    def batch_statistics_in(self, phase: str) -> bool:
+        """Whether the scope's batch norms normalise with batch statistics in `phase`."""
+        return self.batch_statistics
 
     def optimiser(self, model: Model, phase: str) -> torch.optim.Optimizer:
         """The optimiser of a phase; a new one is made whenever the phase changes."""
@@ -156,7 +166,7 @@ class Operator:
             if self.phase(step) != phase:
                 phase = self.phase(step)
                 optimiser = self.optimiser(work, phase)
-            work.train_mode(self.batch_statistics)
+            work.train_mode(self.batch_statistics_in(phase))
             rows = rng.choice(forget_rows, self.batch_size)
             logits = self._logits(work, inputs, rows)
             at = torch.as_tensor(rows, device=device)
@@ -172,6 +182,8 @@ class Operator:
             self.on_gradients(work, step)
             optimiser.step()
             self.after_step(work, step, noise_rng)
+            if step == self.steps or self.phase(step + 1) != phase:
+                self.phase_end(work, phase, inputs, retain_rows)
             metrics = None
             if data.probe and (step % self.probe_every == 0 or step == self.steps):
                 metrics = data.probe(work)
