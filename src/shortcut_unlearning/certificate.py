@@ -283,6 +283,7 @@ class Certificate:
     scope: str
     scoped_parameters: int
     coverage: dict[str, str]  # every tensor of the scope (parameters, buffers) -> its treatment
+    forgets: str  # which pixels the certificate forgets (the forget set and its retain set)
     frozen: list[str]
     frozen_saw_coarse_labels: bool | None  # None: unknown (e.g. a checkpoint from elsewhere)
     noise_norm: float  # expected norm of all the noise added, sigma * sqrt(d * T)
@@ -330,5 +331,6 @@ class Certificate:
             f"{', '.join(self.frozen) or 'none'}, {saw[self.frozen_saw_coarse_labels]}); "
             f"sigma {self.sigma:.3g} per step over {self.noisy_steps} noisy steps; noise added "
             f"{self.noise_norm:.3g} against parameter norm {self.parameter_norm:.3g} "
-            f"(x{self.noise_to_parameters:.2g}); {self.expectation()}"
+            f"(x{self.noise_to_parameters:.2g}); {self.expectation()}. It forgets "
+            f"{self.forgets}."
         )

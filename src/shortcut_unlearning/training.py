@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 from .model import FrozenInputs, Model
 from .progress import Cancel, Cancelled, Progress
-
-IGNORE = 255  # target value of pixels that carry no label
+from .retain import IGNORE
 
 
 @dataclass(frozen=True)

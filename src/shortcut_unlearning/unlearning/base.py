@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from ..masks import PixelSplit
 from ..model import FrozenInputs, Model
 from ..progress import Cancel, Progress
-from ..training import IGNORE, check_finite
-
-RETAIN_IMAGES = ("refined", "all")
+from ..retain import IGNORE, RETAIN_SETS, retain_set
+from ..training import check_finite
 
 
 @dataclass
@@ -66,10 +65,9 @@ class Operator:
     optimiser_name: str = "adam"  # or "sgd"
     batch_size: int = 8
     seed: int = 0
-    # Images that feed retain batches: "refined" (default) fine-tunes only where the masks
-    # were corrected; "all" also replays the unrefined images' coarse masks, which still
-    # label their artefacts as lesion and so keep teaching the shortcut.
-    retain_images: str = "refined"
+    # The retain set (see retain.py): "refined+certain" adds the pixels of every other image
+    # that its coarse mask is surely right about, so both classes stay in the retain data.
+    retain_images: str = RETAIN_SETS[0]
     scope: str | None = None  # None: keep the model's scope
     probe_every: int = 10
     cache_features: bool = True
@@ -85,8 +83,8 @@ class Operator:
     name = "operator"
 
     def __post_init__(self):
-        if self.retain_images not in RETAIN_IMAGES:
-            raise ValueError(f"retain_images must be one of {RETAIN_IMAGES}")
+        if self.retain_images not in RETAIN_SETS:
+            raise ValueError(f"retain_images must be one of {RETAIN_SETS}")
         if self.optimiser_name not in ("adam", "sgd"):
             raise ValueError(f"optimiser_name must be 'adam' or 'sgd', got {self.optimiser_name!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -143,16 +141,16 @@ class Operator:
         with_forget = np.flatnonzero(split.forget.any(axis=(1, 2)))
         if len(with_forget) == 0:
             raise ValueError("the forget set is empty: refine at least one mask first")
-        all_images = np.arange(len(data.images))
-        retain_pool = with_forget if self.retain_images == "refined" else all_images
-        used = np.union1d(with_forget, retain_pool)  # only these images are cached
-        forget_rows, retain_rows = (
+        retained = retain_set(split, data.coarse, self.retain_images)
+        used = np.union1d(with_forget, retained.others)  # only these images are cached
+        forget_rows, other_rows = (
             np.searchsorted(used, with_forget),
-            np.searchsorted(used, retain_pool),
+            np.searchsorted(used, retained.others),
         )
+        retain_rows = np.union1d(forget_rows, other_rows)
         inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
         device = work.device
-        targets = torch.as_tensor(split.targets[used], device=device).long()
+        targets = torch.as_tensor(retained.targets[used], device=device).long()
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
         forget = torch.as_tensor(split.forget[used], device=device)
         rng = np.random.default_rng(self.seed)
@@ -171,10 +169,13 @@ class Operator:
             logits = self._logits(work, inputs, rows)
             at = torch.as_tensor(rows, device=device)
             forget_ce = F.cross_entropy(logits, coarse[at], reduction="none")[forget[at]]
-            if self.retain_images == "all":
-                rows = rng.choice(retain_rows, self.batch_size)
-                logits, at = self._logits(work, inputs, rows), torch.as_tensor(rows, device=device)
-            retain_ce = F.cross_entropy(logits, targets[at], ignore_index=IGNORE)
+            retain_targets = targets[at]
+            if len(other_rows):  # the refined images' batch, and one of the others
+                rows = rng.choice(other_rows, self.batch_size)
+                at = torch.as_tensor(rows, device=device)
+                logits = torch.cat([logits, self._logits(work, inputs, rows)])
+                retain_targets = torch.cat([retain_targets, targets[at]])
+            retain_ce = F.cross_entropy(logits, retain_targets, ignore_index=IGNORE)
             terms = self.loss(retain_ce, forget_ce)
             check_finite(terms["total"], step, f"{self.name} loss")
             optimiser.zero_grad(set_to_none=True)

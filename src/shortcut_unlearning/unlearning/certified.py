@@ -21,6 +21,7 @@ import torch
 from .. import certificate as cert
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
+from ..retain import FORGETS
 from .base import Operator
 
 
@@ -224,6 +225,7 @@ class CertifiedOperator(Operator):
             scope=scope,
             scoped_parameters=d,
             coverage=scope_coverage(model, scope),
+            forgets=FORGETS[self.retain_images],
             frozen=frozen,
             frozen_saw_coarse_labels=saw,
             noise_norm=self.sigma * math.sqrt(d * t),
