@@ -22,7 +22,7 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 from PIL import Image
@@ -50,6 +50,27 @@ CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
 
 class FolderError(ValueError):
     """A folder or file that cannot be read or written as asked; the message says what to do."""
+
+
+def check_id(image_id, where: str = "") -> str:
+    """`image_id` if it is a plain file name, else FolderError.
+
+    Ids name files inside a dataset folder and are never paths: no separators, no '.' or '..',
+    no drive, no NUL, not empty. Every reader and writer checks ids with this before it touches
+    a file, so a hostile labels CSV cannot reach outside its folder.
+    """
+    text = image_id if isinstance(image_id, str) else ""
+    plain = (
+        text not in ("", ".", "..")
+        and not set(text) & set("/\\\0")
+        and not PureWindowsPath(text).drive
+    )
+    if not plain:
+        raise FolderError(
+            f"{where + ': ' if where else ''}id {image_id!r} is not a plain file name (ids may "
+            "not hold folders, '..', absolute paths or NUL); rename it to a name like ISIC_0000001"
+        )
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +144,10 @@ def write_project(
             f"flags {unknown} are not artefacts of ARTEFACTS {ARTEFACTS}, so labels.csv in {out} "
             "cannot hold them; rename or drop them before writing"
         )
-    if len(set(data.ids)) != len(data.ids) or any(not _safe_id(i) for i in data.ids):
-        raise FolderError(
-            f"cannot write {out}: ids must be unique file names without path separators; "
-            "rename the offending ids"
-        )
+    for image_id in data.ids:
+        check_id(image_id, f"cannot write {out}")
+    if len(set(data.ids)) != len(data.ids):
+        raise FolderError(f"cannot write {out}: ids must be unique; rename the repeated ids")
     folders = {"images": data.images, "masks": data.masks}
     if data.artefacts is not None:
         folders["artefacts"] = data.artefacts
@@ -156,10 +176,6 @@ def write_project(
     # dataset.json is written last: a folder that has it is complete.
     info_path.write_text(json.dumps(info, indent=2, default=_json_value) + "\n")
     return out
-
-
-def _safe_id(image_id: str) -> bool:
-    return bool(image_id) and not set(image_id) & set("/\\") and image_id not in (".", "..")
 
 
 def _json_value(value):
@@ -193,7 +209,7 @@ def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
                 f"got {row['label']!r} and {row['split']!r}; correct that row"
             )
 
-    ids = [row["id"] for row in rows]
+    ids = [check_id(row["id"], f"{labels_path} line {line}") for line, row in enumerate(rows, 2)]
     with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
     folders = {"images": "RGB", "masks": "L", **({"artefacts": "L"} if with_artefacts else {})}
     stacks, original_sizes = {}, []
@@ -407,7 +423,8 @@ def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
         if not any(value.strip() for value in values):
             continue
         row = dict(zip(header, (v.strip() for v in values), strict=False))  # short rows fail below
-        match = ISIC_ID.search(row.get("image", ""))
+        check_id(row.get("image"), f"{file} line {line}")
+        match = ISIC_ID.search(row["image"])
         if not match:
             raise FolderError(
                 f"{file} line {line}: image {row.get('image')!r} has no ISIC_<7 digits> id; "
@@ -454,7 +471,7 @@ def write_isic_masks(
     folder = Path(out_dir) / f"ISIC2018_Task1_{folder_split}_GroundTruth"
     paths = []
     for image_id in ids:
-        match = ISIC_ID.fullmatch(str(image_id))
+        match = ISIC_ID.fullmatch(check_id(image_id, f"cannot write to {out_dir}"))
         if not match:
             raise ValueError(f"id {image_id!r} is not of the form ISIC_<7 digits>")
         paths.append(folder / f"ISIC_{match.group(1)}_segmentation.png")

@@ -8,7 +8,14 @@ import numpy as np
 from PIL import Image
 
 from .. import masks as masklib
-from ..data.folders import ISIC_ID, FolderError, detect_layout, read_folder, write_isic_masks
+from ..data.folders import (
+    ISIC_ID,
+    FolderError,
+    check_id,
+    detect_layout,
+    read_folder,
+    write_isic_masks,
+)
 from ..data.lesion_set import LesionSet
 from ..resources import SAMPLE_SET, sample_data_dir
 
@@ -64,7 +71,9 @@ def write_masks(path: str, data, meta: dict) -> list[str]:
     if all(ISIC_ID.fullmatch(str(i)) for i in ids):
         return [str(p) for p in write_isic_masks(masks, ids, sizes, path)]
     folder = Path(path)
-    targets = [folder / f"{i}_segmentation.png" for i in ids]
+    targets = [
+        folder / f"{check_id(i, f'cannot save masks to {folder}')}_segmentation.png" for i in ids
+    ]
     existing = [str(t) for t in targets if t.exists()]
     if existing:
         raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
