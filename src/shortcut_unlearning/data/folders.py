@@ -473,7 +473,10 @@ def _read_labels(path: Path, labels) -> dict[str, dict]:
     table, used = {}, {}
     for file in files:
         if not file.is_file():
-            raise FolderError(f"labels file {file} does not exist; check the labels= path")
+            raise FolderError(
+                f"labels file {file} does not exist; check the path given to labels= (--labels, "
+                "one file per flag)"
+            )
         rows = _read_label_csv(file, explicit)
         for number, row in rows.items():
             old = table.get(number)
