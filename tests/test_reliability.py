@@ -256,6 +256,17 @@ def test_isic_duplicate_rows(tmp_path):
     (root / "labels.csv").write_text(rows + "ISIC_0000001,0\n")
     with pytest.raises(FolderError, match=r"labels\.csv lists ISIC_0000001 on lines 3 and 5"):
         read_folder(root)
+    (root / "labels.csv").write_text(rows)
+    (root / "more.csv").write_text("image,label\nISIC_0000002,0\n")
+    with pytest.raises(FolderError, match=r"ISIC_0000002 is labelled 1 in .*labels\.csv but 0 in"):
+        read_folder(root)
+
+
+def test_isic_csv_image_names_are_plain_names(tmp_path):
+    root = isic_folder(tmp_path)
+    (root / "labels.csv").write_text("image,label\nISIC_0000000,0\n../x/ISIC_0000001.jpg,1\n")
+    with pytest.raises(FolderError, match=r"labels\.csv line 3: id '\.\./x/ISIC_0000001\.jpg'"):
+        read_folder(root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +449,15 @@ def test_run_output_is_never_mixed_and_the_same_seed_gives_the_same_metrics(tmp_
     assert main(fast_run(out)) == 2
     assert "is not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
 
+    # --overwrite replaces only an earlier run's folder, never one that holds other things.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("id,label,split\n")
+    assert main(fast_run(tmp_path / "data", "--overwrite")) == 2
+    assert "not an earlier run's folder" in capsys.readouterr().err
+    assert (tmp_path / "data" / "labels.csv").is_file()
+    (tmp_path / "data" / "labels.csv").unlink()
+    (tmp_path / "data").rmdir()
+
     # --overwrite replaces the folder as a whole: nothing of the earlier run stays beside it.
     assert main(fast_run(out, "--overwrite")) == 0
     assert sorted(p.name for p in out.iterdir()) == names
@@ -509,6 +529,8 @@ def test_train_refuses_to_replace_a_checkpoint_and_keeps_dotted_names(tmp_path, 
     assert main([*args, "--seed", "1"]) == 2
     assert "model.v2.safetensors already exists" in capsys.readouterr().err
     assert (tmp_path / "model.v2.safetensors").read_bytes() == before
+    assert main([*args[:-1], str(tmp_path)]) == 2
+    assert "is a folder; name the checkpoint" in capsys.readouterr().err
     assert main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (tmp_path / "model.v2.safetensors").read_bytes() != before
     assert Model.load(tmp_path / "model.v2").config.provenance["seed"] == 1
@@ -566,3 +588,32 @@ def test_labels_flags_pick_trap_set_csvs_from_a_subfolder(tmp_path, capsys):
     assert "isic_annotated_train1.csv" in err and "isic_annotated_test2.csv" in err
     assert main([*args, "--labels", f"{train1},{test1}", "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    from shortcut_unlearning import model as modellib
+    from shortcut_unlearning import outputs
+
+    outputs.save_checkpoint(Model(TINY), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(state, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(modellib, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        outputs.save_checkpoint(Model(ModelConfig(image_size=48, seed=3)), tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize(("column", "value"), [("label", "2"), ("split", "holdout")])
+def test_label_and_split_values_are_checked(tmp_path, column, value):
+    folder = project(tmp_path / "set")
+
+    def change(rows):
+        rows[2][column] = value
+
+    rewrite_labels(folder, change)
+    with pytest.raises(FolderError, match=r"labels\.csv line 4: label must be 0 or 1 and split"):
+        read_folder(folder)

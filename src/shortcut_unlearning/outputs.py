@@ -4,9 +4,10 @@ A run is written into a staging folder beside its --out folder, named `<out>.inc
 and holding an INCOMPLETE marker; the folder is moved into place only when the run completes
 (metrics.json is its last file). A run that is killed or fails leaves its staging folder (with
 the marker, so nothing reads it as finished) when it holds anything worth keeping, such as a
-trained coarse model; an empty one is removed. Both kinds of output are checked before any work:
-a file where a folder is expected, an earlier result without --overwrite, a folder that cannot
-be written or a disk without room for the checkpoints fail at once.
+trained coarse model; an empty one is removed. --overwrite replaces only an earlier run's folder
+(one with a metrics.json), as a whole. Both kinds of output are checked before any work: a file
+where a folder is expected, an earlier result without --overwrite, a folder that cannot be
+written or a disk without room for the checkpoints fail at once.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class OutputError(ValueError):
 
 def _parent_ready(target: Path) -> Path:
     """The folder `target` is written in, created if need be; OutputError if it cannot be."""
-    parent = target.absolute().parent
+    parent = Path(os.path.abspath(target)).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
@@ -58,18 +59,25 @@ def _check_room(folder: Path, needed: int) -> None:
 
 
 def check_run_folder(out: Path | str, overwrite: bool = False) -> None:
-    """Refuse a run folder that names a file, or that holds something unless `overwrite`."""
+    """Refuse a run folder that names a file, or that holds something unless `overwrite`
+    is given and it holds an earlier run (its metrics.json): nothing else is ever replaced."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file; name a folder for the run's results")
-    if out.is_dir() and not overwrite:
-        held = sorted(p.name for p in out.iterdir())
-        if held:
-            raise OutputError(
-                f"--out {out} is not empty (it holds {', '.join(held[:3])}"
-                f"{', ...' if len(held) > 3 else ''}); choose a new folder or pass --overwrite "
-                "to replace it"
-            )
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+    listing = f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}"
+    if not overwrite:
+        raise OutputError(
+            f"--out {out} is not empty (it holds {listing}); choose a new folder or pass "
+            "--overwrite to replace the earlier run"
+        )
+    if "metrics.json" not in held:
+        raise OutputError(
+            f"--out {out} holds {listing} but no metrics.json, so it is not an earlier run's "
+            "folder and --overwrite will not replace it; choose another folder"
+        )
 
 
 @contextmanager
@@ -81,8 +89,8 @@ def staged_folder(
     `out` is checked first (see check_run_folder), then the staging folder is made beside it,
     which proves the place writable, and the free space is checked against `needed_bytes`.
     """
-    out = Path(out)
     check_run_folder(out, overwrite)
+    out = Path(os.path.abspath(out))  # "." and "a/.." become names that can be renamed
     parent = _parent_ready(out)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f"{out.name}.incomplete-", dir=parent))
@@ -119,6 +127,8 @@ def _move_into_place(stage: Path, out: Path) -> None:
 def check_checkpoint_target(path: Path | str, overwrite: bool = False, needed_bytes: int = 0):
     """Refuse before training a checkpoint path that exists (unless `overwrite`), is a
     folder, or lies where nothing can be written; returns (weights, config) paths."""
+    if Path(path).is_dir():
+        raise OutputError(f"--out {path} is a folder; name the checkpoint, e.g. {path}/model")
     weights, sidecar = checkpoint_paths(path)
     for target in (weights, sidecar):
         if target.is_dir():
