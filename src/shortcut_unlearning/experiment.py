@@ -195,16 +195,16 @@ def run(config: RunConfig) -> dict:
     The output is checked before any work and written through a staging folder that is moved
     to config.out only when the run completes (see outputs.staged_folder).
     """
-    checkpoints = 2  # the coarse and the unlearned model
+    model_config, checkpoints = ModelConfig(encoder=config.encoder), 2  # coarse and unlearned
     if config.model:  # a checkpoint runs at the size it was trained at, never resized silently
-        checkpoints, trained = 1, read_config(config.model).image_size
-        if trained != config.image_size:
+        model_config, checkpoints = read_config(config.model), 1
+        if model_config.image_size != config.image_size:
             raise ValueError(
-                f"{config.model} was trained at {trained} px but this run works at "
-                f"{config.image_size} px; pass --image-size {trained}"
+                f"{config.model} was trained at {model_config.image_size} px but this run works "
+                f"at {config.image_size} px; pass --image-size {model_config.image_size}"
             )
-    size = outputs.checkpoint_bytes(ModelConfig(encoder=config.encoder))
-    with outputs.staged_folder(config.out, config.overwrite, checkpoints * size) as out:
+    needed = checkpoints * outputs.checkpoint_bytes(model_config)
+    with outputs.staged_folder(config.out, config.overwrite, needed) as out:
         return _run(config, out)
 
 
