@@ -46,6 +46,13 @@ def test_coarse_masks_of_a_batch_and_bad_requests():
         masks.coarse_mask(two)
 
 
+@pytest.mark.parametrize("shape", [(3, 20, 20, 1), (20,), (1, 3, 20, 20, 1)])
+def test_coarse_masks_refuse_other_shapes(shape):
+    # (N, H, W, 1) used to be dilated along the wrong axes.
+    with pytest.raises(masks.MaskError, match=rf"got shape \({shape[0]},.*mask\[\.\.\., 0\]"):
+        masks.coarse_masks(np.zeros(shape, np.uint8))
+
+
 def test_forget_and_retain_sets_by_hand():
     coarse = np.zeros((2, 4, 4), np.uint8)
     coarse[0, :3, :3] = 2

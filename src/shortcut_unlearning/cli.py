@@ -6,6 +6,92 @@ import argparse
 import sys
 from pathlib import Path
 
+# Failures a user can act on: their message says what is wrong and what to do, so the command
+# prints it on one line and exits 2. Any other exception is a bug and keeps its traceback.
+EXPECTED_ERRORS = (
+    ValueError,  # FolderError, MaskError, OutputError, UsageError and every checked setting
+    FloatingPointError,  # training or unlearning diverged
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
+class UsageError(ValueError):
+    """A command line that cannot be parsed or holds a value outside its range."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors reach main() instead of exiting with the usage text."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _whole(low: int):
+    """An argparse type: a whole number >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """An argparse type: a float in the interval between low and high."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (above and below):  # nan fails both
+            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N; whether it is present is checked before any work."""
+    kind, _, index = text.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (
+        index and not (kind == "cuda" and index.isdigit())
+    ):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def _encoder(text: str) -> str:
+    from .model import check_encoder
+
+    try:
+        return check_encoder(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _ids(text: str) -> list[str]:
+    """A comma-separated list of image ids, none of them empty."""
+    ids = [i.strip() for i in text.split(",")]
+    if not all(ids):
+        raise argparse.ArgumentTypeError(
+            f"needs comma-separated image ids, got {text!r}; leave --refined out to refine a "
+            "random --fine-fraction of the training images"
+        )
+    return ids
+
 
 def _synth(args) -> None:
     from .data.folders import write_project
@@ -53,7 +139,10 @@ def _headless_report(out: Path) -> None:
     print(shortcut_summary(data))
     print(f"picture: {synthetic_grid(data, out / 'synthetic.png')}")
     model = sample_data_dir() / SAMPLE_MODEL
-    report = run(RunConfig(data="sample", model=str(model), out=str(out / "run"), quiet=True))
+    # The demo's own run folder: a second demo replaces it.
+    report = run(
+        RunConfig(data="sample", model=str(model), out=str(out / "run"), quiet=True, overwrite=True)
+    )
     print(f"the pipeline on the sample ({model.name}, NegGrad-Seg, 10 % refined masks):")
     print(table(report))
     print(f"report: {out / 'run'}")
@@ -72,18 +161,23 @@ def _config(args, **overrides):
 def _run(args) -> None:
     from .experiment import run, table
 
-    refined = args.refined.split(",") if args.refined else None
     privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
-    report = run(_config(args, refined=refined, operator_options=privacy))
+    report = run(_config(args, operator_options=privacy))
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
 
 
 def _train(args) -> None:
     from . import masks as masklib
+    from . import outputs
     from .experiment import load_data, train_model
+    from .model import ModelConfig, resolve_device
 
     config = _config(args)
+    # Everything that can fail without training fails first: the device, then the output.
+    resolve_device(config.device)
+    size = outputs.checkpoint_bytes(ModelConfig(encoder=config.encoder))
+    outputs.check_checkpoint_target(args.out, args.overwrite, 2 * size)  # old and new, briefly
     train_set = load_data(config).split("train")
     if args.masks == "coarse":
         targets = masklib.coarse_masks(train_set.masks, args.coarse, args.coarse_margin)
@@ -91,7 +185,8 @@ def _train(args) -> None:
     else:
         targets, kind = train_set.masks, "fine"
     model = train_model(train_set.images, targets, config, args.device, kind)
-    print(f"model: {model.save(args.out)} (trained on {len(train_set)} images, {kind} masks)")
+    weights = outputs.save_checkpoint(model, args.out)
+    print(f"model: {weights} (trained on {len(train_set)} images, {kind} masks)")
 
 
 def _bench(args) -> None:
@@ -115,8 +210,7 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
-    seeds = [int(s) for s in args.seeds.split(",")]
-    result = benchmarks.seeds(_config(args, quiet=True), seeds, args.methods.split(","), args.out)
+    result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
     print(benchmarks.markdown(result["summary"]))
     print(f"written: {Path(args.out) / 'summary.md'}")
 
@@ -141,17 +235,24 @@ def _jsonable(config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shortcut-unlearning", description=__doc__)
+    from .data.folders import MIN_SIDE
+    from .experiment import RunConfig
+    from .model import MIN_IMAGE_SIZE, SCOPES
+    from .unlearning import OPERATORS
+
+    parser = _Parser(prog="shortcut-unlearning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write synthetic dermoscopy with planted shortcuts")
     synth.add_argument("--out", required=True, type=Path, help="folder to write")
-    synth.add_argument("--n", type=int, default=600, help="number of images")
-    synth.add_argument("--size", type=int, default=128, help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--n", type=_whole(1), default=600, help="number of images")
+    synth.add_argument(
+        "--size", type=_whole(MIN_SIDE), default=128, help=f"image side in pixels (>= {MIN_SIDE})"
+    )
+    synth.add_argument("--seed", type=_whole(0), default=0)
     synth.add_argument(
         "--p",
-        type=float,
+        type=_number(0, 1),
         default=0.9,
         help="P(spurious artefact | malignant) in train; reversed in test",
     )
@@ -162,9 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--overwrite", action="store_true", help="replace an existing set")
     synth.set_defaults(func=_synth)
 
-    from .experiment import RunConfig
-    from .unlearning import OPERATORS
-
     defaults = RunConfig()
     # Flags that run, train and bench share: the data and the model to train.
     common = argparse.ArgumentParser(add_help=False)
@@ -174,46 +272,77 @@ def build_parser() -> argparse.ArgumentParser:
         help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
     )
     common.add_argument(
+        "--labels",
+        action="append",
+        metavar="CSV",
+        help="a labels CSV of an ISIC 2018 folder; repeat the flag for several files. A file "
+        "name holding train, val or test assigns that split, as in Bissoto's "
+        "isic_annotated_train1.csv (default: every *.csv in the folder)",
+    )
+    common.add_argument(
         "--synth-n",
-        type=int,
+        type=_whole(8),
         default=defaults.synth_n,
         help="images to generate with --data synthetic",
     )
-    common.add_argument("--image-size", type=int, default=defaults.image_size)
+    common.add_argument(
+        "--image-size",
+        type=_whole(MIN_IMAGE_SIZE),
+        default=defaults.image_size,
+        help=f"working size in pixels (>= {MIN_IMAGE_SIZE}: the U-Net halves it five times)",
+    )
     common.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
     common.add_argument(
         "--coarse-margin",
-        type=float,
+        type=_number(0, 1, high_open=True),
         default=defaults.coarse_margin,
         help="dilation radius or box margin, as a fraction of the image size",
     )
     common.add_argument(
         "--fine-fraction",
-        type=float,
+        type=_number(0, 1, low_open=True),
         default=defaults.fine_fraction,
         help="share of training images that get refined masks",
     )
-    common.add_argument("--epochs", type=int, default=defaults.epochs)
-    common.add_argument("--encoder", default=defaults.encoder)
-    common.add_argument("--seed", type=int, default=defaults.seed)
-    common.add_argument("--device", default=defaults.device, help="auto, cuda, mps or cpu")
+    common.add_argument(
+        "--epochs",
+        type=_whole(1),
+        default=defaults.epochs,
+        help="training epochs (>= 1; to start from a trained model use run --model)",
+    )
+    common.add_argument("--encoder", type=_encoder, default=defaults.encoder)
+    common.add_argument("--seed", type=_whole(0), default=defaults.seed)
+    common.add_argument(
+        "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
+    )
+    common.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier result at --out"
+    )
 
     run = sub.add_parser(
         "run", parents=[common], help="train on coarse masks, unlearn, evaluate, report"
     )
-    run.add_argument("--refined", help="comma-separated ids to refine instead")
+    run.add_argument("--refined", type=_ids, help="comma-separated ids to refine instead")
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
     run.add_argument(
         "--steps",
-        type=int,
+        type=_whole(1),
         help="unlearning steps (default: the operator's; for "
         "the certified operators, the fine-tuning steps after the noisy phase)",
     )
-    run.add_argument("--epsilon", type=float, help="certified operators: epsilon (default 1)")
-    run.add_argument("--delta", type=float, help="certified operators: delta (default 1e-5)")
+    run.add_argument(
+        "--epsilon",
+        type=_number(0, float("inf"), low_open=True, high_open=True),
+        help="certified operators: epsilon (default 1)",
+    )
+    run.add_argument(
+        "--delta",
+        type=_number(0, 1, low_open=True, high_open=True),
+        help="certified operators: delta (default 1e-5)",
+    )
     run.add_argument(
         "--scope",
-        choices=("decoder", "head", "all"),
+        choices=SCOPES,
         help="parameters to unlearn in (default: the model's scope)",
     )
     run.add_argument(
@@ -227,14 +356,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train retrain-from-scratch and the fine-mask oracle",
     )
-    run.add_argument("--out", type=Path, default=Path(defaults.out))
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path(defaults.out),
+        help="folder for the run (must be empty, or pass --overwrite)",
+    )
     run.set_defaults(func=_run)
 
     fit = sub.add_parser(
         "train", parents=[common], help="train a model on coarse or fine masks and save it"
     )
     fit.add_argument("--masks", choices=("coarse", "fine"), default="coarse")
-    fit.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
+    fit.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="checkpoint path: writes OUT.safetensors and OUT.json",
+    )
     fit.set_defaults(func=_train)
 
     bench = sub.add_parser(
@@ -245,11 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cache", "seeds", "stall", "overlay"),
         help="stall and overlay measure the napari widget (need a display)",
     )
-    bench.add_argument("--n", type=int, default=64, help="images for the cache benchmark")
-    bench.add_argument("--seeds", default="0,1,2")
+    bench.add_argument("--n", type=_whole(1), default=64, help="images for the cache benchmark")
+    bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     bench.add_argument(
         "--methods",
-        default=defaults.method,
+        type=_method_list,
+        default=[defaults.method],
         help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; "
         "NAME/head unlearns in the head scope",
     )
@@ -265,19 +405,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--headless", action="store_true", help="drive the workflow and exit, even with a display"
     )
-    demo.add_argument("--steps", type=int, default=40, help="unlearning steps of the demo run")
+    demo.add_argument(
+        "--steps", type=_whole(1), default=40, help="unlearning steps of the demo run"
+    )
     demo.set_defaults(func=_demo)
     return parser
 
 
+def _seed_list(text: str) -> list[int]:
+    parse = _whole(0)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
+def _method_list(text: str) -> list[str]:
+    """Comma-separated operator names, each optionally with /SCOPE."""
+    from .model import SCOPES
+    from .unlearning import OPERATORS
+
+    methods = [m.strip() for m in text.split(",")]
+    for method in methods:
+        name, _, scope = method.partition("/")
+        if name not in OPERATORS or (scope and scope not in SCOPES):
+            raise argparse.ArgumentTypeError(
+                f"{method!r} is not a method: use {', '.join(sorted(OPERATORS))}, optionally "
+                f"with /{'|/'.join(SCOPES)}"
+            )
+    return methods
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except EXPECTED_ERRORS as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror and err.filename:  # not "[Errno 13] ..."
+        return f"{err.filename}: {err.strerror.lower()}"
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

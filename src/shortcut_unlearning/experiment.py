@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import figures, metrics, saliency
+from . import figures, metrics, outputs, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
-from .model import Model, ModelConfig, resolve_device
+from .model import Model, ModelConfig, read_config, resolve_device
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train
@@ -45,15 +45,19 @@ class RunConfig:
     scope: str | None = None  # unlearning scope (None: the model's)
     accept_collapse: bool = False
     out: str = "out/run"
+    overwrite: bool = False  # replace a non-empty out folder
+    labels: list[str] | None = None  # labels CSVs of an ISIC 2018 folder (default: its *.csv)
     quiet: bool = False
     operator_options: dict = field(default_factory=dict)
 
 
 def load_data(config: RunConfig) -> LesionSet:
     if config.data == "synthetic":
+        if config.labels:
+            raise ValueError("--labels names the labels CSVs of a dataset folder; drop it here")
         return generate(n=config.synth_n, size=config.image_size, seed=config.seed)
     folder = sample_data_dir() / SAMPLE_SET if config.data == "sample" else Path(config.data)
-    return read_folder(folder, image_size=config.image_size)
+    return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
 
 def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
@@ -186,7 +190,25 @@ def train_model(images, targets, config: RunConfig, device, masks: str) -> Model
 
 
 def run(config: RunConfig) -> dict:
-    """Run the pipeline and write metrics.json and saliency pictures to config.out."""
+    """Run the pipeline and write metrics.json and saliency pictures to config.out.
+
+    The output is checked before any work and written through a staging folder that is moved
+    to config.out only when the run completes (see outputs.staged_folder).
+    """
+    model_config, checkpoints = ModelConfig(encoder=config.encoder), 2  # coarse and unlearned
+    if config.model:  # a checkpoint runs at the size it was trained at, never resized silently
+        model_config, checkpoints = read_config(config.model), 1
+        if model_config.image_size != config.image_size:
+            raise ValueError(
+                f"{config.model} was trained at {model_config.image_size} px but this run works "
+                f"at {config.image_size} px; pass --image-size {model_config.image_size}"
+            )
+    needed = checkpoints * outputs.checkpoint_bytes(model_config)
+    with outputs.staged_folder(config.out, config.overwrite, needed) as out:
+        return _run(config, out)
+
+
+def _run(config: RunConfig, out: Path) -> dict:
     # Built first, so a bad setting fails before any training.
     operator = make_operator(
         config.method,
@@ -196,8 +218,6 @@ def run(config: RunConfig) -> dict:
         accept_collapse=config.accept_collapse,
         **config.operator_options,
     )
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     timings = {}
     clock = time.perf_counter()
@@ -293,6 +313,7 @@ def run(config: RunConfig) -> dict:
         figures.trajectory_plot(
             {config.method: [start, *report["unlearning"]["trajectory"]]}, out / "trajectory.png"
         )
+    # Written last: a folder with metrics.json holds a finished run.
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
     return report
 

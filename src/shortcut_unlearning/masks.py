@@ -97,6 +97,11 @@ def coarse_masks(
 ) -> np.ndarray:
     """Coarse masks of a (N, H, W) batch (or one (H, W) mask)."""
     fine = np.asarray(fine)
+    if fine.ndim not in (2, 3):
+        raise MaskError(
+            f"masks must be one (H, W) mask or a (N, H, W) stack, got shape {fine.shape}; "
+            "drop channel axes first (e.g. mask[..., 0])"
+        )
     if fine.ndim == 2:
         return coarse_mask(fine, method, margin)
     return np.stack([coarse_mask(m, method, margin) for m in fine]) if len(fine) else fine.copy()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,10 @@ SCOPE_MODULES = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "shortcut-unlearning-model", 1
+# A few of segmentation_models_pytorch's encoders, named when an unknown one is asked for.
+ENCODER_EXAMPLES = ("resnet18", "resnet34", "resnet50", "efficientnet-b0", "mobilenet_v2")
+MIN_IMAGE_SIZE = 32  # the U-Net halves the image five times: 32 px leave one pixel
 
 
 @dataclass(frozen=True)
@@ -176,44 +181,145 @@ class Model:
 
     def save(self, path: str | Path) -> Path:
         """Write PATH.safetensors and PATH.json; returns the weights path."""
-        weights = Path(path).with_suffix(".safetensors")
+        weights, sidecar = checkpoint_paths(path)
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, weights)
-        info = {"format": "shortcut-unlearning-model", "version": 1, **asdict(self.config)}
-        weights.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+        info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(self.config)}
+        sidecar.write_text(json.dumps(info, indent=2) + "\n")
         return weights
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Model:
-        """Read a checkpoint written by save (safetensors + JSON; never a pickle)."""
-        weights = Path(path).with_suffix(".safetensors")
-        config_path = weights.with_suffix(".json")
-        for needed in (weights, config_path):
-            if not needed.is_file():
-                raise FileNotFoundError(
-                    f"{needed} is missing; a checkpoint is a .safetensors file with its .json "
-                    "config beside it, as written by Model.save"
-                )
-        try:
-            info = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_path} is not valid JSON ({err})") from err
-        if info.pop("format", None) != "shortcut-unlearning-model":
-            raise ValueError(f"{config_path} is not a shortcut-unlearning model config")
-        info.pop("version", None)
-        for key in ("decoder_channels", "mean", "std"):
-            info[key] = tuple(info[key])
+        """Read a checkpoint written by save (safetensors + JSON; never a pickle).
+
+        Every failure is a ValueError (or FileNotFoundError) that names the checkpoint.
+        """
+        config = read_config(path)
+        weights, _ = checkpoint_paths(path)
         # Pretrained weights come from the checkpoint itself, never from a hub.
-        config = ModelConfig(**{**info, "encoder_weights": None})
-        model = cls(config, device)
-        model.config = replace(model.config, encoder_weights=info.get("encoder_weights"))
+        model = cls(replace(config, encoder_weights=None), device)
+        model.config = config
         try:
             state = load_file(weights, device=str(model.device))
         except Exception as err:  # safetensors raises its own error types for broken files
             raise ValueError(f"cannot read weights {weights} ({err}); the file is damaged") from err
-        model.net.load_state_dict(state)
+        broken = [
+            name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()
+        ]
+        if broken:
+            raise ValueError(
+                f"checkpoint {weights} holds NaN or infinite weights ({broken[0]}"
+                f"{' and others' if len(broken) > 1 else ''}); the training that wrote it "
+                "diverged: retrain it or use another checkpoint"
+            )
+        try:
+            model.net.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(
+                f"the weights in {weights} do not fit the {config.encoder} U-Net its config "
+                f"describes ({first[:200]}); the two files belong to different models"
+            ) from err
         return model
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights, config) of the checkpoint PATH: PATH.safetensors and PATH.json.
+
+    A trailing .safetensors or .json is the checkpoint's own; any other suffix is part of the
+    name, so "model.v2" gives model.v2.safetensors and model.v2.json.
+    """
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.parent / f"{stem.name}.safetensors", stem.parent / f"{stem.name}.json"
+
+
+def check_encoder(name) -> str:
+    """`name` if segmentation_models_pytorch knows the encoder, else ValueError naming a few."""
+    names = smp.encoders.get_encoder_names()
+    if not isinstance(name, str) or not (name in names or name.startswith("tu-")):
+        examples = ", ".join(e for e in ENCODER_EXAMPLES if e in names)
+        raise ValueError(
+            f"unknown encoder {name!r}; choose one of segmentation_models_pytorch's "
+            f"{len(names)} encoders, e.g. {examples}"
+        )
+    return name
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig in a checkpoint's JSON sidecar, checked key by key.
+
+    A sidecar that is not an object, misses or adds keys, names an unknown encoder or holds a
+    normalisation that cannot be used raises ValueError naming the file.
+    """
+    weights, sidecar = checkpoint_paths(path)
+    for needed in (weights, sidecar):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"{needed} is missing; a checkpoint is a .safetensors file with its .json "
+                "config beside it, as written by Model.save"
+            )
+    try:
+        info = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{sidecar} is not valid JSON ({err}); restore it from the model") from err
+    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{sidecar} is not a shortcut-unlearning model config (it should be a JSON object "
+            f"with format {CHECKPOINT_FORMAT!r}); pass a checkpoint written by this tool"
+        )
+    version = info.pop("version", None)
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{sidecar} has version {version!r}, but this tool reads version "
+            f"{CHECKPOINT_VERSION}; "
+            + ("update shortcut-unlearning" if isinstance(version, int) else "re-save the model")
+        )
+    info.pop("format")
+    expected = {f.name for f in fields(ModelConfig)}
+    missing, extra = sorted(expected - set(info)), sorted(set(info) - expected)
+    if missing or extra:
+        raise ValueError(
+            f"{sidecar} "
+            + " and ".join(
+                part
+                for part in (
+                    missing and f"lacks the keys {missing}",
+                    extra and f"has the unknown keys {extra}",
+                )
+                if part
+            )
+            + "; it describes another model or architecture: use a checkpoint written by this tool"
+        )
+    try:
+        config = ModelConfig(
+            **{**info, **{k: tuple(info[k]) for k in ("decoder_channels", "mean", "std")}}
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{sidecar} holds an unusable config ({err}); re-save the model") from err
+    check_encoder(config.encoder)
+    numbers = (*config.mean, *config.std, *config.decoder_channels, config.image_size)
+    usable = (
+        all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers)
+        and len(config.mean) == len(config.std) == 3
+        and min(config.std) > 0
+        and config.classes == 3
+        and isinstance(config.image_size, int)
+        and config.image_size >= MIN_IMAGE_SIZE
+        and all(isinstance(c, int) and c > 0 for c in config.decoder_channels)
+        and isinstance(config.seed, int)
+        and isinstance(config.provenance, dict)
+        and isinstance(config.encoder_weights, (str, type(None)))
+    )
+    if not usable:
+        raise ValueError(
+            f"checkpoint {sidecar} holds an unusable config (mean {list(config.mean)}, std "
+            f"{list(config.std)}, classes {config.classes}, image size {config.image_size}, "
+            f"decoder {list(config.decoder_channels)}, seed {config.seed!r}): the std must be "
+            "positive, every number finite; restore the file or re-save the model"
+        )
+    return config
 
 
 class FrozenInputs:

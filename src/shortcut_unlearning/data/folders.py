@@ -22,12 +22,12 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 from PIL import Image
 
-from shortcut_unlearning.data.lesion_set import ARTEFACTS, SPLITS, LesionSet
+from shortcut_unlearning.data.lesion_set import ARTEFACTS, CLASS_NAMES, SPLITS, LesionSet
 
 FORMAT, VERSION = "shortcut-unlearning", 1
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
@@ -44,6 +44,9 @@ LABEL_FORMATS = (
     "label), an 'image,label' CSV (label 0/1 or benign/malignant), or the ISIC Task 3 ground "
     "truth (image,MEL,NV,BCC,AKIEC,BKL,DF,VASC)"
 )
+# Images or masks with a side below this are refused rather than enlarged: at 16 px a lesion
+# is a few pixels across (the working size is 128 px and ISIC images are hundreds of pixels).
+MIN_SIDE = 16
 # A labels CSV whose file name holds one of these words assigns that split to its images.
 CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
 
@@ -52,19 +55,73 @@ class FolderError(ValueError):
     """A folder or file that cannot be read or written as asked; the message says what to do."""
 
 
+def check_id(image_id, where: str = "") -> str:
+    """`image_id` if it is a plain file name, else FolderError.
+
+    Ids name files inside a dataset folder and are never paths: no separators, no '.' or '..',
+    no drive, no NUL, not empty. Every reader and writer checks ids with this before it touches
+    a file, so a hostile labels CSV cannot reach outside its folder.
+    """
+    text = image_id if isinstance(image_id, str) else ""
+    plain = (
+        text not in ("", ".", "..")
+        and not set(text) & set("/\\\0")
+        and not PureWindowsPath(text).drive
+    )
+    if not plain:
+        raise FolderError(
+            f"{where + ': ' if where else ''}id {image_id!r} is not a plain file name (ids may "
+            "not hold folders, '..', absolute paths or NUL); rename it to a name like ISIC_0000001"
+        )
+    return text
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 
 
 def _load(path: Path, mode: str) -> np.ndarray:
-    """Pixels of one image file in PIL mode `mode`; an undecodable file names itself."""
+    """Pixels of one image file: "RGB" for images, "L" for label maps (their values as stored).
+
+    An undecodable file, a decompression bomb and an image too small to hold a lesion each
+    raise FolderError naming the file.
+    """
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: both are refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                pixels = _pixels(image, mode, path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise FolderError(
+            f"{path} is too large to open safely ({error}); shrink it or remove it"
+        ) from error
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises for broken files
         raise FolderError(
             f"cannot decode {path} ({error}); replace it with an intact copy or delete it"
         ) from error
+    if min(pixels.shape[:2]) < MIN_SIDE:
+        raise FolderError(
+            f"{path} is {_hw(pixels)} pixels; images and masks need at least {MIN_SIDE} pixels a "
+            "side (smaller ones hold no lesion to segment): replace it with the full image"
+        )
+    return pixels
+
+
+def _pixels(image: Image.Image, mode: str, path: Path) -> np.ndarray:
+    """An opened image as uint8 `mode` pixels; 16-bit grey is scaled, label maps keep values."""
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        if mode == "L":  # label maps keep their values; the layout's check refuses wrong ones
+            return values
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # 16 -> 8 bit, rounded
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if image.mode in ("I", "F"):
+        raise FolderError(
+            f"{path} holds 32-bit {'float' if image.mode == 'F' else 'integer'} pixels, which "
+            "have no fixed range; save it as an 8- or 16-bit PNG or as a JPEG"
+        )
+    return np.asarray(image.convert(mode))
 
 
 def _resize(pixels: np.ndarray, size: int | None, resample: Image.Resampling) -> np.ndarray:
@@ -123,11 +180,10 @@ def write_project(
             f"flags {unknown} are not artefacts of ARTEFACTS {ARTEFACTS}, so labels.csv in {out} "
             "cannot hold them; rename or drop them before writing"
         )
-    if len(set(data.ids)) != len(data.ids) or any(not _safe_id(i) for i in data.ids):
-        raise FolderError(
-            f"cannot write {out}: ids must be unique file names without path separators; "
-            "rename the offending ids"
-        )
+    for image_id in data.ids:
+        check_id(image_id, f"cannot write {out}")
+    if len(set(data.ids)) != len(data.ids):
+        raise FolderError(f"cannot write {out}: ids must be unique; rename the repeated ids")
     folders = {"images": data.images, "masks": data.masks}
     if data.artefacts is not None:
         folders["artefacts"] = data.artefacts
@@ -156,10 +212,6 @@ def write_project(
     # dataset.json is written last: a folder that has it is complete.
     info_path.write_text(json.dumps(info, indent=2, default=_json_value) + "\n")
     return out
-
-
-def _safe_id(image_id: str) -> bool:
-    return bool(image_id) and not set(image_id) & set("/\\") and image_id not in (".", "..")
 
 
 def _json_value(value):
@@ -193,7 +245,15 @@ def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
                 f"got {row['label']!r} and {row['split']!r}; correct that row"
             )
 
-    ids = [row["id"] for row in rows]
+    ids = [check_id(row["id"], f"{labels_path} line {line}") for line, row in enumerate(rows, 2)]
+    first_line = {}
+    for line, image_id in enumerate(ids, start=2):
+        if image_id in first_line:
+            raise FolderError(
+                f"{labels_path} lists {image_id!r} twice (lines {first_line[image_id]} and "
+                f"{line}); remove one of the rows"
+            )
+        first_line[image_id] = line
     with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
     folders = {"images": "RGB", "masks": "L", **({"artefacts": "L"} if with_artefacts else {})}
     stacks, original_sizes = {}, []
@@ -207,6 +267,8 @@ def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
                     "or remove its row"
                 )
             pixels = _load(file, mode)
+            if name == "masks":
+                pixels = _project_mask(pixels, file, ids[i], int(rows[i]["label"]))
             if name == "images":
                 original_sizes.append(pixels.shape[:2])
             elif pixels.shape[:2] != original_sizes[i]:
@@ -234,6 +296,46 @@ def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
     )
 
 
+def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np.ndarray:
+    """A project mask as uint8 once it holds 0/1/2 and its lesion class agrees with the label."""
+    values = np.unique(mask)
+    if set(values.tolist()) <= {0, 255} and 255 in values:
+        raise FolderError(
+            f"{file} holds 0/255 like an ISIC ground-truth mask, but project masks hold 0 "
+            "background, 1 benign, 2 malignant; write the set with write_project (or use the ISIC "
+            "2018 layout for 0/255 masks)"
+        )
+    if not set(values.tolist()) <= {0, 1, 2}:
+        raise FolderError(
+            f"{file} holds the values {values.tolist()}, but project masks hold only 0 "
+            "(background), 1 (benign) and 2 (malignant); correct the mask"
+        )
+    lesion = values[values != 0].tolist()
+    if lesion and lesion != [label + 1]:
+        raise FolderError(
+            f"the mask of {image_id!r} ({file}) holds lesion class {lesion} but labels.csv "
+            f"labels it {label} ({CLASS_NAMES[label + 1]}, class {label + 1}); correct the "
+            "label or the mask"
+        )
+    return mask.astype(np.uint8)
+
+
+def _isic_mask(mask: np.ndarray, file: Path) -> np.ndarray:
+    """An ISIC ground-truth mask as a bool lesion map once it holds only 0 and 255."""
+    values = np.unique(mask).tolist()
+    if not set(values) <= {0, 255}:
+        hint = (
+            "it looks like a 0/1 mask: multiply it by 255"
+            if set(values) <= {0, 1}
+            else "set lesion pixels to 255 and the rest to 0"
+        )
+        raise FolderError(
+            f"{file} holds the values {values}, but ISIC ground truth is 0 (background) and 255 "
+            f"(lesion); {hint}"
+        )
+    return mask == 255
+
+
 def _read_info(info_path: Path) -> dict:
     """dataset.json, checked to be ours and to use our artefact bit order."""
     if not info_path.is_file():
@@ -244,15 +346,23 @@ def _read_info(info_path: Path) -> dict:
         raise FolderError(f"{info_path} is not valid JSON ({error}); rewrite the folder") from error
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise FolderError(f"{info_path} does not say format {FORMAT!r}; it is not a project folder")
-    if info.get("version", VERSION) > VERSION:
+    version = info.get("version")
+    if version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
         raise FolderError(
-            f"{info_path} has version {info['version']}, newer than this reader ({VERSION}); "
-            "update shortcut_unlearning"
+            f"{info_path} has version {version!r} but this reader reads version {VERSION}; "
+            + ("update shortcut-unlearning" if newer else "rewrite the folder with write_project")
         )
-    if tuple(info.get("artefacts", ARTEFACTS)) != ARTEFACTS:
+    if info.get("artefacts", list(ARTEFACTS)) != list(ARTEFACTS):
         raise FolderError(
             f"{info_path} orders artefact bits as {info['artefacts']}, not {list(ARTEFACTS)}; "
             "regenerate the folder with this version"
+        )
+    spurious = info.get("spurious", [])
+    if not isinstance(spurious, list) or not all(name in ARTEFACTS for name in spurious):
+        raise FolderError(
+            f"{info_path} names spurious artefacts {spurious!r}; it needs a list drawn from "
+            f"{list(ARTEFACTS)}: correct it"
         )
     return info
 
@@ -301,7 +411,7 @@ def read_isic(
                 f"mask {mask_path} is {_hw(truth)} but its image {image_path} is {_hw(image)} "
                 "(height x width); replace the mask with one of the image's size"
             )
-        fine = ((truth > 127) * (1 + row["label"])).astype(np.uint8)
+        fine = (_isic_mask(truth, mask_path) * (1 + row["label"])).astype(np.uint8)
         ids.append(f"ISIC_{number}")
         images.append(_resize(image, image_size, Image.Resampling.BILINEAR))
         masks.append(_resize(fine, image_size, Image.Resampling.NEAREST))
@@ -363,7 +473,10 @@ def _read_labels(path: Path, labels) -> dict[str, dict]:
     table, used = {}, {}
     for file in files:
         if not file.is_file():
-            raise FolderError(f"labels file {file} does not exist; check the labels= path")
+            raise FolderError(
+                f"labels file {file} does not exist; check the path given to labels= (--labels, "
+                "one file per flag)"
+            )
         rows = _read_label_csv(file, explicit)
         for number, row in rows.items():
             old = table.get(number)
@@ -371,6 +484,11 @@ def _read_labels(path: Path, labels) -> dict[str, dict]:
                 raise FolderError(
                     f"ISIC_{number} is labelled {old['label']} in {used[number]} but "
                     f"{row['label']} in {file}; correct one of the files"
+                )
+            if old and old["split"] and row["split"] and old["split"] != row["split"]:
+                raise FolderError(
+                    f"ISIC_{number} is in the {old['split']} split by {used[number]} but in the "
+                    f"{row['split']} split by {file}; use the CSVs of one split (one trap set)"
                 )
             if old:
                 row = {
@@ -402,12 +520,13 @@ def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
     column = {name: i for i, name in enumerate(header) if name}  # the unnamed index is dropped
     flag_names = [name for name in ARTEFACTS if name in column]
     split_match = CSV_SPLIT.search(file.stem.lower())
-    rows = {}
+    rows, lines = {}, {}
     for line, values in enumerate(reader, start=2):
         if not any(value.strip() for value in values):
             continue
         row = dict(zip(header, (v.strip() for v in values), strict=False))  # short rows fail below
-        match = ISIC_ID.search(row.get("image", ""))
+        check_id(row.get("image"), f"{file} line {line}")
+        match = ISIC_ID.search(row["image"])
         if not match:
             raise FolderError(
                 f"{file} line {line}: image {row.get('image')!r} has no ISIC_<7 digits> id; "
@@ -424,8 +543,15 @@ def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
                 f"{file} line {line}: cannot read the label or artefact flags ({error}); labels "
                 "are 0/1 or benign/malignant and flags 0/1: fix that row"
             ) from error
-        split = split_match.group(1) if split_match else None
-        rows[match.group(1)] = {"label": label, "split": split, "flags": flags}
+        number, split = match.group(1), split_match.group(1) if split_match else None
+        row = {"label": label, "split": split, "flags": flags}
+        # A repeated row is harmless; a repeat that says something else is a contradiction.
+        if number in rows and rows[number] != row:
+            raise FolderError(
+                f"{file} lists ISIC_{number} on lines {lines[number]} and {line} with different "
+                "labels or artefact flags; keep the right row and remove the other"
+            )
+        rows[number], lines[number] = row, lines.get(number, line)
     return rows
 
 
@@ -454,7 +580,7 @@ def write_isic_masks(
     folder = Path(out_dir) / f"ISIC2018_Task1_{folder_split}_GroundTruth"
     paths = []
     for image_id in ids:
-        match = ISIC_ID.fullmatch(str(image_id))
+        match = ISIC_ID.fullmatch(check_id(image_id, f"cannot write to {out_dir}"))
         if not match:
             raise ValueError(f"id {image_id!r} is not of the form ISIC_<7 digits>")
         paths.append(folder / f"ISIC_{match.group(1)}_segmentation.png")
@@ -501,7 +627,8 @@ def read_folder(
         return read_isic(path, image_size, labels)
     if labels is not None:
         raise FolderError(
-            f"{path} is a project folder whose labels are in its labels.csv; drop labels="
+            f"{path} is a project folder whose labels are in its labels.csv; drop labels= "
+            "(--labels), which is for the ISIC 2018 layout"
         )
     return read_project(path, image_size)
 
@@ -524,7 +651,8 @@ def write_masks(
     if all(ISIC_ID.fullmatch(str(i)) for i in ids):
         return write_isic_masks(masks, ids, original_sizes, folder)
     folder = Path(folder)
-    targets = [folder / f"{i}_segmentation.png" for i in ids]
+    where = f"cannot save masks to {folder}"
+    targets = [folder / f"{check_id(i, where)}_segmentation.png" for i in ids]
     existing = [str(t) for t in targets if t.exists()]
     if existing:
         raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
