@@ -33,8 +33,9 @@ def test_headless_demo_drives_the_plugin_on_the_shipped_sample(tmp_path, capsys,
     monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
     assert main(["demo", "--headless", "--steps", "3", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "S_global before" in printed and "nats per pixel" in printed
-    assert (tmp_path / "napari.png").stat().st_size > 20_000
+    assert "S_global" in printed and "lower means" in printed.lower()
+    assert (tmp_path / "widget-1600x1000-result.png").stat().st_size > 20_000
+    assert (tmp_path / "widget-1600x1000-refined.png").stat().st_size > 20_000
     assert (tmp_path / "synthetic.png").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file()
     (export,) = (tmp_path / "exports").iterdir()

@@ -69,7 +69,7 @@ def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbo
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert len(widget._curve["step"]) < 10_000
     assert widget.bench.current_model() is start and widget.bench.shown is None
-    assert "saliency after" not in viewer.layers
+    assert "saliency" not in viewer.layers
     assert not widget.export.isEnabled() and not widget.accept.isEnabled()
     assert widget.current.text().startswith("Current model: small")
 
@@ -82,7 +82,8 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     start = widget.bench.current_model()
     click(qtbot, widget.run)
     qtbot.waitUntil(
-        lambda: widget.worker is None and widget.bench.shown is not None, timeout=120_000
+        lambda: widget.worker is None and widget.bench.shown is not None and not widget.displaying,
+        timeout=120_000,
     )
     assert widget.scores.rowCount() == 12 and "S_global" in widget.result.text()
     # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
@@ -90,11 +91,12 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     click(qtbot, widget.accept)
     assert widget.bench.current_model() is widget.bench.shown.model
     assert "accepted" in widget.current.text() and not widget.accept.isEnabled()
+    shared = viewer.layers["saliency"].contrast_limits[1]
+    assert shared == pytest.approx(max(widget.bench.shown.before.saliency_vmax, 1e-12))
     widget.scale.setCurrentText("separate")
-    after = viewer.layers["saliency after"].contrast_limits[1]
-    assert after == pytest.approx(max(widget.bench.shown.after.saliency_vmax, 1e-12))
+    assert viewer.layers["saliency"].contrast_limits == [0, 1]
     click(qtbot, widget.revert)
-    assert widget.bench.current_model() is start and "saliency after" not in viewer.layers
+    assert widget.bench.current_model() is start and "saliency" not in viewer.layers
 
 
 def test_pixels_added_outside_the_coarse_mask_are_flagged_and_clipped(

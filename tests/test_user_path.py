@@ -35,7 +35,7 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert seen["refined_layers"] == 1
     # The run, its results, and the export of exactly what the dock showed.
     assert seen["finished"]
-    assert set(seen["result_layers"]) >= {"saliency before", "saliency after", "prediction after"}
+    assert seen["result_layers"] == ["images (after)", "predicted lesion", "saliency"]
     assert "S_global" in seen["result_text"] and "Shown: run 1" in seen["current"]
     (export,) = [p for p in exports.iterdir() if p.is_dir()]
     report = json.loads((export / "metrics.json").read_text())
@@ -52,7 +52,8 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert abs(norm - seen["shown_model_norm"]) < 1e-3 * norm
     assert len(list((export / "refined_masks").glob("*_segmentation.png"))) == 12
     # Revert leaves no result on screen and nothing to export; the current model is named.
-    assert not any("before" in n or "after" in n for n in seen["after_revert_layers"])
+    assert not set(seen["after_revert_layers"]) & {"saliency", "predicted lesion", "images (after)"}
+    assert not seen["after_revert_overlay"]
     assert not seen["after_revert_export_enabled"]
     assert seen["after_revert_current"].startswith("Current model:")
     # An edit made right before closing napari is on disk.

@@ -18,6 +18,7 @@ from qtpy.QtTest import QTest
 from qtpy.QtWidgets import QApplication, QFileDialog
 
 LEFT, NONE = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+RESULT_LAYERS = ("saliency", "predicted lesion", "images (after)")
 seen: dict = {}
 
 
@@ -111,9 +112,11 @@ def main(export_to: str, steps: int) -> None:
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
-    seen["finished"] = wait(lambda: widget.worker is None and widget.bench.shown is not None)
+    seen["finished"] = wait(
+        lambda: widget.worker is None and widget.bench.shown is not None and not widget.displaying
+    )
     seen["result_layers"] = sorted(
-        layer.name for layer in viewer.layers if layer.name.endswith(("before", "after)", "after"))
+        layer.name for layer in viewer.layers if layer.name in RESULT_LAYERS and layer.visible
     )
     seen["result_text"] = widget.result.text()
     seen["current"] = widget.current.text()
@@ -128,6 +131,7 @@ def main(export_to: str, steps: int) -> None:
     viewer.screenshot(f"{export_to}/user_path.png", canvas_only=False)
     QTest.mouseClick(widget.revert, LEFT)
     seen["after_revert_layers"] = [layer.name for layer in viewer.layers]
+    seen["after_revert_overlay"] = viewer.canvas.overlays.text.visible
     seen["after_revert_export_enabled"] = widget.export.isEnabled()
     seen["after_revert_current"] = widget.current.text()
     # One more stroke on image 1, and napari closed at once: the edit must survive.

@@ -118,12 +118,17 @@ def _demo(args) -> None:
 
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise ValueError("no display: run the demo under Xvfb (`make demo` does) or on a desktop")
+    if args.screenshots:
+        for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps):
+            print(f"screenshot: {shot}")
+        return
     if not args.headless:
         _demo.interactive()
         return
     done = _demo.scripted(Path(args.out), steps=args.steps)
     print(done["result"])
-    print(f"screenshot: {done['screenshot']}\nexported run: {done['export']}")
+    shots = ", ".join(str(p) for p in done["screenshots"].values())
+    print(f"screenshots: {shots}\nexported run: {done['export']}")
     _headless_report(Path(args.out))
 
 
@@ -407,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--steps", type=_whole(1), default=40, help="unlearning steps of the demo run"
+    )
+    demo.add_argument(
+        "--screenshots",
+        type=Path,
+        help="write the README's pictures (1280 x 800 and 1600 x 1000) to this folder and exit",
     )
     demo.set_defaults(func=_demo)
     return parser

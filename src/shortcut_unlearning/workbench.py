@@ -256,9 +256,10 @@ class Workbench:
             refined_index=edited,
         )
 
-    def show(self, record: RunRecord) -> None:
-        """Put a finished run on display (a cancelled one shows nothing)."""
-        self.shown = record if record.after is not None else None
+    def show(self, record: RunRecord | None) -> None:
+        """Put a finished run on display; a cancelled run, or None, shows nothing. The run on
+        display is replaced: an unaccepted one is dropped, the current model stays."""
+        self.shown = record if record is not None and record.after is not None else None
 
     def accept(self) -> None:
         record = self.shown

@@ -55,27 +55,49 @@ def interactive() -> None:
     napari.run()
 
 
-def scripted(out: Path, refine: int = 3, steps: int = 40, timeout_s: float = 900) -> dict:
-    """Drive the workflow as a clinician would, headless; returns what it wrote."""
+def scripted(
+    out: Path,
+    refine: int = 3,
+    steps: int = 40,
+    timeout_s: float = 900,
+    size: tuple[int, int] = (1600, 1000),
+    export: bool = True,
+) -> dict:
+    """Drive the workflow as a clinician would, headless; screenshots after the refinement and
+    after the run at the window `size`. Returns what it wrote."""
     viewer, widget = open_viewer(show=True)
-    viewer.window.resize(1600, 1000)
+    viewer.window.resize(*size)
     if not process_until(lambda: widget._ready, timeout_s):
         raise RuntimeError("PyTorch and the model did not load")
-    widget.start_refinement()
+    widget.refine.click()
     erase_band(viewer, widget, range(refine))
-    process_until(lambda: False, 0.1)
+    viewer.dims.set_point(0, 0)
+    process_until(lambda: False, 0.3)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"widget-{size[0]}x{size[1]}"
+    shots = {"refined": out / f"{name}-refined.png", "result": out / f"{name}-result.png"}
+    viewer.screenshot(str(shots["refined"]), canvas_only=False)
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
     widget.steps.setValue(steps)
     widget.run.click()
-    process_until(lambda: widget.worker is None, timeout_s)
+    process_until(lambda: widget.worker is None and not widget.displaying, timeout_s)
     if widget.bench.shown is None:
         raise RuntimeError("the demo's unlearning run did not finish")
     viewer.layers["forget set"].visible = False
     viewer.dims.set_point(0, 0)
-    out.mkdir(parents=True, exist_ok=True)
-    screenshot = out / "napari.png"
-    viewer.screenshot(str(screenshot), canvas_only=False)
-    exported = widget.export_run(out / "exports")
+    process_until(lambda: False, 0.3)
+    viewer.screenshot(str(shots["result"]), canvas_only=False)
+    exported = widget.export_run(out / "exports") if export else None
     text = widget.result.text()
     viewer.close()
-    return {"screenshot": screenshot, "export": exported, "result": text}
+    return {"screenshots": shots, "export": exported, "result": text}
+
+
+def screenshots(out: Path, steps: int = 40) -> list[Path]:
+    """The README's pictures: after the refinement and after a run, at 1280 x 800 and
+    1600 x 1000."""
+    shots = []
+    for size in ((1280, 800), (1600, 1000)):
+        done = scripted(out, steps=steps, size=size, export=False)
+        shots += list(done["screenshots"].values())
+    return shots

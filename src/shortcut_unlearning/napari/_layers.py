@@ -51,10 +51,38 @@ def legend_html() -> str:
     )
 
 
-def after_shift(image_layer) -> tuple[float, ...]:
-    """Translation that places a copy of the image stack to its right."""
-    width = image_layer.data.shape[2]
-    return (0, 0, round(width * AFTER_GAP))
+SALIENCY_LAYER, PREDICTION_LAYER, AFTER_IMAGES = "saliency", "predicted lesion", "images (after)"
+
+
+def after_offset(width: int) -> int:
+    """Columns from an image's left edge to its "after" copy on the right."""
+    return round(width * AFTER_GAP)
+
+
+def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """(N, H, W) before and after maps in one (N, H, offset + W) array, zero between them:
+    one layer shows both halves, so showing results adds one layer where it took two."""
+    n, height, width = before.shape
+    offset = after_offset(width)
+    out = np.zeros((n, height, offset + width), np.result_type(before, after))
+    out[..., :width] = before
+    out[..., offset:] = after
+    return out
+
+
+def saliency_panels(record, shared: bool) -> tuple[np.ndarray, tuple[float, float]]:
+    """Before | after saliency and its contrast limits: on the before map's scale (shared), or
+    each half divided by its own 99th percentile (separate, unitless 0..1)."""
+    before, after = record.before, record.after
+    if shared:
+        return side_by_side(before.saliency, after.saliency), (0, max(before.saliency_vmax, 1e-12))
+    return (
+        side_by_side(
+            before.saliency / max(before.saliency_vmax, 1e-12),
+            after.saliency / max(after.saliency_vmax, 1e-12),
+        ),
+        (0, 1),
+    )
 
 
 def set_result_layer(viewer, name: str, data, kind: str, **style):
@@ -65,6 +93,7 @@ def set_result_layer(viewer, name: str, data, kind: str, **style):
             for key in ("translate", "contrast_limits"):
                 if key in style:
                     setattr(layer, key, style[key])
+            layer.visible = True
             return layer
     contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
     colorbar = style.pop("colorbar", None)

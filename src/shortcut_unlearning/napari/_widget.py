@@ -503,7 +503,8 @@ class ShortcutUnlearningWidget(QWidget):
         except (ValueError, FileNotFoundError, KeyError) as error:
             show_error(str(error))
             return
-        self._clear_results()
+        self._clear_results(remove=False)
+        self.bench.show(None)  # a new run replaces the one on display
         self.cancel = Cancel()
         self._curve = {"step": [], "loss": [], "probe_step": [], "s_global": []}
         self._started, self._first_step, self._last_draw = time.monotonic(), None, 0.0
@@ -611,8 +612,14 @@ class ShortcutUnlearningWidget(QWidget):
         )
 
     # -- results ---------------------------------------------------------------------------------
-    def _clear_results(self) -> None:
-        _layers.remove_result_layers(self.viewer, keep=("forget set",))
+    def _clear_results(self, remove: bool = True) -> None:
+        """Take the shown run off the screen: its layers go (or hide, when a new run will
+        reuse them), with the canvas text and the dock's numbers."""
+        if remove:
+            _layers.remove_result_layers(self.viewer, keep=("forget set",))
+        for layer in self.viewer.layers:
+            if layer.metadata.get(_layers.RESULT) and layer.name != "forget set":
+                layer.visible = False
         _layers.text_overlay(self.viewer).visible = False
         self.result.setText("")
         self.scores.setRowCount(0)
@@ -635,49 +642,58 @@ class ShortcutUnlearningWidget(QWidget):
         self.scroll.ensureWidgetVisible(self.results)
 
     def _show_layers(self, record) -> None:
+        """Before over the images, after over a copy to their right. Layers already on the
+        canvas are updated in place; new ones are added one per turn of the event loop, since
+        each costs napari a few hundred milliseconds."""
         images = self.viewer.layers[self.image.currentText()]
-        shift = _layers.after_shift(images)
+        offset = _layers.after_offset(images.data.shape[2])
+        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
+        predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
         heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
-        _layers.set_result_layer(
-            self.viewer, "images (after)", images.data, "image", rgb=images.rgb, translate=shift
-        )
-        before, after = record.before, record.after
-        _layers.set_result_layer(
-            self.viewer, "saliency before", before.saliency, "image", colorbar="bottom_left", **heat
-        )
-        _layers.set_result_layer(
-            self.viewer,
-            "saliency after",
-            after.saliency,
-            "image",
-            translate=shift,
-            colorbar="bottom_right",
-            **heat,
-        )
-        _layers.set_result_layer(
-            self.viewer, "prediction before", before.predictions, "labels", contour=1
-        )
-        _layers.set_result_layer(
-            self.viewer,
-            "prediction after",
-            after.predictions,
-            "labels",
-            contour=1,
-            translate=shift,
-        )
-        self._apply_scale()
+        steps = [
+            (
+                _layers.AFTER_IMAGES,
+                images.data,
+                "image",
+                {"rgb": images.rgb, "translate": (0, 0, offset)},
+            ),
+            (
+                _layers.SALIENCY_LAYER,
+                panels,
+                "image",
+                {"contrast_limits": limits, "colorbar": "bottom_right", **heat},
+            ),
+            (_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
+        ]
+        self._display_steps = [
+            (lambda step=step: _layers.set_result_layer(self.viewer, *step[:3], **step[3]))
+            for step in steps
+        ]
+        self._display_steps.append(self._displayed)
+        self._display_next()
+
+    @property
+    def displaying(self) -> bool:
+        """Results are still being put on the canvas."""
+        return bool(getattr(self, "_display_steps", None))
+
+    def _display_next(self) -> None:
+        if self._display_steps:
+            self._display_steps.pop(0)()
+            QTimer.singleShot(0, self._display_next)
+
+    def _displayed(self) -> None:
         self.viewer.reset_view()
         if self.refined_layer in self.viewer.layers:  # the eraser stays at hand
             self.viewer.layers.selection.active = self.refined_layer
 
     def _apply_scale(self, *_) -> None:
         record = self.bench.shown
-        if record is None or "saliency before" not in self.viewer.layers:
+        if record is None or _layers.SALIENCY_LAYER not in self.viewer.layers:
             return
-        vb, va = record.before.saliency_vmax, record.after.saliency_vmax
-        shared = self.scale.currentText() == "shared"
-        for name, vmax in (("saliency before", vb), ("saliency after", vb if shared else va)):
-            self.viewer.layers[name].contrast_limits = (0, max(vmax, 1e-12))
+        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
+        layer = self.viewer.layers[_layers.SALIENCY_LAYER]
+        layer.data, layer.contrast_limits = panels, limits
 
     def _fill_scores(self, record) -> None:
         ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(record.before.scores))]
