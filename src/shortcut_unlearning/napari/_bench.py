@@ -17,8 +17,10 @@ from ._demo import erase_band, open_viewer
 from ._demo import process_until as _process_until
 
 
-def event_loop_stall(steps: int = 40, refine: int = 3, viewer=None) -> dict:
-    """Longest and 99th-percentile gap between 10 ms heartbeats during an unlearning run."""
+def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=None) -> dict:
+    """Longest gap between 10 ms heartbeats while the widget unlearns on the CPU and while it
+    shows the results, for `runs` runs in a row (the first adds the result layers, later runs
+    update them). A gap belongs to the phase in which it ends."""
     from qtpy.QtCore import QTimer
 
     owned = viewer is None  # a viewer handed in belongs to the caller
@@ -35,44 +37,36 @@ def event_loop_stall(steps: int = 40, refine: int = 3, viewer=None) -> dict:
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
     _process_until(lambda: False, 1.0)  # idle baseline
-    idle = len(beats)
-    # Time the result display apart: it adds layers on the UI thread, by design.
-    show, shown = widget._show_results, []
-
-    def timed(record):
-        begin = time.perf_counter()
-        show(record)
-        shown.append((begin, time.perf_counter()))
-
-    widget._show_results = timed
-    start = time.perf_counter()
-    widget.start_unlearning()  # on the UI thread: reads the parameters, loads the model once
-    launched = time.perf_counter()
-    _process_until(lambda: widget.worker is None, 1800)
-    run_s = time.perf_counter() - start
+    idle_gaps = np.diff(beats) * 1000
+    phases = []  # (name, run, begin, end)
+    for run in range(1, runs + 1):
+        start = time.perf_counter()
+        widget.run.click()  # on the UI thread: reads the parameters, snapshots the masks
+        launched = time.perf_counter()
+        _process_until(lambda: widget.worker is None, 1800)
+        finished = time.perf_counter()
+        _process_until(lambda: not widget.displaying, 600)
+        shown = time.perf_counter()
+        phases += [
+            ("launch", run, start, launched),
+            ("running", run, launched, finished),
+            ("display", run, finished, shown),
+        ]
+        _process_until(lambda: False, 0.3)
     timer.stop()
-    after_start = np.array([b for b in beats[idle:] if b >= start])
-    gaps, ends = np.diff(after_start) * 1000, after_start[1:]
-    display = (shown[0][0], shown[0][1]) if shown else (np.inf, np.inf)
-    # A gap belongs to the launch or the display if it ends within 50 ms after them.
-    in_launch = ends <= launched + 0.05
-    in_display = (ends >= display[0]) & (ends <= display[1] + 0.05)
-    running = gaps[~in_launch & ~in_display]
-    running = running if len(running) else np.zeros(1)  # a run too short to have beats
-    idle_gaps = np.diff(beats[:idle]) * 1000
+    beats = np.array(beats)
+    gaps, ends = np.diff(beats) * 1000, beats[1:]
+    result = {"idle_max_gap_ms": float(idle_gaps.max()), "steps": steps, "runs": runs}
+    for name, run, begin, end in phases:
+        inside = gaps[(ends > begin) & (ends <= end + 0.05)]
+        inside = inside if len(inside) else np.zeros(1)  # too short to hold a beat
+        result[f"run{run}_{name}_max_gap_ms"] = float(inside.max())
+        result[f"run{run}_{name}_s"] = end - begin
+        if name == "running":
+            result[f"run{run}_running_p99_gap_ms"] = float(np.percentile(inside, 99))
     if owned:
         viewer.close()
-    return {
-        "max_stall_ms": float(gaps.max()),
-        "max_stall_while_running_ms": float(running.max()),
-        "p99_gap_while_running_ms": float(np.percentile(running, 99)),
-        "launch_ms": (launched - start) * 1000,
-        "result_display_ms": (shown[0][1] - shown[0][0]) * 1000 if shown else None,
-        "idle_max_gap_ms": float(idle_gaps.max()),
-        "beats": len(gaps),
-        "run_s": run_s,
-        "steps": steps,
-    }
+    return result
 
 
 def overlay_update(images: int = 8, size: int = 1024, edits: int = 20, viewer=None) -> dict:

@@ -33,7 +33,7 @@ def saliency_colormap():
     from napari.utils.colormaps import Colormap
 
     colours = colormaps["inferno"](np.linspace(0, 1, 256))
-    colours[:, 3] = np.clip(np.linspace(0, 1.6, 256), 0, 0.85)
+    colours[:, 3] = np.clip((np.linspace(0, 1, 256) - 0.1) * 2, 0, 0.85)  # weakest tenth: clear
     return Colormap(colours, name="saliency")
 
 

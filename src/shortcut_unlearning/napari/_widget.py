@@ -193,7 +193,9 @@ class ShortcutUnlearningWidget(QWidget):
         self.scale.currentTextChanged.connect(self._apply_scale)
         self.scores = QTableWidget(0, 4)
         self.scores.setHorizontalHeaderLabels(["image", "label", "before", "after"])
-        self.scores.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        header = self.scores.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.scores.verticalHeader().setVisible(False)
         self.scores.setMaximumHeight(160)
         self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
@@ -277,10 +279,11 @@ class ShortcutUnlearningWidget(QWidget):
 
     # -- choices and parameters ----------------------------------------------------------------
     def _layers(self, kind: str) -> list[str]:
+        kind = {"image": napari.layers.Image, "labels": napari.layers.Labels}[kind]
         return [
             layer.name
             for layer in self.viewer.layers
-            if layer._type_string == kind
+            if isinstance(layer, kind)
             and not layer.metadata.get(_layers.RESULT)
             and layer is not self.refined_layer
         ]
@@ -807,7 +810,9 @@ def _button(text: str, slot, tip: str = "") -> QPushButton:
 def _text(text: str, tip: str = "") -> QLabel:
     label = QLabel(text, toolTip=tip, wordWrap=True)
     label.setTextFormat(Qt.TextFormat.AutoText)
-    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    # Wrapped text takes the dock's width and the height it needs, never a wider dock.
+    label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    label.setMinimumWidth(40)
     return label
 
 
