@@ -179,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.synth_n,
         help="images to generate with --data synthetic",
     )
+    common.add_argument(
+        "--synth-balanced",
+        type=int,
+        default=defaults.synth_balanced,
+        help="with --data synthetic: images in a test_balanced split (artefacts independent "
+        "of the label)",
+    )
+    common.add_argument(
+        "--test-split",
+        default=defaults.test_split,
+        help="split to evaluate on: test (falls back to val), test_balanced or val",
+    )
     common.add_argument("--image-size", type=int, default=defaults.image_size)
     common.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
     common.add_argument(
