@@ -25,11 +25,18 @@ def test_seed_benchmark_shares_the_coarse_model_across_methods(tmp_path):
     result = benchmarks.seeds(base, [0, 1], ["neggrad-seg", "finetune"], tmp_path)
     assert set(result["summary"]) == {"coarse", "retrain", "fine_oracle", "neggrad-seg", "finetune"}
     assert len(result["runs"]["finetune"]) == 2
+    first = json.loads((tmp_path / "seed1" / "neggrad-seg" / "metrics.json").read_text())
     second = json.loads((tmp_path / "seed1" / "finetune" / "metrics.json").read_text())
-    assert second["config"]["model"].endswith("seed1/neggrad-seg/coarse_model.safetensors")
-    assert "retrain" not in second
+    # One coarse model per seed, trained and evaluated once, shared by every method.
+    assert (tmp_path / "seed1" / "coarse_model.safetensors").is_file()
+    assert second["coarse"]["image_scores"] == first["coarse"]["image_scores"]
+    assert second["retrain"]["auroc"] == first["retrain"]["auroc"]
+    assert second["config"]["method"] == "finetune" and second["seed"] == 1
+    assert second["unlearned"]["image_scores"] != first["unlearned"]["image_scores"]
     table = (tmp_path / "summary.md").read_text()
     assert "| neggrad-seg |" in table and "±" in table
+    assert "conflicting AUROC" in table and "band reliance" in table
+    assert (tmp_path / "trajectory.png").is_file()
 
 
 def test_bench_command(tmp_path, capsys):

@@ -24,6 +24,17 @@ def tiny_run(out, n, *flags):
 
 
 KEYS = {"auroc", "auroc_by_group", "worst_group_auroc", "dice", "s_global", "counterfactual_drop"}
+# Class-aware numbers, intervals and band reliance beside them.
+NEW_KEYS = {
+    "auroc_ci",
+    "auroc_by_group_ci",
+    "conflicting_auroc",
+    "dice_by_class",
+    "malignant_share",
+    "class_takeover",
+    "image_scores",
+    "band_reliance",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,15 @@ def test_run_writes_metrics_for_every_model_state(report):
     result, out = report
     written = json.loads((out / "metrics.json").read_text())
     for state in ("coarse", "unlearned", "retrain", "fine_oracle"):
-        assert set(written[state]) >= KEYS, state
+        assert set(written[state]) >= KEYS | NEW_KEYS, state
+        record = written[state]
+        ci = record["auroc_ci"]
+        assert ci["ci_low"] <= record["auroc"] <= ci["ci_high"]
+        assert set(record["dice_by_class"]) == {"benign", "malignant"}
+        assert 0 <= record["malignant_share"] <= 1
+        assert len(record["image_scores"]) == written["n_test"]
+        assert record["band_reliance"]["n_images"] == written["n_test"]
+        assert record["band_reliance"]["value"] >= 0
         assert 0 <= written[state]["auroc"] <= 1
         assert math.isfinite(written[state]["s_global"]["value"])
         assert written[state]["s_global"]["unit"] == "nats per pixel"
@@ -58,7 +77,31 @@ def test_run_writes_metrics_for_every_model_state(report):
     assert written["forget_pixels"] > 0
     assert {"coarse_train_s", "unlearn_s", "retrain_train_s"} <= set(written["timings"])
     assert (out / "saliency.png").stat().st_size > 5000
-    assert "unlearned" in table(result)
+    printed = table(result)
+    assert "unlearned" in printed and "malig%" in printed and "band reliance" in printed
+    # Every trained model says whether its training converged.
+    for state in ("coarse", "retrain", "fine_oracle"):
+        assert written[state]["training"]["converged"] in (True, False)
+        assert (out / "coarse_model.json").is_file()
+    saved = json.loads((out / "coarse_model.json").read_text())
+    assert saved["provenance"]["training"]["val_images"] > 0
+    # The probe that watched unlearning is the evaluator's, class-aware.
+    assert {"dice", "dice_benign", "malignant_share", "auroc"} <= set(
+        written["unlearning"]["start_probe"]
+    )
+    assert written["test_split"] == "test" and len(written["test_ids"]) == written["n_test"]
+    for warning in written["warnings"]:
+        assert f"WARNING: {warning}" in printed
+
+
+def test_table_shows_class_takeover_and_failed_training(report):
+    result, _ = report
+    flipped = {
+        **result,
+        "unlearned": {**result["unlearned"], "class_takeover": "malignant takes over: 99%"},
+        "warnings": ["unlearned: malignant takes over: 99%"],
+    }
+    assert "WARNING: unlearned: malignant takes over" in table(flipped)
 
 
 def test_run_from_a_checkpoint_on_the_command_line(report, tmp_path, capsys):
@@ -80,6 +123,23 @@ def test_run_from_a_checkpoint_on_the_command_line(report, tmp_path, capsys):
     assert "coarse" in printed and "nats per pixel" in printed
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["timings"]["coarse_train_s"] < 5  # loaded, not trained
+
+
+def test_run_on_a_balanced_test_split(tmp_path, capsys):
+    from shortcut_unlearning.model import Model, ModelConfig
+
+    Model(ModelConfig(image_size=48)).save(tmp_path / "start")
+    model = ["--model", str(tmp_path / "start.safetensors"), "--steps", "1"]
+    args = tiny_run(tmp_path / "out", 20, "--synth-balanced", "16", "--test-split", "test_balanced")
+    assert main([*args, *model]) == 0
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["test_split"] == "test_balanced" and written["n_test"] == 16
+    groups = written["coarse"]["auroc_by_group_ci"]["ink:conflicting"]
+    assert groups["n_malignant"] + groups["n_benign"] < 16  # aligned images exist too
+    capsys.readouterr()
+    missing = tiny_run(tmp_path / "other", 20, "--test-split", "test_balanced")
+    assert main([*missing, *model]) == 2
+    assert "no 'test_balanced' split" in capsys.readouterr().err
 
 
 def test_refined_ids_must_exist(tmp_path, capsys):

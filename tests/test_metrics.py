@@ -254,3 +254,67 @@ def test_dice_on_hand_cases():
     assert metrics.dice(np.concatenate([half, np.zeros_like(half)]), both) == pytest.approx(0.75)
     # Probabilities are reduced by argmax.
     assert metrics.dice(one_hot(half), truth) == pytest.approx(0.5)
+
+
+def test_dice_by_class_scores_a_flipped_class_as_zero():
+    truth = np.zeros((2, 4, 4), int)
+    truth[0, :2, :2] = 1  # a benign lesion
+    truth[1, 2:, 2:] = 2  # a malignant one
+    flipped = np.where(truth != 0, 2, 0)  # both found, both called malignant
+    assert metrics.dice(flipped, truth) == 1.0
+    assert metrics.dice_by_class(flipped, truth) == {1: 0.0, 2: 1.0}
+    assert metrics.dice_by_class(one_hot(truth), truth) == {1: 1.0, 2: 1.0}
+    # A class no image holds has no Dice.
+    assert np.isnan(metrics.dice_by_class(truth[:1], truth[:1])[2])
+
+
+def test_malignant_share_of_the_predicted_lesion():
+    pred = np.zeros((2, 4, 4), int)
+    pred[0, 0, :3] = 2
+    pred[1, 0, :1] = 1
+    assert metrics.malignant_share(pred) == pytest.approx(0.75)
+    assert metrics.malignant_share(one_hot(pred)) == pytest.approx(0.75)
+    assert np.isnan(metrics.malignant_share(np.zeros((1, 4, 4), int)))
+
+
+def hanley_mcneil_se(auc, n_pos, n_neg):
+    """Standard error of AUROC (Hanley and McNeil 1982), an independent check."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)
+    return np.sqrt(var / (n_pos * n_neg))
+
+
+def test_auroc_ci_matches_sklearn_and_the_hanley_mcneil_width():
+    rng = np.random.default_rng(8)
+    labels = np.repeat([0, 1], 150)
+    scores = np.round(rng.normal(labels * 0.8, 1.0), 1)  # rounding makes ties
+    record = metrics.auroc_ci(scores, labels, n_boot=2000, seed=1)
+    assert record["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert record["ci_low"] < record["value"] < record["ci_high"]
+    se = hanley_mcneil_se(record["value"], 150, 150)
+    assert record["ci_high"] - record["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert (record["n_malignant"], record["n_benign"]) == (150, 150)
+    assert metrics.auroc_ci(scores, labels, n_boot=2000, seed=1) == record
+    # A quarter of the images: about twice as wide.
+    small = metrics.auroc_ci(scores[::4], labels[::4], n_boot=2000, seed=1)
+    assert 1.5 < (small["ci_high"] - small["ci_low"]) / (record["ci_high"] - record["ci_low"]) < 2.6
+
+
+def test_auroc_ci_is_nan_without_both_classes_and_by_group_follows_groups():
+    one_class = metrics.auroc_ci([0.1, 0.2, 0.3], [1, 1, 1])
+    assert np.isnan(one_class["value"]) and np.isnan(one_class["ci_low"])
+    labels = np.arange(12) % 2
+    scores = labels + np.linspace(0, 0.5, 12)
+    groups = {"all": np.ones(12, bool), "few": np.arange(12) < 4}
+    by_group = metrics.auroc_by_group_ci(scores, labels, groups, n_boot=50)
+    assert by_group["all"]["value"] == 1.0 and np.isnan(by_group["few"]["value"])
+    assert by_group["few"]["n_malignant"] == 2
+
+
+def test_mean_ci():
+    values = np.random.default_rng(2).normal(1.0, 1.0, 400)
+    record = metrics.mean_ci(values, n_boot=2000)
+    assert record["value"] == pytest.approx(values.mean())
+    se = values.std(ddof=1) / np.sqrt(400)
+    assert record["ci_high"] - record["ci_low"] == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert np.isnan(metrics.mean_ci([])["value"])

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, same_state
 
 from shortcut_unlearning.model import FrozenInputs, Model, resolve_device
@@ -79,7 +80,7 @@ def test_cancel_and_nan_stop_training(tiny_data, monkeypatch):
     model = Model(TINY)
     monkeypatch.setattr(model, "scoped_forward", lambda f: torch.full((6, 3, 48, 48), np.nan))
     with pytest.raises(FloatingPointError, match="lower the learning rate"):
-        drive(train(model, data.images[:6], coarse[:6]), quiet=True)
+        drive(train(model, data.images[:6], coarse[:6], TrainConfig(val_fraction=0)), quiet=True)
     with pytest.raises(ValueError, match="do not match"):
         drive(train(model, data.images, coarse[:3]), quiet=True)
 
@@ -129,3 +130,93 @@ def test_frozen_inputs_cache_matches_computation(tiny_data):
     index = np.array([4, 0, 2])
     for a, b in zip(cached[index], plain[index], strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_training_stops_on_a_validation_plateau_and_says_it_did_not_converge(
+    tiny_data, monkeypatch
+):
+    from shortcut_unlearning import training
+
+    data, coarse = tiny_data
+    curve = iter([0.30, 0.40, 0.35, 0.20, 0.40, 0.10, 0.90, 0.90])  # best at epoch 2
+    monkeypatch.setattr(
+        training,
+        "validation_scores",
+        lambda *_: dict.fromkeys(("val_dice", "val_class_dice"), next(curve)),
+    )
+    model = Model(TINY)
+    config = TrainConfig(epochs=20, batch_size=8, patience=3)
+    with pytest.warns(UserWarning, match="did not converge"):
+        events = _events(train(model, data.images, coarse, config))
+    record = model.config.provenance["training"]
+    assert record["best_epoch"] == 2 and record["epochs_run"] == 5  # 2 + patience
+    assert record["stopped_early"] and record["converged"] is False
+    assert record["val_dice"] == 0.40 and record["val_images"] == round(0.15 * len(data))
+    validated = [e.metrics["val_dice"] for e in events if e.metrics]
+    assert validated == [0.30, 0.40, 0.35, 0.20, 0.40]
+
+
+def test_training_keeps_the_best_epoch_on_its_held_out_images(tiny_data):
+    from shortcut_unlearning import metrics
+    from shortcut_unlearning.training import validation_split
+
+    data, coarse = tiny_data
+    model = Model(TINY)
+    config = TrainConfig(epochs=6, batch_size=8, lr=3e-3, seed=4, min_val_dice=0.0)
+    events = _events(train(model, data.images, coarse, config))
+    record = model.config.provenance["training"]
+    assert record["converged"] is True and record["val_source"].startswith("held out")
+    # The best epoch is the one with the best class-aware Dice.
+    curve = [e.metrics for e in events if e.metrics]
+    best = int(np.argmax([m["val_class_dice"] for m in curve]))
+    assert record["best_epoch"] == 1 + best
+    assert record["val_class_dice"] == curve[best]["val_class_dice"]
+    assert record["val_dice"] == curve[best]["val_dice"]
+    _, held = validation_split(len(data), config.val_fraction, config.seed)
+    dice = metrics.dice(model.probabilities(data.images[held]), coarse[held])
+    assert dice == pytest.approx(record["val_dice"], abs=1e-3)  # the best weights came back
+
+
+def test_training_takes_a_given_validation_set_and_all_training_images(tiny_data):
+    data, coarse = tiny_data
+    model = Model(TINY)
+    config = TrainConfig(epochs=2, batch_size=8, min_val_dice=0.0)
+    events = _events(
+        train(model, data.images[:16], coarse[:16], config, val=(data.images[16:], coarse[16:]))
+    )
+    assert events[-1].total == 2 * 2  # 16 training images in batches of 8, for 2 epochs
+    record = model.config.provenance["training"]
+    assert record["val_source"] == "validation split" and record["val_images"] == 8
+    unchecked = Model(TINY)
+    _events(train(unchecked, data.images, coarse, TrainConfig(epochs=1, val_fraction=0)))
+    assert unchecked.config.provenance["training"]["converged"] is None
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig(val_fraction=1.0)
+
+
+def test_cached_and_plain_training_validate_alike(tiny_data):
+    data, coarse = tiny_data
+    curves = []
+    for cache in (True, False):
+        model = Model(TINY)
+        config = TrainConfig(epochs=2, batch_size=6, seed=1, cache_features=cache)
+        events = _events(train(model, data.images, coarse, config))
+        curves.append(
+            [[e.metrics["val_dice"], e.metrics["val_class_dice"]] for e in events if e.metrics]
+        )
+    np.testing.assert_allclose(curves[0], curves[1], atol=1e-3)
+
+
+def test_soft_dice_loss():
+    from shortcut_unlearning.training import IGNORE, soft_dice_loss
+
+    targets = torch.zeros(2, 8, 8, dtype=torch.long)
+    targets[0, :4, :4] = 2
+    perfect = 50.0 * F.one_hot(targets, 3).permute(0, 3, 1, 2).float()
+    assert soft_dice_loss(perfect, targets).item() == pytest.approx(0, abs=1e-3)
+    # Every lesion pixel called benign: the malignant class (the only one present) scores 0.
+    flipped = 50.0 * F.one_hot(torch.where(targets == 2, 1, 0), 3).permute(0, 3, 1, 2).float()
+    assert soft_dice_loss(flipped, targets).item() == pytest.approx(1, abs=0.1)
+    # Ignored pixels do not count, and a batch without lesions gives 0.
+    ignored = torch.where(targets == 2, IGNORE, targets)
+    assert soft_dice_loss(flipped, ignored).item() == 0

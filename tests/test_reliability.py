@@ -476,7 +476,7 @@ def test_a_failed_run_is_marked_incomplete_and_leaves_out_alone(tmp_path, monkey
     def fail(*args, **kwargs):
         raise KeyboardInterrupt  # as if the run were stopped after training
 
-    monkeypatch.setattr(experiment, "evaluate", fail)
+    monkeypatch.setattr(experiment, "evaluate_states", fail)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         main(fast_run(out))

@@ -94,3 +94,26 @@ def test_bad_configurations_say_what_is_allowed():
         SynthConfig(p=1.5)
     with pytest.raises(ValueError, match="size >= 32"):
         SynthConfig(size=8)
+
+
+def test_a_balanced_test_split_beside_the_reversed_one(tmp_path):
+    from shortcut_unlearning.data.folders import read_folder
+    from shortcut_unlearning.experiment import evaluation_groups
+
+    plain = generate(n=30, size=48, seed=4)
+    both = generate(n=30, size=48, seed=4, balanced_test=240)
+    np.testing.assert_array_equal(both.images[:30], plain.images)  # the first n unchanged
+    assert list(both.splits[:30]) == list(plain.splits)
+    balanced = both.split("test_balanced")
+    assert len(balanced) == 240
+    for name in both.spurious:  # present about half the time whatever the label
+        has = balanced.flags[name]
+        mal, ben = has[balanced.labels == 1].mean(), has[balanced.labels == 0].mean()
+        assert abs(mal - ben) < 0.2 and 0.3 < mal < 0.7, (name, mal, ben)
+    groups = evaluation_groups(balanced, both.split("train"))
+    for name in both.spurious:  # both groups large, unlike the reversed split's aligned one
+        assert min(groups[f"{name}:aligned"].sum(), groups[f"{name}:conflicting"].sum()) > 90
+    write_project(both.select(np.arange(26, 34)), tmp_path / "set")
+    assert "test_balanced" in set(read_folder(tmp_path / "set").splits)
+    with pytest.raises(ValueError, match="balanced_test"):
+        SynthConfig(balanced_test=-1)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import figures
+from . import experiment, figures
 from . import masks as masklib
 from .data.synthetic import generate
-from .experiment import RunConfig, run
+from .experiment import RunConfig
 from .model import Model, ModelConfig, resolve_device
 from .progress import drive
 from .training import TrainConfig, train
@@ -50,8 +50,13 @@ def cache_speedup(
 STATES = ("coarse", "retrain", "fine_oracle")
 COLUMNS = (
     "worst_group_auroc",
+    "conflicting_auroc",
     "auroc",
     "dice",
+    "dice_benign",
+    "dice_malignant",
+    "malignant_share",
+    "band_reliance",
     "s_global",
     "s_global_excess",
     "counterfactual_drop",
@@ -61,42 +66,52 @@ COLUMNS = (
 def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path | str) -> dict:
     """Every method on the same coarse model per seed, with both baselines; mean and std.
 
-    A method may name its unlearning scope after a slash: "model-clipping/head".
+    The stages of `experiment` are composed in memory: per seed the data are prepared, the
+    coarse model and the baselines trained and evaluated once, then each method unlearns
+    from the same coarse model. Files: seed<N>/coarse_model, seed<N>/<method>/ (metrics.json
+    with the baselines' records, the unlearned model, saliency.png), summary.json, summary.md
+    and trajectory.png. A method may name its unlearning scope after a slash: "model-clipping/head".
     """
     out = Path(out)
+    device = resolve_device(base.device)
+    operators = {}
+    for method in methods:  # every setting checked before any training
+        name, _, scope = method.partition("/")
+        operators[method] = replace(base, method=name, scope=scope or None)
+        experiment.build_operator(operators[method])
     rows: dict[str, list[dict]] = {}
-    for seed in seed_list:
-        first = None
-        for method in methods:
-            name, _, scope = method.partition("/")  # "gradient-clipping/head": another scope
-            folder = out / f"seed{seed}" / method.replace("/", "-")
-            config = replace(
-                base,
-                seed=seed,
-                method=name,
-                scope=scope or None,
-                out=str(folder),
-                baselines=first is None,
-                model=first,
-            )
-            report = run(config)
-            if first is None:
-                first = str(Path(config.out) / "coarse_model.safetensors")
-                for state in STATES:
-                    seconds = report["timings"][
-                        "coarse_train_s" if state == "coarse" else f"{state}_train_s"
-                    ]
-                    rows.setdefault(state, []).append(_row(report[state], seconds))
-            rows.setdefault(method, []).append(
-                _row(report["unlearned"], report["timings"]["unlearn_s"])
-            )
-    summary = {name: _mean_std(values) for name, values in rows.items()}
-    first_seed = out / f"seed{seed_list[0]}"
     trajectories = {}
-    for method in methods:
-        report = json.loads((first_seed / method.replace("/", "-") / "metrics.json").read_text())
-        start = {"step": 0, "phase": "start", **(report["unlearning"]["start_probe"] or {})}
-        trajectories[method] = [start, *report["unlearning"]["trajectory"]]
+    for seed in seed_list:
+        config = replace(base, seed=seed, baselines=True)
+        prepared = experiment.prepare_data(config)
+        start = experiment.train_or_load(config, prepared, device)
+        baselines = experiment.train_baselines(config, prepared, device)
+        states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
+        evaluated = experiment.evaluate_states(states, prepared.evalset, seed)
+        seconds = {"coarse": start.seconds, **{k: v.seconds for k, v in baselines.items()}}
+        for state in STATES:
+            rows.setdefault(state, []).append(_row(evaluated[state], seconds[state]))
+        start.model.save(out / f"seed{seed}" / "coarse_model")
+        for method in methods:
+            method_config = replace(
+                operators[method], seed=seed, out=str(out / f"seed{seed}" / _folder(method))
+            )
+            timings = {"data_s": prepared.seconds, "coarse_train_s": start.seconds}
+            timings |= {f"{k}_train_s": v.seconds for k, v in baselines.items()}
+            report, saved, picture, outcome = experiment.unlearn_and_report(
+                method_config,
+                experiment.build_operator(method_config),
+                prepared,
+                start,
+                evaluated,
+                device,
+                timings,
+            )
+            experiment.write_run(method_config.out, report, saved, picture)
+            rows.setdefault(method, []).append(_row(report["unlearned"], timings["unlearn_s"]))
+            if seed == seed_list[0]:
+                trajectories[method] = experiment.trajectory(outcome)
+    summary = {name: _mean_std(values) for name, values in rows.items()}
     figures.trajectory_plot(
         trajectories,
         out / "trajectory.png",
@@ -116,13 +131,25 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
     return result
 
 
+def _folder(method: str) -> str:
+    return method.replace("/", "-")
+
+
 def _row(state: dict, seconds: float) -> dict:
+    band = state.get("band_reliance") or {}
+    s_global = state.get("s_global") or {}
+    by_class = state.get("dice_by_class", {})
     return {
         "worst_group_auroc": state["worst_group_auroc"],
+        "conflicting_auroc": state.get("conflicting_auroc", float("nan")),
         "auroc": state["auroc"],
         "dice": state["dice"],
-        "s_global": state["s_global"]["value"],
-        "s_global_excess": state["s_global"]["excess"],
+        "dice_benign": by_class.get("benign", float("nan")),
+        "dice_malignant": by_class.get("malignant", float("nan")),
+        "malignant_share": state.get("malignant_share", float("nan")),
+        "band_reliance": band.get("value", float("nan")),
+        "s_global": s_global.get("value", float("nan")),
+        "s_global_excess": s_global.get("excess", float("nan")),
         "counterfactual_drop": state["counterfactual_drop"],
         "wall_s": seconds,
         "collapsed": float(state.get("collapsed", False)),
@@ -150,8 +177,13 @@ def markdown(summary: dict) -> str:
     head = [
         "model",
         "worst-group AUROC",
+        "conflicting AUROC",
         "AUROC",
         "Dice",
+        "Dice benign",
+        "Dice malignant",
+        "malignant share",
+        "band reliance",
         "S_global (nats/px)",
         "S_global - null",
         "counterfactual drop",
@@ -163,13 +195,12 @@ def markdown(summary: dict) -> str:
         cells = [name]
         for key in (*COLUMNS, "wall_s"):
             mean, std = stats[key]["mean"], stats[key]["std"]
-            cells.append(
-                f"{mean:.2e} ± {std:.1e}"
-                if key.startswith("s_global")
-                else f"{mean:.3f} ± {std:.3f}"
-                if key != "wall_s"
-                else f"{mean:.0f} ± {std:.0f}"
-            )
+            if key.startswith("s_global"):
+                cells.append(f"{mean:.2e} ± {std:.1e}")
+            elif key == "wall_s":
+                cells.append(f"{mean:.0f} ± {std:.0f}")
+            else:
+                cells.append(f"{mean:.3f} ± {std:.3f}")
         cells.append(f"{stats['collapsed']['mean']:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

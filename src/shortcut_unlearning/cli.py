@@ -291,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="images to generate with --data synthetic",
     )
     common.add_argument(
+        "--synth-balanced",
+        type=_whole(0),
+        default=defaults.synth_balanced,
+        help="with --data synthetic: images in a test_balanced split (artefacts independent "
+        "of the label)",
+    )
+    common.add_argument(
+        "--test-split",
+        default=defaults.test_split,
+        help="split to evaluate on: test (falls back to val), test_balanced or val",
+    )
+    common.add_argument(
         "--image-size",
         type=_whole(MIN_IMAGE_SIZE),
         default=defaults.image_size,

@@ -1,24 +1,32 @@
-"""The whole pipeline as one function: data -> coarse model -> unlearn -> evaluate -> report."""
+"""The pipeline as stages: prepare data -> train or load -> unlearn -> evaluate -> report.
+
+Each stage is a function over in-memory objects. `run` composes them for the command line;
+`benchmarks.seeds` composes the same stages to share one coarse model between methods. Every
+number comes from the one evaluator (evaluation.py), every unlearning run is watched by its
+one probe, and files are written by the last stage alone (`write_run`).
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from . import figures, metrics, outputs, saliency
+from . import evaluation, figures, metrics, outputs, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
+from .evaluation import EvalSet
 from .model import Model, ModelConfig, read_config, resolve_device
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train
-from .unlearning import UnlearnData, make_operator
+from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult, make_operator
 
 
 @dataclass
@@ -34,7 +42,7 @@ class RunConfig:
     refined: list[str] | None = None  # or the ids of the images to refine
     method: str = "neggrad-seg"
     steps: int | None = None  # unlearning steps (None: the operator's default)
-    epochs: int = 20  # training epochs of the coarse model and the baselines
+    epochs: int = 20  # at most, for the coarse model and the baselines (early stopping)
     encoder: str = ModelConfig.encoder
     seed: int = 0
     device: str = "auto"
@@ -42,6 +50,8 @@ class RunConfig:
     baselines: bool = False  # also train retrain-from-scratch and the fine-mask oracle
     saliency_images: int = 4
     probe_images: int = 32  # test images the unlearning loop probes (curves, collapse check)
+    test_split: str = "test"  # the split evaluated on ("test", "test_balanced", "val")
+    synth_balanced: int = 0  # with data "synthetic": images in a balanced test split
     scope: str | None = None  # unlearning scope (None: the model's)
     accept_collapse: bool = False
     out: str = "out/run"
@@ -55,7 +65,12 @@ def load_data(config: RunConfig) -> LesionSet:
     if config.data == "synthetic":
         if config.labels:
             raise ValueError("--labels names the labels CSVs of a dataset folder; drop it here")
-        return generate(n=config.synth_n, size=config.image_size, seed=config.seed)
+        return generate(
+            n=config.synth_n,
+            size=config.image_size,
+            seed=config.seed,
+            balanced_test=config.synth_balanced,
+        )
     folder = sample_data_dir() / SAMPLE_SET if config.data == "sample" else Path(config.data)
     return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
@@ -73,16 +88,11 @@ def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(config.seed).choice(len(train_set), count, replace=False))
 
 
-def spurious_map(data: LesionSet, config: RunConfig) -> np.ndarray:
-    """S for S_global: planted artefacts where annotated, else the coarse mask's band (METHOD 4)."""
-    if data.artefacts is not None and data.spurious:
-        return data.artefact_mask()
-    coarse = masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
-    return (coarse != 0) & (data.masks == 0)
-
-
 def evaluation_groups(test: LesionSet, train_set: LesionSet) -> dict[str, np.ndarray]:
-    """Aligned and conflicting test images per artefact, the direction read off the train split."""
+    """Aligned and conflicting test images per artefact, the direction read off the train split.
+
+    Works for any test split: the reversed one, or a balanced one whose artefacts are
+    independent of the label (there each group holds about half of the images)."""
     names = list(test.spurious) or [n for n, f in test.flags.items() if f.any()]
     direction = {}
     for name in names:
@@ -92,83 +102,80 @@ def evaluation_groups(test: LesionSet, train_set: LesionSet) -> dict[str, np.nda
     return metrics.shortcut_groups(test.flags, test.labels, names, direction)
 
 
-def evaluate(
-    model: Model,
-    test: LesionSet,
-    s_map: np.ndarray,
-    inpainted: np.ndarray,
-    groups: dict[str, np.ndarray],
-    seed: int = 0,
-) -> dict:
-    """AUROC (pooled, by group, worst group), Dice, S_global and the counterfactual drop."""
-    probs = model.probabilities(test.images)
-    by_group = metrics.auroc_by_group(probs, test.labels, groups)
-    with_artefacts = s_map.any(axis=(1, 2))
-    drop = metrics.image_scores(probs) - metrics.image_scores(model.probabilities(inpainted))
-    return {
-        "auroc": metrics.pooled_auroc(probs, test.labels),
-        "auroc_by_group": by_group,
-        "worst_group_auroc": metrics.worst_group_auroc(by_group),
-        "dice": metrics.dice(probs, test.masks),
-        "s_global": metrics.s_global_report(probs, s_map, test.masks, seed=seed),
-        # Malignancy score lost when the spurious pixels are painted over with skin.
-        "counterfactual_drop": float(drop[with_artefacts].mean())
-        if with_artefacts.any()
-        else float("nan"),
-    }
+# --- stage 1: prepare data ------------------------------------------------------------------
 
 
-def make_probe(test: LesionSet, s_map: np.ndarray, count: int):
-    """Dice, AUROC and S_global on the first `count` test images: the curves of a run and
-    the collapse check. Monitoring only; nothing is tuned on it."""
-    images, labels, fine, s = (
-        test.images[:count],
-        test.labels[:count],
-        test.masks[:count],
-        s_map[:count],
+@dataclass
+class Prepared:
+    """The data of a run, split and masked once: what every later stage reads."""
+
+    train: LesionSet
+    val: LesionSet | None  # the data's own validation split; None: training holds images out
+    test: LesionSet  # the split evaluated on
+    coarse: np.ndarray  # (N, H, W) coarse masks of the training images
+    refined: np.ndarray  # indices of the training images with refined masks
+    split: masklib.PixelSplit  # forget and retain pixels of that refinement
+    evalset: EvalSet  # the test split with its truth, S map, band and groups
+    probe_set: EvalSet | None  # the first probe_images test images, or None
+    seconds: float = 0.0
+
+    def coarse_of(self, data: LesionSet, config: RunConfig) -> np.ndarray:
+        return masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
+
+
+def evaluation_split(data: LesionSet, name: str) -> LesionSet:
+    """The split to evaluate on; "test" falls back to "val" where the data has no test split."""
+    present = sorted(set(data.splits.tolist()))
+    if name == "test" and "test" not in present and "val" in present:
+        name = "val"
+    if name not in present:
+        raise ValueError(
+            f"the data has no {name!r} split to evaluate on; its splits are {present}"
+            + ("; generate one with --synth-balanced N" if name == "test_balanced" else "")
+        )
+    return data.split(name)
+
+
+def prepare_data(config: RunConfig) -> Prepared:
+    """Load the data, choose the refined images, and build the evaluation and probe sets."""
+    clock = time.perf_counter()
+    data = load_data(config)
+    train_set = data.split("train")
+    test = evaluation_split(data, config.test_split)
+    has_val = (data.splits == "val").any() and test.splits[0] != "val"
+    coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
+    refined = choose_refined(train_set, config)
+    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined})
+    evalset = EvalSet.from_lesion_set(
+        test, config.coarse, config.coarse_margin, evaluation_groups(test, train_set)
+    )
+    count = min(config.probe_images, len(evalset))
+    return Prepared(
+        train=train_set,
+        val=data.split("val") if has_val else None,
+        test=test,
+        coarse=coarse,
+        refined=refined,
+        split=split,
+        evalset=evalset,
+        probe_set=evalset.select(np.arange(count)) if count else None,
+        seconds=time.perf_counter() - clock,
     )
 
-    def probe(model: Model) -> dict:
-        probs = model.probabilities(images)
-        return {
-            "dice": metrics.dice(probs, fine),
-            "auroc": metrics.pooled_auroc(probs, labels),
-            "s_global": metrics.s_global(probs, s, fine),
-        }
 
-    return probe
+# --- stage 2: train or load -----------------------------------------------------------------
 
 
-def saliency_picture(
-    models: dict[str, Model], test: LesionSet, s_map: np.ndarray, count: int, out: Path
-) -> dict:
-    """Before/after saliency of benign test images that carry spurious pixels (where the
-    shortcut misleads); returns the share of saliency on those pixels per model."""
-    candidates = np.flatnonzero(s_map.any(axis=(1, 2)) & (test.labels == 0))
-    if len(candidates) == 0:
-        candidates = np.arange(len(test))
-    picks = candidates[:count]
-    maps = {name: saliency.saliency_maps(m, test.images[picks]) for name, m in models.items()}
-    shares = {name: saliency.saliency_share(m, s_map[picks]) for name, m in maps.items()}
-    captions = [
-        f"{test.ids[i]}\nbenign\non artefacts: {shares['coarse'][j]:.0%} -> "
-        f"{shares['unlearned'][j]:.0%}"
-        for j, i in enumerate(picks)
-    ]
-    figures.saliency_grid(
-        test.images[picks],
-        maps["coarse"],
-        maps["unlearned"],
-        captions,
-        out,
-        artefacts=s_map[picks],
-        title="Saliency of the malignant score over the predicted lesion",
-    )
-    return {name: float(v.mean()) for name, v in shares.items()}
+@dataclass
+class Trained:
+    model: Model
+    seconds: float  # training (or loading) time
 
 
-def train_model(images, targets, config: RunConfig, device, masks: str) -> Model:
-    """A fresh model trained on (images, targets); `masks` names the targets in provenance."""
+def train_model(images, targets, config: RunConfig, device, masks: str, val=None) -> Model:
+    """A fresh model trained on (images, targets); `masks` names the targets in provenance.
+
+    `val` (images, targets) validates training; without it training holds images out."""
     provenance = {
         "data": config.data,
         "masks": masks,
@@ -185,16 +192,282 @@ def train_model(images, targets, config: RunConfig, device, masks: str) -> Model
     )
     model = Model(model_config, device)
     train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
-    drive(train(model, images, targets, train_config), desc=f"train on {masks}", quiet=config.quiet)
+    job = train(model, images, targets, train_config, val=val)
+    drive(job, desc=f"train on {masks}", quiet=config.quiet)
     return model
 
 
+def train_or_load(config: RunConfig, prepared: Prepared, device) -> Trained:
+    """The starting model: the checkpoint config.model, or one trained on coarse masks."""
+    clock = time.perf_counter()
+    if config.model:
+        model = Model.load(config.model, device)
+    else:
+        kind = f"coarse ({config.coarse} {config.coarse_margin:g})"
+        val = prepared.val
+        val = (val.images, prepared.coarse_of(val, config)) if val is not None else None
+        model = train_model(prepared.train.images, prepared.coarse, config, device, kind, val)
+    return Trained(model, time.perf_counter() - clock)
+
+
+def train_baselines(config: RunConfig, prepared: Prepared, device) -> dict[str, Trained]:
+    """Retrain-from-scratch on the corrected masks and the fine-mask oracle (METHOD 5.5)."""
+    val = prepared.val
+    # The val split is unrefined: its coarse masks check retrain, its fine masks the oracle.
+    val_coarse = None if val is None else (val.images, prepared.coarse_of(val, config))
+    val_fine = None if val is None else (val.images, val.masks)
+    baselines = (
+        ("retrain", prepared.split.targets, "corrected (refined where refined)", val_coarse),
+        ("fine_oracle", prepared.train.masks, "fine", val_fine),
+    )
+    out = {}
+    for name, targets, kind, checked in baselines:
+        clock = time.perf_counter()
+        model = train_model(prepared.train.images, targets, config, device, kind, checked)
+        out[name] = Trained(model, time.perf_counter() - clock)
+    return out
+
+
+# --- stage 3: unlearn -----------------------------------------------------------------------
+
+
+def build_operator(config: RunConfig) -> Operator:
+    """The operator the config names; built first, so a bad setting fails before training."""
+    return make_operator(
+        config.method,
+        steps=config.steps,
+        seed=config.seed,
+        scope=config.scope,
+        accept_collapse=config.accept_collapse,
+        **config.operator_options,
+    )
+
+
+def unlearn(
+    config: RunConfig, operator: Operator, start: Model, prepared: Prepared
+) -> tuple[UnlearnResult, float]:
+    """Unlearn the refinement's forget set from `start`, watched by the one probe; returns the
+    result and its seconds. A kept model records what unlearning it went through."""
+    probe_set = prepared.probe_set
+    probe = None if probe_set is None else partial(evaluation.probe, evalset=probe_set)
+    data = UnlearnData(prepared.train.images, prepared.coarse, prepared.split, probe)
+    clock = time.perf_counter()
+    outcome = drive(operator.run(start, data), desc=config.method, quiet=config.quiet)
+    seconds = time.perf_counter() - clock
+    if outcome.model is not start:  # not kept back after a collapse
+        unlearned = {
+            "method": config.method,
+            "steps": outcome.steps,
+            "refined_images": len(prepared.refined),
+        }
+        outcome.model.config = replace(
+            outcome.model.config, provenance={**start.config.provenance, "unlearned": unlearned}
+        )
+    return outcome, seconds
+
+
+# --- stage 4: evaluate ----------------------------------------------------------------------
+
+
+def evaluate_states(models: dict[str, Model], evalset: EvalSet, seed: int) -> dict[str, dict]:
+    """evaluation.evaluate for each model state; "unlearned" is judged against "coarse" for
+    the class-takeover check. A trained model's training record comes along."""
+    records: dict[str, dict] = {}
+    for name, model in models.items():
+        start = records.get("coarse") if name == "unlearned" else None
+        records[name] = evaluation.evaluate(model, evalset, seed, start)
+        training = model.config.provenance.get("training")
+        if training is not None and name != "unlearned":
+            records[name]["training"] = training
+    return records
+
+
+@dataclass
+class SaliencyPicture:
+    """Before/after saliency of a few test images, ready to draw."""
+
+    images: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    artefacts: np.ndarray
+    captions: list[str]
+    shares: dict[str, float]  # mean share of saliency on the spurious pixels, per model
+
+
+def saliency_picture(coarse: Model, unlearned: Model, evalset: EvalSet, count: int):
+    """Saliency of benign test images that carry spurious pixels (where the shortcut
+    misleads), before and after unlearning; None without labels or S."""
+    if evalset.spurious is None or evalset.labels is None or not count:
+        return None
+    s_map = evalset.spurious
+    candidates = np.flatnonzero(s_map.any(axis=(1, 2)) & (evalset.labels == 0))
+    if len(candidates) == 0:
+        candidates = np.arange(len(evalset))
+    picks = candidates[:count]
+    maps = {
+        name: saliency.saliency_maps(m, evalset.images[picks])
+        for name, m in (("coarse", coarse), ("unlearned", unlearned))
+    }
+    shares = {name: saliency.saliency_share(m, s_map[picks]) for name, m in maps.items()}
+    captions = [
+        f"{evalset.ids[i]}\nbenign\non artefacts: {shares['coarse'][j]:.0%} -> "
+        f"{shares['unlearned'][j]:.0%}"
+        for j, i in enumerate(picks)
+    ]
+    return SaliencyPicture(
+        images=evalset.images[picks],
+        before=maps["coarse"],
+        after=maps["unlearned"],
+        artefacts=s_map[picks],
+        captions=captions,
+        shares={name: float(v.mean()) for name, v in shares.items()},
+    )
+
+
+# --- stage 5: report ------------------------------------------------------------------------
+
+
+def trajectory(outcome: UnlearnResult) -> list[dict]:
+    """The probe's curve: the start, then one row per step (probe numbers where probed)."""
+    start = {"step": 0, "phase": "start", **(outcome.start_metrics or {})}
+    rows = [
+        {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})} for e in outcome.history
+    ]
+    return [start, *rows]
+
+
+def run_warnings(records: dict[str, dict], outcome: UnlearnResult | None) -> list[str]:
+    """What a reader must not miss: a collapse, a class takeover, a fit that failed."""
+    found = []
+    if outcome is not None and outcome.collapsed:
+        kept = outcome.rejected is not None
+        found.append(
+            "the unlearned model COLLAPSED (its probe Dice fell below the floor or it went "
+            "non-finite)" + ("; the starting model was kept (unlearned = coarse)" if kept else "")
+        )
+    for name, record in records.items():
+        if record.get("class_takeover"):
+            found.append(f"{name}: {record['class_takeover']}")
+        training = record.get("training") or {}
+        if training.get("converged") is False:
+            found.append(
+                f"{name}: training did not converge (best validation Dice "
+                f"{training['val_dice']:.3f} < {training['min_val_dice']})"
+            )
+    return found
+
+
+def build_report(
+    config: RunConfig,
+    operator: Operator,
+    prepared: Prepared,
+    records: dict[str, dict],
+    outcome: UnlearnResult,
+    certificate,
+    device,
+    timings: dict,
+) -> dict:
+    """metrics.json's content: one record per model state, the run's settings and history."""
+    records["unlearned"]["collapsed"] = outcome.collapsed
+    return {
+        **records,
+        "config": asdict(config),
+        "seed": config.seed,
+        "device": str(device),
+        "operator": {"name": operator.name, **asdict(operator)},
+        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
+        if certificate
+        else None,
+        "unlearning": {
+            "collapsed": outcome.collapsed,
+            "kept_starting_model": outcome.rejected is not None,
+            "start_probe": outcome.start_metrics,
+            "trajectory": trajectory(outcome)[1:],
+        },
+        "warnings": run_warnings(records, outcome),
+        "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
+        "forget_pixels": prepared.split.forget_count,
+        "n_train": len(prepared.train),
+        "n_test": len(prepared.test),
+        "test_split": str(prepared.test.splits[0]),
+        "test_ids": prepared.evalset.ids,
+        "timings": timings,
+    }
+
+
+def write_run(
+    out: Path | str,
+    report: dict,
+    models: dict[str, Model],
+    picture: SaliencyPicture | None = None,
+    trajectories: dict[str, list[dict]] | None = None,
+) -> Path:
+    """Write a run's files into `out`: each model (file stem -> model), saliency.png,
+    trajectory.png and metrics.json. The only stage that touches the disk."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stem, model in models.items():
+        model.save(out / stem)
+    if picture is not None:
+        figures.saliency_grid(
+            picture.images,
+            picture.before,
+            picture.after,
+            picture.captions,
+            out / "saliency.png",
+            artefacts=picture.artefacts,
+            title="Saliency of the malignant score over the predicted lesion",
+        )
+    if trajectories:
+        figures.trajectory_plot(trajectories, out / "trajectory.png")
+    # Written last: a folder with metrics.json holds a finished run.
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    return out
+
+
+def unlearn_and_report(
+    config: RunConfig,
+    operator: Operator,
+    prepared: Prepared,
+    start: Trained,
+    evaluated: dict[str, dict],
+    device,
+    timings: dict,
+) -> tuple[dict, dict[str, Model], SaliencyPicture | None, UnlearnResult]:
+    """Unlearn from `start` and evaluate the result beside the states already `evaluated`
+    (coarse, and the baselines where trained); returns the report, the model to save, the saliency
+    picture and the unlearning result."""
+    certified = isinstance(operator, CertifiedOperator)
+    certificate = operator.certificate(start.model) if certified else None
+    outcome, timings["unlearn_s"] = unlearn(config, operator, start.model, prepared)
+    clock = time.perf_counter()
+    if outcome.model is start.model:  # kept back after a collapse: the same numbers
+        unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
+    else:
+        unlearned = evaluation.evaluate(
+            outcome.model, prepared.evalset, config.seed, evaluated["coarse"]
+        )
+    records = {"coarse": evaluated["coarse"], "unlearned": unlearned}
+    records |= {k: v for k, v in evaluated.items() if k != "coarse"}
+    picture = saliency_picture(start.model, outcome.model, prepared.evalset, config.saliency_images)
+    if picture is not None:
+        for name, share in picture.shares.items():
+            records[name] = {**records[name], "saliency_on_artefacts": share}
+    timings["evaluate_s"] = timings.get("evaluate_s", 0.0) + time.perf_counter() - clock
+    report = build_report(
+        config, operator, prepared, records, outcome, certificate, device, timings
+    )
+    saved = {"unlearned_model": outcome.model} if outcome.model is not start.model else {}
+    return report, saved, picture, outcome
+
+
 def run(config: RunConfig) -> dict:
-    """Run the pipeline and write metrics.json and saliency pictures to config.out.
+    """Run the pipeline and write metrics.json, the models and pictures to config.out.
 
     The output is checked before any work and written through a staging folder that is moved
     to config.out only when the run completes (see outputs.staged_folder).
     """
+    operator = build_operator(config)
     model_config, checkpoints = ModelConfig(encoder=config.encoder), 2  # coarse and unlearned
     if config.model:  # a checkpoint runs at the size it was trained at, never resized silently
         model_config, checkpoints = read_config(config.model), 1
@@ -205,116 +478,29 @@ def run(config: RunConfig) -> dict:
             )
     needed = checkpoints * outputs.checkpoint_bytes(model_config)
     with outputs.staged_folder(config.out, config.overwrite, needed) as out:
-        return _run(config, out)
+        return _run(config, operator, out)
 
 
-def _run(config: RunConfig, out: Path) -> dict:
-    # Built first, so a bad setting fails before any training.
-    operator = make_operator(
-        config.method,
-        steps=config.steps,
-        seed=config.seed,
-        scope=config.scope,
-        accept_collapse=config.accept_collapse,
-        **config.operator_options,
-    )
+def _run(config: RunConfig, operator: Operator, out: Path) -> dict:
     device = resolve_device(config.device)
-    timings = {}
+    prepared = prepare_data(config)
+    timings = {"data_s": prepared.seconds}
+    start = train_or_load(config, prepared, device)
+    timings["coarse_train_s"] = start.seconds
+    if not config.model:  # saved at once: a run stopped later keeps the trained model
+        start.model.save(out / "coarse_model")
+    baselines = train_baselines(config, prepared, device) if config.baselines else {}
+    for name, trained in baselines.items():
+        timings[f"{name}_train_s"] = trained.seconds
     clock = time.perf_counter()
-    data = load_data(config)
-    train_set = data.split("train")
-    test = data.split("test") if (data.splits == "test").any() else data.split("val")
-    if len(test) == 0:
-        raise ValueError("the data has no test or val split to evaluate on")
-    coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
-    refined_idx = choose_refined(train_set, config)
-    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined_idx})
-    s_map = spurious_map(test, config)
-    inpainted = saliency.inpaint_background(test.images, s_map)
-    groups = evaluation_groups(test, train_set)
-    timings["data_s"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
-    if config.model:
-        model = Model.load(config.model, device)
-    else:
-        coarse_kind = f"coarse ({config.coarse} {config.coarse_margin:g})"
-        model = train_model(train_set.images, coarse, config, device, coarse_kind)
-        model.save(out / "coarse_model")
-    timings["coarse_train_s"] = time.perf_counter() - clock
-    results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
-
-    certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
-    probe = make_probe(test, s_map, config.probe_images) if config.probe_images else None
-    clock = time.perf_counter()
-    job = operator.run(model, UnlearnData(train_set.images, coarse, split, probe))
-    outcome = drive(job, desc=config.method, quiet=config.quiet)
-    timings["unlearn_s"] = time.perf_counter() - clock
-    if outcome.model is not model:  # not kept back after a collapse
-        unlearned = {
-            "method": config.method,
-            "steps": outcome.steps,
-            "refined_images": len(refined_idx),
-        }
-        outcome.model.config = replace(
-            outcome.model.config, provenance={**model.config.provenance, "unlearned": unlearned}
-        )
-        outcome.model.save(out / "unlearned_model")
-    results["unlearned"] = evaluate(outcome.model, test, s_map, inpainted, groups, config.seed)
-    results["unlearned"]["collapsed"] = outcome.collapsed
-    if config.saliency_images:
-        shares = saliency_picture(
-            {"coarse": model, "unlearned": outcome.model},
-            test,
-            s_map,
-            config.saliency_images,
-            out / "saliency.png",
-        )
-        for name, share in shares.items():
-            results[name]["saliency_on_artefacts"] = share
-
-    if config.baselines:
-        baselines = (
-            ("retrain", split.targets, "corrected (refined where refined)"),
-            ("fine_oracle", train_set.masks, "fine"),
-        )
-        for name, targets, kind in baselines:
-            clock = time.perf_counter()
-            baseline = train_model(train_set.images, targets, config, device, kind)
-            timings[f"{name}_train_s"] = time.perf_counter() - clock
-            results[name] = evaluate(baseline, test, s_map, inpainted, groups, config.seed)
-
-    report = {
-        **results,
-        "config": asdict(config),
-        "seed": config.seed,
-        "device": str(device),
-        "operator": {"name": operator.name, **asdict(operator)},
-        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
-        if certificate
-        else None,
-        "unlearning": {
-            "collapsed": outcome.collapsed,
-            "kept_starting_model": outcome.model is model,
-            "start_probe": outcome.start_metrics,
-            "trajectory": [
-                {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})}
-                for e in outcome.history
-            ],
-        },
-        "refined_ids": [train_set.ids[i] for i in refined_idx],
-        "forget_pixels": split.forget_count,
-        "n_train": len(train_set),
-        "n_test": len(test),
-        "timings": timings,
-    }
-    if config.probe_images:
-        start = {"step": 0, "phase": "start", **(outcome.start_metrics or {})}
-        figures.trajectory_plot(
-            {config.method: [start, *report["unlearning"]["trajectory"]]}, out / "trajectory.png"
-        )
-    # Written last: a folder with metrics.json holds a finished run.
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
+    evaluated = evaluate_states(states, prepared.evalset, config.seed)
+    timings["evaluate_s"] = time.perf_counter() - clock
+    report, saved, picture, outcome = unlearn_and_report(
+        config, operator, prepared, start, evaluated, device, timings
+    )
+    curves = {config.method: trajectory(outcome)} if config.probe_images else None
+    write_run(out, report, saved, picture, curves)
     return report
 
 
@@ -324,23 +510,54 @@ def _plain(value):
     return str(value)
 
 
+STATES = ("coarse", "unlearned", "retrain", "fine_oracle")
+
+
+def _cell(value, spec: str, width: int) -> str:
+    """A number formatted to `spec`, or n/a where it is missing or not finite."""
+    ok = value is not None and np.isfinite(value)
+    return f"{format(value, spec) if ok else 'n/a':>{width}}"
+
+
 def table(report: dict) -> str:
-    """The printed summary: one row per model state."""
-    rows = [f"{'model':<12} {'AUROC':>6} {'worst':>6} {'Dice':>6} {'S_global':>10} {'excess':>10}"]
-    for name in ("coarse", "unlearned", "retrain", "fine_oracle"):
-        if name in report:
-            r, s = report[name], report[name]["s_global"]
-            rows.append(
-                f"{name:<12} {r['auroc']:>6.3f} {r['worst_group_auroc']:>6.3f} "
-                f"{r['dice']:>6.3f} {s['value']:>10.2e} {s['excess']:>10.2e}"
-            )
-    rows.append("S_global in nats per pixel; excess = value - permutation-null mean")
-    if report.get("unlearning", {}).get("collapsed"):
-        kept = report["unlearning"]["kept_starting_model"]
-        rows.append(
-            "the unlearned model COLLAPSED"
-            + ("; the starting model was kept (unlearned = coarse)" if kept else "")
+    """The printed summary: one row per model state, class-aware, then the warnings."""
+    head = (
+        f"{'model':<12} {'AUROC [95% CI]':>21} {'worst':>6} {'confl.':>6} {'Dice':>6} "
+        f"{'benign':>6} {'malig.':>6} {'malig%':>6} {'band':>7} {'S_global':>9} {'excess':>9}"
+    )
+    rows = [head]
+    for name in STATES:
+        if name not in report:
+            continue
+        r = report[name]
+        ci = r.get("auroc_ci") or {}
+        interval = (
+            f"[{ci['ci_low']:.3f},{ci['ci_high']:.3f}]"
+            if ci and np.isfinite(ci.get("ci_low", np.nan))
+            else ""
         )
+        by_class = r.get("dice_by_class", {})
+        s_global = r.get("s_global") or {}
+        band = r.get("band_reliance") or {}
+        rows.append(
+            f"{name:<12} {_cell(r['auroc'], '.3f', 6)} {interval:>14} "
+            f"{_cell(r['worst_group_auroc'], '.3f', 6)} "
+            f"{_cell(r.get('conflicting_auroc'), '.3f', 6)} {_cell(r['dice'], '.3f', 6)} "
+            f"{_cell(by_class.get('benign'), '.3f', 6)} "
+            f"{_cell(by_class.get('malignant'), '.3f', 6)} "
+            f"{_cell(r.get('malignant_share'), '.0%', 6)} {_cell(band.get('value'), '.4f', 7)} "
+            f"{_cell(s_global.get('value'), '.2e', 9)} {_cell(s_global.get('excess'), '.2e', 9)}"
+        )
+    rows += [
+        "AUROC of the malignancy score with a bootstrap 95% CI; worst: lowest group AUROC; "
+        "confl.: the group opposing the shortcut",
+        "Dice overall, then per class (benign, malig.); malig%: malignant share of the "
+        "predicted lesion pixels",
+        "band: band reliance, mean |change| of the malignancy score when the dilation band "
+        "is inpainted",
+        "S_global in nats per pixel; excess = value - permutation-null mean",
+    ]
+    rows += [f"WARNING: {w}" for w in report.get("warnings", [])]
     if report.get("certificate"):
         rows.append(report["certificate"]["summary"])
     return "\n".join(rows)

@@ -35,7 +35,7 @@ import numpy as np
 from scipy.special import entr
 from sklearn.metrics import roc_auc_score
 
-from .data.lesion_set import MALIGNANT
+from .data.lesion_set import BENIGN, MALIGNANT
 
 UNIT = "nats per pixel"
 
@@ -79,6 +79,82 @@ def worst_group_auroc(by_group: dict[str, float]) -> float:
     return float(min(values)) if values else float("nan")
 
 
+def auroc_ci(
+    scores, labels, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0, min_per_class=1
+) -> dict:
+    """AUROC of image scores against 0/1 labels with a percentile bootstrap interval.
+
+    Images are resampled with replacement within each class (a stratified bootstrap), so every
+    draw keeps both classes and its class counts. AUROC is the Mann-Whitney statistic (ties
+    count 1/2), equal to sklearn's roc_auc_score. Keys: value, ci_low, ci_high, n_malignant,
+    n_benign; value and interval are nan when a class has fewer than min_per_class images,
+    the interval also when n_boot is 0.
+    """
+    scores, labels = np.asarray(scores, float), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must match")
+    pos, neg = scores[labels], scores[~labels]
+    record = {
+        "value": float("nan"),
+        "ci_low": float("nan"),
+        "ci_high": float("nan"),
+        "n_malignant": len(pos),
+        "n_benign": len(neg),
+    }
+    if min(len(pos), len(neg)) < max(min_per_class, 1):
+        return record
+    # kernel[i, j]: malignant image i outranks benign image j (1/2 for a tie)
+    kernel = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    record["value"] = float(kernel.mean())
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        # A resample is a count per image; its AUROC weighs each pair by both counts.
+        w_pos = rng.multinomial(len(pos), np.full(len(pos), 1 / len(pos)), size=n_boot)
+        w_neg = rng.multinomial(len(neg), np.full(len(neg), 1 / len(neg)), size=n_boot)
+        boot = ((w_pos @ kernel) * w_neg).sum(axis=1) / (len(pos) * len(neg))
+        tail = 100 * (1 - level) / 2
+        record["ci_low"], record["ci_high"] = (
+            float(v) for v in np.percentile(boot, [tail, 100 - tail])
+        )
+    return record
+
+
+def auroc_by_group_ci(scores, labels, groups: dict, min_per_class: int = 3, **bootstrap) -> dict:
+    """`auroc_ci` inside each group (name -> (N,) bool); options go to auroc_ci."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    return {
+        name: auroc_ci(
+            scores[np.asarray(sel, bool)],
+            labels[np.asarray(sel, bool)],
+            min_per_class=min_per_class,
+            **bootstrap,
+        )
+        for name, sel in groups.items()
+    }
+
+
+def mean_ci(values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of per-image values with a percentile bootstrap interval over images.
+
+    Keys value, ci_low, ci_high, n_images; nan when there are no values.
+    """
+    values = np.asarray(values, float)
+    record = {"value": float("nan"), "ci_low": float("nan"), "ci_high": float("nan")}
+    record["n_images"] = len(values)
+    if len(values) == 0:
+        return record
+    record["value"] = float(values.mean())
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        draws = rng.multinomial(len(values), np.full(len(values), 1 / len(values)), size=n_boot)
+        boot = draws @ values / len(values)
+        tail = 100 * (1 - level) / 2
+        record["ci_low"], record["ci_high"] = (
+            float(v) for v in np.percentile(boot, [tail, 100 - tail])
+        )
+    return record
+
+
 def shortcut_groups(flags: dict, labels, names, direction: dict | None = None) -> dict:
     """Per artefact, the images that agree with the training shortcut and those that oppose it.
 
@@ -109,22 +185,58 @@ def shortcut_groups(flags: dict, labels, names, direction: dict | None = None) -
 # --- Segmentation ---
 
 
+def _predicted(probs_or_pred, truth_shape) -> np.ndarray:
+    """A predicted label map (N, H, W) from probabilities (argmax) or a label map."""
+    pred = np.asarray(probs_or_pred)
+    if pred.ndim == 4:
+        pred = pred.argmax(axis=1)
+    if pred.shape != tuple(truth_shape):
+        raise ValueError(f"prediction has shape {pred.shape} but the masks have {truth_shape}")
+    return pred
+
+
+def _dice_per_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(N,) Dice of boolean (N, H, W) maps; an image where both are empty counts as 1."""
+    overlap = (pred & truth).sum(axis=(1, 2))
+    sizes = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
+    return np.where(sizes == 0, 1.0, 2 * overlap / np.maximum(sizes, 1))
+
+
 def dice(probs_or_pred, fine_masks) -> float:
     """Mean foreground Dice over images (lesion = any nonzero class); both empty counts as 1.
 
     Takes probabilities (N, K, H, W), reduced by argmax, or a predicted label map (N, H, W).
     """
+    truth = np.asarray(fine_masks)
+    pred = _predicted(probs_or_pred, truth.shape)
+    return float(_dice_per_image(pred != 0, truth != 0).mean())
+
+
+def dice_by_class(probs_or_pred, masks, classes=(BENIGN, MALIGNANT)) -> dict[int, float]:
+    """Per lesion class k, the mean Dice of (prediction == k) against (truth == k) over the
+    images whose truth holds class k; nan where no image does.
+
+    Unlike `dice`, a lesion found in the right place but called the wrong class scores 0, so
+    a model that calls every lesion malignant keeps its malignant Dice and loses its benign.
+    """
+    truth = np.asarray(masks)
+    pred = _predicted(probs_or_pred, truth.shape)
+    out = {}
+    for k in classes:
+        has_k = (truth == k).any(axis=(1, 2))
+        per_image = _dice_per_image(pred[has_k] == k, truth[has_k] == k)
+        out[int(k)] = float(per_image.mean()) if has_k.any() else float("nan")
+    return out
+
+
+def malignant_share(probs_or_pred) -> float:
+    """Share of the predicted lesion pixels (argmax not background), pooled over images, that
+    are malignant; nan when no lesion pixel is predicted. Takes probabilities or a label map."""
     pred = np.asarray(probs_or_pred)
-    truth = np.asarray(fine_masks) != 0
     if pred.ndim == 4:
         pred = pred.argmax(axis=1)
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction has shape {pred.shape} but fine_masks has {truth.shape}")
-    pred = pred != 0
-    overlap = (pred & truth).sum(axis=(1, 2))
-    sizes = pred.sum(axis=(1, 2)) + truth.sum(axis=(1, 2))
-    per_image = np.where(sizes == 0, 1.0, 2 * overlap / np.maximum(sizes, 1))
-    return float(per_image.mean())
+    lesion = int((pred != 0).sum())
+    return float((pred == MALIGNANT).sum() / lesion) if lesion else float("nan")
 
 
 # --- Information measures ---

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import evaluation
 from . import masks as masklib
 from .data.folders import write_masks
+from .evaluation import EvalSet
 from .progress import Cancel, Progress
 from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
@@ -44,7 +46,7 @@ class Views:
     saliency: np.ndarray  # (N, H, W) float32 attribution of the malignant score
     saliency_vmax: float  # 99th percentile of the maps: their own colour scale
     scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability)
-    metrics: dict  # s_global (report), dice_refined, dice_by_class, auroc, malignant_share
+    metrics: dict  # evaluation.evaluate's record, plus "refined": the probe on refined images
 
 
 @dataclass
@@ -85,6 +87,48 @@ class RunRecord:
     def model(self):
         """The model the shown numbers describe (the rejected one after a collapse)."""
         return self.result.rejected or self.result.model
+
+    def summary(self, method: str) -> str:
+        """The dock's lines on this run: plain words first, numbers with their uncertainty."""
+        before, after = self.before.metrics, self.after.metrics
+        sb, sa = before["s_global"], after["s_global"]
+        rb, ra = before["refined"], after["refined"]
+        lines = [
+            f"Run {self.number} ({method}):",
+            f"S_global {change(sb['value'], sa['value'])}. Lower means the predictions carry "
+            "less information from the artefact pixels.",
+            f"95% intervals over images: before [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}], "
+            f"after [{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]; chance level "
+            f"{sb['null_mean']:.1e}.",
+        ]
+        bb, ba = before["band_reliance"], after["band_reliance"]
+        if bb and ba:
+            lines.append(
+                f"Reliance on the erased pixels {bb['value']:.3f} -> {ba['value']:.3f} (how much "
+                "the malignancy score moves when they are filled with skin)."
+            )
+        lines.append(
+            f"Dice on the refined images {rb['dice']:.2f} -> {ra['dice']:.2f} (benign "
+            f"{_num(rb['dice_benign'])} -> {_num(ra['dice_benign'])}, malignant "
+            f"{_num(rb['dice_malignant'])} -> {_num(ra['dice_malignant'])})."
+        )
+        lines.append(
+            f"Predicted lesion called malignant: {_share(before['malignant_share'])} -> "
+            f"{_share(after['malignant_share'])}."
+        )
+        if np.isfinite(after["auroc"]):
+            ci = after["auroc_ci"]
+            lines.append(
+                f"AUROC on these images {before['auroc']:.2f} -> {after['auroc']:.2f} "
+                f"[{ci['ci_low']:.2f}, {ci['ci_high']:.2f}]."
+            )
+        if after.get("class_takeover"):
+            lines.append(f"WARNING: {after['class_takeover']}")
+        if self.result.collapsed:
+            lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
+        if self.certificate is not None:
+            lines.append(self.certificate.summary())
+        return "\n".join(lines)
 
 
 class Workbench:
@@ -208,7 +252,7 @@ class Workbench:
         self, plan: Plan, cancel: Cancel | None = None
     ) -> Generator[Progress, None, RunRecord]:
         """Unlearn the plan's forget set from the current model (worker thread)."""
-        from .unlearning import UnlearnData
+        from .unlearning import CertifiedOperator, UnlearnData
 
         clock = time.perf_counter()
         operator, steps = plan.operator, plan.operator.steps
@@ -226,23 +270,21 @@ class Workbench:
             if plan.spurious is None
             else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
         )
-        measure = _Measure(self.stack, images, split.targets, s_map, edited, self.labels)
-
-        def probe(m) -> dict:
-            return measure.probe(m)
-
-        certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
+        measure = _Measure(self.stack, images, split, s_map, self.labels)
+        certificate = (
+            operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
+        )
         yield Progress(0, steps, MEASURE_BEFORE)
         before = measure.views(model)
         if cancel:
             result = _cancelled(model)
         else:
-            data = UnlearnData(images, coarse, split, probe)
+            data = UnlearnData(images, coarse, split, measure.probe)
             result = yield from operator.run(model, data, cancel)
         after = None
         if not result.cancelled:
             yield Progress(steps, steps, MEASURE_AFTER)
-            after = measure.views(result.rejected or result.model)
+            after = measure.views(result.rejected or result.model, start=before.metrics)
         self.runs += 1
         return RunRecord(
             number=self.runs,
@@ -354,52 +396,53 @@ class Workbench:
 
 
 class _Measure:
-    """Predictions, saliency and numbers of one model on the stack (worker thread)."""
+    """Predictions, saliency and numbers of one model on the stack (worker thread), from the
+    project's one evaluator: the record `run` writes per model state, on all the images (S_global,
+    AUROC where labels exist, scores, band reliance on the erased pixels), plus class-aware Dice
+    on the refined images, whose refined masks are the only truth the plugin has."""
 
-    def __init__(self, stack, images, truth, s_map, refined_index, labels):
-        self.stack, self.images, self.truth, self.s_map = stack, images, truth, s_map
-        self.refined, self.labels = refined_index, labels
+    def __init__(self, stack, images, split, s_map, labels):
+        self.stack = stack
+        self.all = EvalSet(images, split.targets, labels, s_map, band=split.forget)
+        self.refined_index = np.flatnonzero(split.refined)
+        self.refined = self.all.select(self.refined_index)
 
     def probe(self, model) -> dict:
-        from . import metrics
+        return evaluation.probe(model, self.refined)
 
-        probs = model.probabilities(self.images)
-        found = {
-            "dice": metrics.dice(probs[self.refined], self.truth[self.refined]),
-            "s_global": metrics.s_global(probs, self.s_map, self.truth),
-        }
-        if self.labels is not None:
-            found["auroc"] = metrics.pooled_auroc(probs, self.labels)
-        return found
+    def views(self, model, start: dict | None = None) -> Views:
+        from . import saliency
 
-    def views(self, model) -> Views:
-        from . import metrics, saliency
-
-        probs = model.probabilities(self.images)
-        maps = self.stack.from_model(saliency.saliency_maps(model, self.images))
-        numbers = {
-            "s_global": metrics.s_global_report(
-                probs, self.s_map, self.truth, n_boot=200, n_perm=50
-            ),
-            "dice_refined": metrics.dice(probs[self.refined], self.truth[self.refined]),
-            "malignant_share": _malignant_share(probs),
-        }
-        if self.labels is not None:
-            numbers["auroc"] = metrics.pooled_auroc(probs, self.labels)
+        record = evaluation.evaluate(model, self.all, seed=0, start=start, n_boot=200)
+        refined = evaluation.probe(model, self.refined)
+        record["refined"] = refined
+        record["dice_refined"] = refined["dice"]
+        probs = model.probabilities(self.all.images)
+        maps = self.stack.from_model(saliency.saliency_maps(model, self.all.images))
         return Views(
             predictions=self.stack.from_model(probs.argmax(1).astype(np.uint8), labels=True),
             saliency=maps.astype(np.float32),
             saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
-            scores=metrics.image_scores(probs),
-            metrics=numbers,
+            scores=np.asarray(record["image_scores"]),
+            metrics=record,
         )
 
 
-def _malignant_share(probs: np.ndarray) -> float:
-    """Share of predicted lesion pixels predicted malignant (nan when none is lesion)."""
-    predicted = probs.argmax(1)
-    lesion = int((predicted != 0).sum())
-    return float((predicted == 2).sum() / lesion) if lesion else float("nan")
+def change(before: float, after: float, numbers: bool = True) -> str:
+    """'87% lower (1.3e-02 -> 1.7e-03 nats/px)', or higher, for S_global."""
+    if not before > 0:
+        return f"{before:.1e} -> {after:.1e} nats/px"
+    drop = 1 - after / before
+    text = f"{abs(drop):.0%} {'lower' if drop >= 0 else 'higher'}"
+    return text + (f" ({before:.1e} -> {after:.1e} nats/px)" if numbers else "")
+
+
+def _num(value: float) -> str:
+    return f"{value:.2f}" if np.isfinite(value) else "n/a"
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}" if np.isfinite(value) else "n/a"
 
 
 def _cancelled(model):

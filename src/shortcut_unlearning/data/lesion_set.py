@@ -12,7 +12,8 @@ ARTEFACTS = ("dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", 
 
 BACKGROUND, BENIGN, MALIGNANT = 0, 1, 2
 CLASS_NAMES = ("background", "benign", "malignant")
-SPLITS = ("train", "val", "test")
+# test_balanced: a test split whose artefacts are independent of the label (synthetic data).
+SPLITS = ("train", "val", "test", "test_balanced")
 
 
 def artefact_bit(name: str) -> int:
@@ -79,7 +80,7 @@ class LesionSet:
         )
 
     def split(self, name: str) -> LesionSet:
-        """The images of one split ('train', 'val' or 'test')."""
+        """The images of one split (one of SPLITS)."""
         return self.select(self.splits == name)
 
     def artefact_mask(self, names=None) -> np.ndarray:

@@ -4,8 +4,9 @@ Each image holds one lesion (benign or malignant) on shaded skin, and artefacts 
 catalogue (METHOD.md section 8), each with its exact pixel mask. The *spurious* artefacts are
 painted inside the default coarse mask's dilation band (so a coarse mask labels them lesion)
 and follow the label: P(artefact | malignant) = p and P(artefact | benign) = 1 - p in the train
-split, reversed in the test split. The others are nuisances at ISIC prevalence, independent of
-the label.
+split, reversed in the test split, and independent of it (1/2) in the optional "test_balanced"
+split (`balanced_test` images), whose groups are large enough for a powered robustness
+measure. The others are nuisances at ISIC prevalence, independent of the label.
 
 Difficulty, fixed once from first principles rather than tuned to a result: each lesion has a
 latent severity s ~ N(0.5 -/+ signal/2, 0.2) (benign/malignant) that drives border
@@ -52,6 +53,11 @@ class SynthConfig:
     class_signal: float = 0.5  # distance between the class means of the latent severity
     malignant_fraction: float = 0.5
     test_fraction: float = 0.3
+    # Extra images, beyond n, in a "test_balanced" split where every spurious artefact is
+    # independent of the label (present with probability 1/2): each artefact's aligned and
+    # conflicting groups then hold about balanced_test / 2 images, against about (1 - p) of
+    # the reversed test split in its aligned group.
+    balanced_test: int = 0
     coarse_method: str = masklib.DEFAULT_COARSE_METHOD
     coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
 
@@ -62,6 +68,8 @@ class SynthConfig:
                 f"spurious artefacts {bad} cannot be placed in the dilation band; "
                 f"choose from {BAND_ARTEFACTS}"
             )
+        if self.balanced_test < 0:
+            raise ValueError(f"balanced_test must be 0 or more, got {self.balanced_test}")
         if self.n < 1 or self.size < 32:
             raise ValueError(f"need n >= 1 and size >= 32 pixels, got n={self.n}, size={self.size}")
         for name in ("p", "malignant_fraction", "test_fraction"):
@@ -91,8 +99,17 @@ def generate(config: SynthConfig | None = None, **overrides) -> LesionSet:
         a: rng.random(cfg.n) < (p_spurious if a in cfg.spurious else ISIC_PREVALENCE[a])
         for a in ARTEFACTS
     }
+    if cfg.balanced_test:  # drawn after the rest, so the first n images stay as they were
+        extra = cfg.balanced_test
+        labels = np.concatenate([labels, rng.random(extra) < cfg.malignant_fraction])
+        labels = labels.astype(np.int64)
+        splits = np.concatenate([splits, np.full(extra, "test_balanced", dtype=object)])
+        for a in ARTEFACTS:
+            chance = 0.5 if a in cfg.spurious else ISIC_PREVALENCE[a]
+            present[a] = np.concatenate([present[a], rng.random(extra) < chance])
+    total = cfg.n + cfg.balanced_test
     images, fine, artefacts = [], [], []
-    for i in range(cfg.n):
+    for i in range(total):
         wanted = [a for a in ARTEFACTS if present[a][i]]
         img, mask, art = _render(cfg, int(labels[i]), wanted, np.random.default_rng([cfg.seed, i]))
         images.append(img)
@@ -100,7 +117,7 @@ def generate(config: SynthConfig | None = None, **overrides) -> LesionSet:
         artefacts.append(art)
     artefacts = np.stack(artefacts)
     return LesionSet(
-        ids=[f"synth_{cfg.seed}_{i:05d}" for i in range(cfg.n)],
+        ids=[f"synth_{cfg.seed}_{i:05d}" for i in range(total)],
         images=np.stack(images),
         masks=np.stack(fine),
         labels=labels,

@@ -45,7 +45,7 @@ from qtpy.QtWidgets import (
 from ..masks import MaskError
 from ..progress import Cancel
 from ..settings import DEFAULTS, autosave_folder, exports_folder, load_settings, save_settings
-from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench
+from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench, change
 from . import _layers
 from ._edits import edited_planes
 
@@ -637,7 +637,7 @@ class ShortcutUnlearningWidget(QWidget):
                 widget.setEnabled(False)
             return
         self._show_layers(record)
-        self.result.setText(_summary(record, self.bench.labels))
+        self.result.setText(record.summary(METHODS.get(record.method, (record.method,))[0]))
         self._fill_scores(record)
         self.scale.setEnabled(True)
         self.scores.setEnabled(True)
@@ -729,9 +729,8 @@ class ShortcutUnlearningWidget(QWidget):
             record.after.metrics["s_global"]["value"],
         )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
-        drop = f"{1 - sa / sb:.0%} lower" if sb > 0 and sa <= sb else "not lower"
         overlay.text = (
-            f"Left: before, right: after run {record.number}; S_global {drop}\n"
+            f"Left: before, right: after run {record.number}; S_global {change(sb, sa, False)}\n"
             f"This image{truth}: malignancy {record.before.scores[i]:.2f} -> "
             f"{record.after.scores[i]:.2f}"
         )
@@ -826,37 +825,6 @@ def _float(text: str) -> float | None:
 def _duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def _change(before: float, after: float) -> str:
-    if before <= 0:
-        return f"{before:.1e} -> {after:.1e} nats/px"
-    drop = 1 - after / before
-    word = "lower" if drop >= 0 else "higher"
-    return f"{abs(drop):.0%} {word} ({before:.1e} -> {after:.1e} nats/px)"
-
-
-def _summary(record, labels) -> str:
-    """The dock's result lines: plain words first, numbers with their uncertainty after."""
-    before, after = record.before.metrics, record.after.metrics
-    sb, sa = before["s_global"], after["s_global"]
-    lines = [
-        f"Run {record.number} ({METHODS.get(record.method, (record.method,))[0]}):",
-        f"S_global {_change(sb['value'], sa['value'])}. Lower means the predictions carry less "
-        "information from the artefact pixels.",
-        f"95% intervals over images: before [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}], after "
-        f"[{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]; chance level {sb['null_mean']:.1e}.",
-        f"Dice on the refined images {before['dice_refined']:.2f} -> {after['dice_refined']:.2f}.",
-        f"Predicted lesion called malignant: {before['malignant_share']:.0%} -> "
-        f"{after['malignant_share']:.0%}.",
-    ]
-    if "auroc" in after and np.isfinite(after["auroc"]):
-        lines.append(f"AUROC on these images: {before['auroc']:.2f} -> {after['auroc']:.2f}.")
-    if record.result.collapsed:
-        lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
-    if record.certificate is not None:
-        lines.append(record.certificate.summary())
-    return "\n".join(lines)
 
 
 def _device_in_use(name: str) -> str:

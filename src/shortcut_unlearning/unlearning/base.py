@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import evaluation
 from ..masks import PixelSplit
 from ..model import FrozenInputs, Model
 from ..progress import Cancel, Progress
@@ -71,10 +72,10 @@ class Operator:
     scope: str | None = None  # None: keep the model's scope
     probe_every: int = 10
     cache_features: bool = True
-    # Collapse: the probe's Dice falls below this share of the starting model's (AUROC: of its
-    # margin over chance), or a parameter is not finite. A collapsed model never replaces the
-    # starting one unless accept_collapse is set.
-    collapse_ratio: float = 0.5
+    # Collapse (evaluation.collapsed): the probe's Dice falls below this share of the starting
+    # model's, or a tensor is not finite. A collapsed model never replaces the starting one
+    # unless accept_collapse is set.
+    collapse_ratio: float = evaluation.COLLAPSE_RATIO
     accept_collapse: bool = False
     # Batch-norm layers normalise with the starting model's statistics: batches drawn from a
     # few refined images are too small and too alike to re-estimate them.
@@ -202,24 +203,9 @@ class Operator:
         return result
 
     def collapsed(self, model: Model, before: dict | None, after: dict | None) -> bool:
-        """Non-finite parameters, or a probe metric fallen below its floor: Dice under
-        collapse_ratio of the start's, or AUROC under the same share of the start's margin
-        over chance (0.5)."""
-        if not all(torch.isfinite(p).all() for p in model.scoped_parameters()):
-            return True
-        if not (before and after):
-            return False
-        floors = {
-            "dice": lambda start: self.collapse_ratio * start,
-            "auroc": lambda start: 0.5 + self.collapse_ratio * (start - 0.5),
-        }
-        return any(
-            key in before
-            and key in after
-            and np.isfinite(after[key])
-            and after[key] < floor(before[key])
-            for key, floor in floors.items()
-        )
+        """The project's one definition (evaluation.collapsed): non-finite tensors, or the
+        probe's Dice fallen below collapse_ratio of the start's. AUROC changes are results."""
+        return evaluation.collapsed(before, after, model, self.collapse_ratio)
 
     @staticmethod
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:
