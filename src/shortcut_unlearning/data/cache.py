@@ -54,9 +54,6 @@ class FolderCache:
     def path(self, key: str, kind: str) -> Path:
         return self.slot / f"{key}.{kind}.npy"
 
-    def has(self, key: str, kinds: Iterable[str]) -> bool:
-        return all(self.path(key, kind).is_file() for kind in kinds)
-
     def load(self, key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] | None:
         """The entry's arrays (memory-mapped, read-only), or None when it is missing or damaged
         (a damaged entry is deleted, with a warning)."""
@@ -94,18 +91,19 @@ class FolderCache:
                 stacklevel=2,
             )
 
-    def prune(self, keys: Iterable[str]) -> int:
+    def prune(self, keys: Iterable[str]) -> set[str]:
         """Delete entries no key in `keys` names and temporary files left by dead processes;
-        returns how many files went."""
-        keep, gone, now = set(keys), 0, time.time()
+        returns the names of the files kept."""
+        keep, kept, now = set(keys), set(), time.time()
         for file in self.slot.iterdir():
             stale = file.name.endswith(".npy") and file.name.split(".", 1)[0] not in keep
             with contextlib.suppress(OSError):
                 orphan = file.suffix == ".tmp" and now - file.stat().st_mtime > STALE_TEMPORARY_S
                 if stale or orphan:
                     file.unlink()
-                    gone += 1
-        return gone
+                    continue
+            kept.add(file.name)
+        return kept
 
     def make_room(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit with RESERVE_BYTES to spare; if not, the cache stays

@@ -86,10 +86,11 @@ class WorkingSet:
         }
 
     def warm(self, workers: int | None = None) -> None:
-        """Decode (or read from the cache) every image once, in parallel, keeping nothing in
-        memory: fills the cache, as a first Refine on a lazily opened folder does."""
-        for _ in in_order(self.reader.arrays, range(len(self)), workers):
-            pass
+        """Decode (or read from the cache) every image once, in parallel, and read its bytes,
+        keeping nothing: fills the cache, as a first Refine on a lazily opened folder does."""
+        for arrays in in_order(self.reader.arrays, range(len(self)), workers):
+            for array in arrays.values():
+                np.array(array)  # a cached entry is memory-mapped: this reads it
 
 
 def parse_working_size(text: str) -> int | None:
@@ -240,14 +241,15 @@ class _Reader:
             return
         try:
             self.cache = folder_cache(self.listing.folder, self.longest, root)
-            self.cache.prune(self.keys)
+            present = self.cache.prune(self.keys)
         except OSError as error:
             warnings.warn(
                 f"cannot use the cache in {root} ({error}); reading without it", stacklevel=3
             )
             self.cache = None
             return
-        missing = [i for i, key in enumerate(self.keys) if not self.cache.has(key, KINDS)]
+        entries = ({self.cache.path(key, kind).name for kind in KINDS} for key in self.keys)
+        missing = [i for i, names in enumerate(entries) if not names <= present]
         self.cache.make_room(sum(5 * h * w for h, w in (self.extents[i] for i in missing)))
 
     # -- one image --------------------------------------------------------------------------
