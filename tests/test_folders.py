@@ -289,3 +289,32 @@ def test_labelled_images_all_differ_from_csv(tmp_path):
         warnings.simplefilter("error")
         with pytest.raises(FolderError, match=r"none of the 1 images"):
             read_isic(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel decoding
+
+
+def test_parallel_decoding_gives_the_serial_result(isic_dir):
+    serial = read_folder(isic_dir, image_size=24, workers=1)
+    parallel = read_folder(isic_dir, image_size=24, workers=3)
+    assert parallel.ids == serial.ids and parallel.original_sizes == serial.original_sizes
+    np.testing.assert_array_equal(parallel.images, serial.images)
+    np.testing.assert_array_equal(parallel.masks, serial.masks)
+
+
+def test_parallel_decoding_reports_the_first_broken_file(isic_dir):
+    for number in (1, 2):
+        split = "Training" if number == 1 else "Test"
+        path = isic_dir / f"ISIC2018_Task1-2_{split}_Input/ISIC_000000{number}.jpg"
+        path.write_bytes(b"broken")
+    with pytest.raises(FolderError, match=r"cannot decode .*ISIC_0000001\.jpg"):
+        read_folder(isic_dir, image_size=16, workers=3)
+
+
+def test_large_jpegs_decode_at_reduced_scale_close_to_a_full_decode(tmp_path):
+    image, _ = add_isic_image(tmp_path, 0, (400, 600))
+    (tmp_path / "labels.csv").write_text("image,label\nISIC_0000000,0\n")
+    small = read_isic(tmp_path, image_size=64).images[0].astype(int)
+    full = np.asarray(Image.fromarray(image).resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(small - full).mean() < 2

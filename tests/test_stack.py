@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from shortcut_unlearning.stack import ImageStack, fit_extent, letterbox
+from shortcut_unlearning.stack import (
+    ImageStack,
+    canvas_shape,
+    fit_extent,
+    letterbox,
+    working_extent,
+)
 
 
 def test_letterbox_keeps_each_images_aspect_at_the_top_left():
@@ -40,3 +46,12 @@ def test_maps_come_back_to_each_images_extent_with_zero_padding():
 def test_extents_outside_the_canvas_are_refused():
     with pytest.raises(ValueError, match="extent"):
         ImageStack(np.zeros((1, 10, 10, 3), np.uint8), [(11, 10)])
+
+
+def test_the_working_extent_shrinks_only_what_is_larger_and_keeps_the_aspect():
+    assert working_extent(768, 1024, 1024) == (768, 1024)  # an ISIC image opens unchanged
+    assert working_extent(4439, 6688, 1024) == (680, 1024)
+    assert working_extent(6688, 4439, 1024) == (1024, 680)
+    assert working_extent(100, 80, 1024) == (100, 80)  # never enlarged
+    assert working_extent(5000, 4000, None) == (5000, 4000)
+    assert canvas_shape([(680, 1024), (1024, 680), (100, 80)]) == (1024, 1024)

@@ -205,6 +205,17 @@ def _bench(args) -> None:
         measure = _bench.event_loop_stall if args.what == "stall" else _bench.overlay_update
         print(json.dumps(measure(), indent=2))
         return
+    if args.what == "open":
+        if args.data in ("synthetic", "sample"):
+            raise UsageError(
+                "bench open needs --data DIR, a dataset folder (benchmarks/make_isic_folder.py "
+                "writes a full-size ISIC 2018 one)"
+            )
+        result = benchmarks.open_times(
+            args.data, args.working_size, args.edits, tuple(args.overlay_images)
+        )
+        print(json.dumps(result, indent=2))
+        return
     if args.what == "cache":
         result = benchmarks.cache_speedup(
             n=args.n,
@@ -398,8 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "stall", "overlay"),
-        help="stall and overlay measure the napari widget (need a display)",
+        choices=("cache", "seeds", "stall", "overlay", "open"),
+        help="stall and overlay measure the napari widget (need a display); open times "
+        "opening --data DIR at --working-size, cold and cached, and the overlay per edit",
+    )
+    bench.add_argument(
+        "--working-size",
+        type=_working_size,
+        default=1024,
+        help="bench open: longer side in pixels above which images are shrunk, or 'original'",
+    )
+    bench.add_argument("--edits", type=_whole(1), default=20, help="bench open: edits to time")
+    bench.add_argument(
+        "--overlay-images",
+        type=_seed_list,
+        default=[32, 256],
+        help="bench open: stack sizes (images) at which to time the overlay, e.g. 32,256",
     )
     bench.add_argument("--n", type=_whole(1), default=64, help="images for the cache benchmark")
     bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
@@ -432,6 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _working_size(text: str) -> int | None:
+    from .data.working import parse_working_size
+
+    try:
+        return parse_working_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _seed_list(text: str) -> list[int]:

@@ -81,14 +81,17 @@ def coarse_mask(
     out = np.zeros(fine.shape, np.uint8)
     if k == 0:
         return out
+    rows, cols = np.flatnonzero(lesion.any(1)), np.flatnonzero(lesion.any(0))
+    # The lesion's box grown by r holds the whole result: dilating only there gives the same
+    # mask several times faster on large images (the distance transform holds the GIL).
+    box = (
+        slice(max(rows[0] - r, 0), rows[-1] + r + 1),
+        slice(max(cols[0] - r, 0), cols[-1] + r + 1),
+    )
     if method == "dilate":
-        out[isotropic_dilation(lesion, r) if r else lesion] = k
+        out[box][isotropic_dilation(lesion[box], r) if r else lesion[box]] = k
     else:
-        rows, cols = np.flatnonzero(lesion.any(1)), np.flatnonzero(lesion.any(0))
-        out[
-            max(rows[0] - r, 0) : rows[-1] + r + 1,
-            max(cols[0] - r, 0) : cols[-1] + r + 1,
-        ] = k
+        out[box] = k
     return out
 
 

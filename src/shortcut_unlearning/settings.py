@@ -1,7 +1,8 @@
 """The plugin's remembered parameters and where its files live (user folders, no Qt).
 
-SHORTCUT_UNLEARNING_HOME moves both folders (tests use it); otherwise the platform's user
-config and data folders are used.
+SHORTCUT_UNLEARNING_HOME moves them all (tests use it); otherwise the platform's user config,
+data and cache folders are used. SHORTCUT_UNLEARNING_CACHE moves the cache of decoded dataset
+folders alone (it grows to several GB for a full ISIC set), or turns it off with "off".
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def _home(kind: str) -> Path:
         return Path(base) / kind
     if kind == "config":
         return Path(platformdirs.user_config_dir(APP))
+    if kind == "cache":
+        return Path(platformdirs.user_cache_dir(APP))
     return Path(platformdirs.user_data_dir(APP))
 
 
@@ -40,6 +43,14 @@ def settings_file() -> Path:
 def autosave_folder() -> Path:
     """Where refined masks are autosaved, keyed by their coarse stack."""
     return _home("data") / "autosave"
+
+
+def cache_folder() -> Path | None:
+    """Where decoded dataset folders are cached (None: caching turned off)."""
+    chosen = os.environ.get("SHORTCUT_UNLEARNING_CACHE", "")
+    if chosen.lower() in ("off", "0", "no", "false"):
+        return None
+    return Path(chosen).expanduser() if chosen else _home("cache")
 
 
 def exports_folder() -> Path:

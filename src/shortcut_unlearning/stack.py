@@ -25,7 +25,21 @@ def fit_extent(height: int, width: int, longest: int | None) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _resize(pixels: np.ndarray, hw: tuple[int, int], resample) -> np.ndarray:
+def working_extent(height: int, width: int, longest: int | None) -> tuple[int, int]:
+    """(h, w) at which the clinician edits an image: its own size, shrunk (aspect kept) only
+    when its longer side exceeds `longest` (None: always its own size). Never enlarged."""
+    if longest is None or max(height, width) <= longest:
+        return int(height), int(width)
+    return fit_extent(height, width, longest)
+
+
+def canvas_shape(extents: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(H, W) of the smallest canvas that holds every extent at its top left."""
+    return max(h for h, _ in extents), max(w for _, w in extents)
+
+
+def resize(pixels: np.ndarray, hw: tuple[int, int], resample) -> np.ndarray:
+    """Pixels at (h, w): bilinear (antialiased when shrinking) for images, NEAREST for labels."""
     if pixels.shape[:2] == tuple(hw):
         return np.asarray(pixels)
     mode_safe = pixels.astype(np.float32) if pixels.dtype.kind == "f" else pixels
@@ -39,11 +53,11 @@ def letterbox(arrays: Sequence[np.ndarray], longest: int | None = None, labels: 
     pixels; None keeps their own sizes.
     """
     extents = [fit_extent(*a.shape[:2], longest) for a in arrays]
-    height, width = max(e[0] for e in extents), max(e[1] for e in extents)
+    height, width = canvas_shape(extents)
     first = np.asarray(arrays[0])
     canvas = np.zeros((len(arrays), height, width, *first.shape[2:]), first.dtype)
     for i, (array, (h, w)) in enumerate(zip(arrays, extents, strict=True)):
-        canvas[i, :h, :w] = _resize(np.asarray(array), (h, w), NEAREST if labels else BILINEAR)
+        canvas[i, :h, :w] = resize(np.asarray(array), (h, w), NEAREST if labels else BILINEAR)
     return canvas, extents
 
 
@@ -78,7 +92,7 @@ class ImageStack:
         if self._same(size):
             return np.asarray(self.images[np.asarray(list(index), int)])
         return np.stack(
-            [_resize(self._content(self.images, i), (size, size), BILINEAR) for i in index]
+            [resize(self._content(self.images, i), (size, size), BILINEAR) for i in index]
         )
 
     def masks_to_model(self, masks, size: int, index=None) -> np.ndarray:
@@ -86,7 +100,7 @@ class ImageStack:
         index = range(len(self)) if index is None else index
         if self._same(size):
             return np.asarray(masks)[np.asarray(list(index), int)]
-        return np.stack([_resize(self._content(masks, i), (size, size), NEAREST) for i in index])
+        return np.stack([resize(self._content(masks, i), (size, size), NEAREST) for i in index])
 
     def from_model(self, maps: np.ndarray, index=None, labels: bool = False) -> np.ndarray:
         """(n, H, W) canvas maps from (n, size, size) model-size maps; padding is 0."""
@@ -97,7 +111,7 @@ class ImageStack:
         out = np.zeros((len(index), *self.shape), maps.dtype)
         for row, i in enumerate(index):
             h, w = self.extents[i]
-            out[row, :h, :w] = _resize(maps[row], (h, w), NEAREST if labels else BILINEAR)
+            out[row, :h, :w] = resize(maps[row], (h, w), NEAREST if labels else BILINEAR)
         return out
 
     def _content(self, arrays, i: int) -> np.ndarray:

@@ -13,21 +13,38 @@ ISIC 2018 Task 1 layout (read by read_isic, masks written back by write_isic_mas
     DIR/ISIC2018_Task1-2_<Split>_Input/ISIC_<7 digits>.jpg
     DIR/ISIC2018_Task1_<Split>_GroundTruth/ISIC_<7 digits>_segmentation.png  (0/255)
     DIR/*.csv               labels: see LABEL_FORMATS
+
+Either layout may hold a clinician's own coarse masks (boxes or loose outlines drawn around each
+lesion) instead of the masks derived from the ground truth:
+
+    DIR/coarse/<id>.png or DIR/coarse/<id>_segmentation.png   (coarse_file, read_coarse)
+
+one per image, at the image's own size, 0/255 (any pixel of 255 is lesion, of the image's
+labelled class) or classes 0/1/2 (the lesion class must agree with the label). The napari reader
+shows them as the coarse masks when the folder has them, and warns about any ground-truth lesion
+pixel left outside them (a refinement can only erase).
+
+Reading lists a folder first (list_folder: labels, ids and files checked, nothing decoded),
+then decodes each image with its mask (decode_item) in a thread pool (in_order).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
 from PIL import Image
 
 from shortcut_unlearning.data.lesion_set import ARTEFACTS, CLASS_NAMES, SPLITS, LesionSet
+from shortcut_unlearning.stack import resize
 
 FORMAT, VERSION = "shortcut-unlearning", 1
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
@@ -49,6 +66,7 @@ LABEL_FORMATS = (
 MIN_SIDE = 16
 # A labels CSV whose file name holds one of these words assigns that split to its images.
 CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
+COARSE_FOLDER = "coarse"  # a clinician's own coarse masks, inside the dataset folder
 
 
 class FolderError(ValueError):
@@ -80,18 +98,48 @@ def check_id(image_id, where: str = "") -> str:
 # Pixels
 
 
-def _load(path: Path, mode: str) -> np.ndarray:
-    """Pixels of one image file: "RGB" for images, "L" for label maps (their values as stored).
-
-    An undecodable file, a decompression bomb and an image too small to hold a lesion each
-    raise FolderError naming the file.
+def _load(
+    path: Path, mode: str, target: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pixels of one image file and its (height, width) on disk: "RGB" for images, "L" for label
+    maps (their values as stored). `target` (h, w), images only: the pixels come resized to it
+    (bilinear), a JPEG decoded at a reduced scale first when the target is half its size or less.
     """
+
+    def decode(image: Image.Image):
+        size = (image.height, image.width)
+        if mode == "RGB" and target and target[0] * 2 <= size[0] and target[1] * 2 <= size[1]:
+            image.draft("RGB", (target[1], target[0]))  # JPEG only; others ignore it
+        return _pixels(image, mode, path), size
+
+    pixels, size = _opened(path, decode)
+    if mode == "RGB" and target:
+        pixels = resize(pixels, target, Image.Resampling.BILINEAR)
+    return pixels, size
+
+
+def image_size_on_disk(path: Path) -> tuple[int, int]:
+    """(height, width) from a file's header, without decoding it; checked as _load checks."""
+    return _opened(path, lambda image: (image.height, image.width))
+
+
+def _opened(path: Path, read: Callable):
+    """read(image) of the opened file. An undecodable file, a decompression bomb and an image
+    too small to hold a lesion each raise FolderError naming the file."""
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS and raises above twice that: both are refused.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                pixels = _pixels(image, mode, path)
+                if min(image.size) < MIN_SIDE:
+                    raise FolderError(
+                        f"{path} is {image.height}x{image.width} pixels; images and masks need "
+                        f"at least {MIN_SIDE} pixels a side (smaller ones hold no lesion to "
+                        "segment): replace it with the full image"
+                    )
+                return read(image)
+    except FolderError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise FolderError(
             f"{path} is too large to open safely ({error}); shrink it or remove it"
@@ -100,12 +148,6 @@ def _load(path: Path, mode: str) -> np.ndarray:
         raise FolderError(
             f"cannot decode {path} ({error}); replace it with an intact copy or delete it"
         ) from error
-    if min(pixels.shape[:2]) < MIN_SIDE:
-        raise FolderError(
-            f"{path} is {_hw(pixels)} pixels; images and masks need at least {MIN_SIDE} pixels a "
-            "side (smaller ones hold no lesion to segment): replace it with the full image"
-        )
-    return pixels
 
 
 def _pixels(image: Image.Image, mode: str, path: Path) -> np.ndarray:
@@ -122,13 +164,6 @@ def _pixels(image: Image.Image, mode: str, path: Path) -> np.ndarray:
             "have no fixed range; save it as an 8- or 16-bit PNG or as a JPEG"
         )
     return np.asarray(image.convert(mode))
-
-
-def _resize(pixels: np.ndarray, size: int | None, resample: Image.Resampling) -> np.ndarray:
-    """Pixels resized to (size, size); bilinear for images, nearest for label maps."""
-    if size is None or pixels.shape[:2] == (size, size):
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((size, size), resample))
 
 
 def _stack(arrays: list[np.ndarray], names: list[str], folder: Path) -> np.ndarray:
@@ -149,6 +184,139 @@ def _hw(pixels: np.ndarray) -> str:
 def _check_image_size(image_size: int | None) -> None:
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images before decoding, decoded one at a time, many at once
+
+
+@dataclass
+class Item:
+    """One image of a dataset folder before decoding: its files, label, split and flags."""
+
+    id: str
+    label: int
+    split: str
+    image: Path
+    mask: Path
+    mask_kind: str  # "isic": 0/255 ground truth; "project": 0/1/2 classes
+    flags: dict[str, bool] = field(default_factory=dict)
+    artefacts: Path | None = None
+
+
+@dataclass
+class Listing:
+    """A dataset folder's images before decoding, and what the folder says about them."""
+
+    folder: Path
+    items: list[Item]
+    source: str
+    spurious: tuple[str, ...] = ()
+    flag_names: list[str] = field(default_factory=list)
+    with_artefacts: bool = False
+
+    @property
+    def ids(self) -> list[str]:
+        return [item.id for item in self.items]
+
+
+@dataclass
+class Decoded:
+    """One image and its fine mask (and artefact map) at the size asked for."""
+
+    image: np.ndarray  # (h, w, 3) uint8
+    mask: np.ndarray  # (h, w) uint8: 0 background, 1 benign, 2 malignant
+    artefacts: np.ndarray | None
+    original_size: tuple[int, int]  # (height, width) on disk
+
+
+def decode_item(
+    item: Item, target: tuple[int, int] | None = None, artefacts: bool = False
+) -> Decoded:
+    """Decode one image with its fine mask (checked) at `target` (h, w), default its own size;
+    bilinear for the image, nearest for the masks."""
+    image, size = _load(item.image, "RGB", target)
+    truth, mask_size = _load(item.mask, "L")
+    if mask_size != size:
+        raise FolderError(_size_mismatch(item, item.mask, mask_size, size))
+    if item.mask_kind == "isic":
+        fine = (_isic_mask(truth, item.mask) * (1 + item.label)).astype(np.uint8)
+    else:
+        fine = _project_mask(truth, item.mask, item.id, item.label)
+    bits = None
+    if artefacts and item.artefacts is not None:
+        bits, bits_size = _load(item.artefacts, "L")
+        if bits_size != size:
+            raise FolderError(_size_mismatch(item, item.artefacts, bits_size, size))
+        bits = resize(bits, target or size, Image.Resampling.NEAREST)
+    return Decoded(image, resize(fine, target or size, Image.Resampling.NEAREST), bits, size)
+
+
+def _size_mismatch(item: Item, file: Path, size, image_size) -> str:
+    sizes = "x".join(map(str, size)), "x".join(map(str, image_size))
+    if item.mask_kind == "isic":
+        return (
+            f"mask {file} is {sizes[0]} but its image {item.image} is {sizes[1]} (height x "
+            "width); replace the mask with one of the image's size"
+        )
+    return (
+        f"{file} is {sizes[0]} but its image is {sizes[1]} (height x width); rewrite the "
+        "folder with write_project"
+    )
+
+
+def default_workers() -> int:
+    """Decoding threads: one per core this process may use (PIL decodes without the GIL)."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, len(cores) if cores else (os.cpu_count() or 1))
+
+
+def in_order(function: Callable, items: Sequence, workers: int | None = None) -> Iterator:
+    """function(item) for every item, computed in a thread pool and yielded in item order.
+
+    The first failure in item order is raised and the work not yet started is dropped, so a
+    broken file early in a big folder fails at once.
+    """
+    workers = workers or default_workers()
+    if workers == 1 or len(items) < 2:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(function, item) for item in items]
+        try:
+            for index, future in enumerate(futures):
+                yield future.result()
+                futures[index] = None  # let the result go once the caller has it
+        finally:
+            for future in futures:
+                if future is not None:
+                    future.cancel()
+
+
+def _read(listing: Listing, image_size: int | None, workers: int | None) -> LesionSet:
+    """A LesionSet of every image in `listing`, decoded in parallel."""
+    target = None if image_size is None else (image_size, image_size)
+    decoded = list(
+        in_order(
+            lambda item: decode_item(item, target, listing.with_artefacts), listing.items, workers
+        )
+    )
+    ids, items = listing.ids, listing.items
+    return LesionSet(
+        ids=ids,
+        images=_stack([d.image for d in decoded], ids, listing.folder),
+        masks=_stack([d.mask for d in decoded], ids, listing.folder),
+        labels=np.array([item.label for item in items], np.int64),
+        splits=np.array([item.split for item in items], SPLIT_DTYPE),
+        flags={
+            name: np.array([item.flags.get(name, False) for item in items], bool)
+            for name in listing.flag_names
+        },
+        artefacts=np.stack([d.artefacts for d in decoded]) if listing.with_artefacts else None,
+        original_sizes=[d.original_size for d in decoded],
+        source=listing.source,
+        spurious=listing.spurious,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +391,17 @@ def _json_value(value):
     raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON")
 
 
-def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
-    """Read a folder written by write_project, resized to image_size x image_size if given."""
+def read_project(
+    path: Path | str, image_size: int | None = None, workers: int | None = None
+) -> LesionSet:
+    """Read a folder written by write_project, resized to image_size x image_size if given;
+    `workers` threads decode (default: one per core)."""
     _check_image_size(image_size)
+    return _read(list_project(path), image_size, workers)
+
+
+def list_project(path: Path | str) -> Listing:
+    """The images of a project folder, checked (labels, ids, files present) but not decoded."""
     path = Path(path)
     info = _read_info(path / "dataset.json")
     labels_path = path / "labels.csv"
@@ -255,50 +431,42 @@ def read_project(path: Path | str, image_size: int | None = None) -> LesionSet:
             )
         first_line[image_id] = line
     with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
-    folders = {"images": "RGB", "masks": "L", **({"artefacts": "L"} if with_artefacts else {})}
-    stacks, original_sizes = {}, []
-    for name, mode in folders.items():
-        arrays = []
-        for i, image_id in enumerate(ids):
+    folders = ["images", "masks", *(["artefacts"] if with_artefacts else [])]
+    for name in folders:  # every file is there before any is decoded
+        for image_id in ids:
             file = path / name / f"{image_id}.png"
             if not file.is_file():
                 raise FolderError(
                     f"{file} is missing but {labels_path} lists {image_id!r}; restore the file "
                     "or remove its row"
                 )
-            pixels = _load(file, mode)
-            if name == "masks":
-                pixels = _project_mask(pixels, file, ids[i], int(rows[i]["label"]))
-            if name == "images":
-                original_sizes.append(pixels.shape[:2])
-            elif pixels.shape[:2] != original_sizes[i]:
-                raise FolderError(
-                    f"{file} is {_hw(pixels)} but its image is "
-                    f"{'x'.join(map(str, original_sizes[i]))} (height x width); "
-                    "rewrite the folder with write_project"
-                )
-            resample = Image.Resampling.BILINEAR if name == "images" else Image.Resampling.NEAREST
-            arrays.append(_resize(pixels, image_size, resample))
-        stacks[name] = _stack(arrays, ids, path / name)
-
     present = [n for n in ARTEFACTS if n in rows[0]]
-    return LesionSet(
-        ids=ids,
-        images=stacks["images"],
-        masks=stacks["masks"],
-        labels=np.array([int(row["label"]) for row in rows], np.int64),
-        splits=np.array([row["split"] for row in rows], SPLIT_DTYPE),
-        flags={n: np.array([row[n] not in ("", "0") for row in rows]) for n in present},
-        artefacts=stacks.get("artefacts"),
-        original_sizes=[tuple(size) for size in original_sizes],
+    items = [
+        Item(
+            id=image_id,
+            label=int(row["label"]),
+            split=row["split"],
+            image=path / "images" / f"{image_id}.png",
+            mask=path / "masks" / f"{image_id}.png",
+            mask_kind="project",
+            flags={n: row[n] not in ("", "0") for n in present},
+            artefacts=path / "artefacts" / f"{image_id}.png" if with_artefacts else None,
+        )
+        for image_id, row in zip(ids, rows, strict=True)
+    ]
+    return Listing(
+        folder=path,
+        items=items,
         source=info.get("source") or "project",
         spurious=tuple(info.get("spurious", ())),
+        flag_names=present,
+        with_artefacts=bool(with_artefacts),
     )
 
 
 def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np.ndarray:
     """A project mask as uint8 once it holds 0/1/2 and its lesion class agrees with the label."""
-    values = np.unique(mask)
+    values = _values(mask)
     if set(values.tolist()) <= {0, 255} and 255 in values:
         raise FolderError(
             f"{file} holds 0/255 like an ISIC ground-truth mask, but project masks hold 0 "
@@ -320,9 +488,16 @@ def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np
     return mask.astype(np.uint8)
 
 
+def _values(mask: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, sorted (a histogram for 8 bits: no sort of pixels)."""
+    if mask.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    return np.unique(mask)
+
+
 def _isic_mask(mask: np.ndarray, file: Path) -> np.ndarray:
     """An ISIC ground-truth mask as a bool lesion map once it holds only 0 and 255."""
-    values = np.unique(mask).tolist()
+    values = _values(mask).tolist()
     if not set(values) <= {0, 255}:
         hint = (
             "it looks like a 0/1 mask: multiply it by 255"
@@ -375,13 +550,19 @@ def read_isic(
     path: Path | str,
     image_size: int | None = None,
     labels: Path | str | Sequence[Path | str] | None = None,
+    workers: int | None = None,
 ) -> LesionSet:
     """Read the official ISIC 2018 Task 1 folders under `path` with labels from CSVs.
 
     `labels` names one or more labels CSVs; by default every *.csv in `path` is tried.
-    Images with no label are left out with a warning.
+    Images with no label are left out with a warning. `workers` threads decode.
     """
     _check_image_size(image_size)
+    return _read(list_isic(path, labels), image_size, workers)
+
+
+def list_isic(path: Path | str, labels: Path | str | Sequence[Path | str] | None = None) -> Listing:
+    """The labelled images of an ISIC 2018 folder, checked (labels, masks present), not decoded."""
     path = Path(path)
     found = _isic_images(path)
     table = _read_labels(path, labels)
@@ -395,42 +576,26 @@ def read_isic(
         warnings.warn(
             f"{len(found) - len(labelled)} of {len(found)} images in {path} have no label and "
             "are left out; add them to an 'image,label' CSV to use them",
-            stacklevel=2,
+            stacklevel=3,
         )
-
-    ids, images, masks, labels_, splits, original_sizes = [], [], [], [], [], []
-    flag_names = [n for n in ARTEFACTS if any(n in row["flags"] for row in table.values())]
-    flags = {n: [] for n in flag_names}
+    items = []
     for number, split, image_path, mask_path in labelled:
-        row = table[number]
         if not mask_path.is_file():
             raise FolderError(f"image {image_path} has no mask; expected {mask_path}")
-        image, truth = _load(image_path, "RGB"), _load(mask_path, "L")
-        if truth.shape != image.shape[:2]:
-            raise FolderError(
-                f"mask {mask_path} is {_hw(truth)} but its image {image_path} is {_hw(image)} "
-                "(height x width); replace the mask with one of the image's size"
+        row = table[number]
+        items.append(
+            Item(
+                id=f"ISIC_{number}",
+                label=row["label"],
+                split=row["split"] or split,
+                image=image_path,
+                mask=mask_path,
+                mask_kind="isic",
+                flags=row["flags"],
             )
-        fine = (_isic_mask(truth, mask_path) * (1 + row["label"])).astype(np.uint8)
-        ids.append(f"ISIC_{number}")
-        images.append(_resize(image, image_size, Image.Resampling.BILINEAR))
-        masks.append(_resize(fine, image_size, Image.Resampling.NEAREST))
-        labels_.append(row["label"])
-        splits.append(row["split"] or split)
-        original_sizes.append(image.shape[:2])
-        for name in flag_names:
-            flags[name].append(row["flags"].get(name, False))
-
-    return LesionSet(
-        ids=ids,
-        images=_stack(images, ids, path),
-        masks=_stack(masks, ids, path),
-        labels=np.array(labels_, np.int64),
-        splits=np.array(splits, SPLIT_DTYPE),
-        flags={name: np.array(values, bool) for name, values in flags.items()},
-        original_sizes=original_sizes,
-        source="isic2018",
-    )
+        )
+    flag_names = [n for n in ARTEFACTS if any(n in row["flags"] for row in table.values())]
+    return Listing(folder=path, items=items, source="isic2018", flag_names=flag_names)
 
 
 def _isic_images(path: Path) -> list[tuple[str, str, Path, Path]]:
@@ -617,20 +782,29 @@ def detect_layout(path: Path | str) -> str:
     )
 
 
-def read_folder(
-    path: Path | str,
-    image_size: int | None = None,
-    labels: Path | str | Sequence[Path | str] | None = None,
-) -> LesionSet:
-    """Read a project or ISIC 2018 folder, whichever `path` holds."""
+def list_folder(
+    path: Path | str, labels: Path | str | Sequence[Path | str] | None = None
+) -> Listing:
+    """The images of a project or ISIC 2018 folder, whichever `path` holds, not yet decoded."""
     if detect_layout(path) == "isic2018":
-        return read_isic(path, image_size, labels)
+        return list_isic(path, labels)
     if labels is not None:
         raise FolderError(
             f"{path} is a project folder whose labels are in its labels.csv; drop labels= "
             "(--labels), which is for the ISIC 2018 layout"
         )
-    return read_project(path, image_size)
+    return list_project(path)
+
+
+def read_folder(
+    path: Path | str,
+    image_size: int | None = None,
+    labels: Path | str | Sequence[Path | str] | None = None,
+    workers: int | None = None,
+) -> LesionSet:
+    """Read a project or ISIC 2018 folder, whichever `path` holds; `workers` threads decode."""
+    _check_image_size(image_size)
+    return _read(list_folder(path, labels), image_size, workers)
 
 
 def write_masks(
@@ -661,3 +835,51 @@ def write_masks(
         image = Image.fromarray(np.asarray(mask, np.uint8))
         image.resize((int(width), int(height)), Image.Resampling.NEAREST).save(target)
     return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# A clinician's own coarse masks
+
+
+def coarse_file(folder: Path | str, image_id: str) -> Path | None:
+    """The clinician's coarse mask of `image_id` in folder/coarse/, or None when it has none.
+
+    Named <id>.png or <id>_segmentation.png (one of them: both is an error).
+    """
+    image_id = check_id(image_id, f"cannot look up coarse masks in {folder}")
+    base = Path(folder) / COARSE_FOLDER
+    found = [base / f"{image_id}{tail}.png" for tail in ("", "_segmentation")]
+    found = [file for file in found if file.is_file()]
+    if len(found) > 1:
+        raise FolderError(
+            f"{found[0]} and {found[1]} are both coarse masks of {image_id!r}; keep one of them"
+        )
+    return found[0] if found else None
+
+
+def read_coarse(file: Path, image_id: str, label: int, size: tuple[int, int]) -> np.ndarray:
+    """A clinician's coarse mask as classes (0 background, label + 1 lesion) at its image's
+    `size`, once its size and values are right: 0/255 (any lesion) or 0/1/2 (classes)."""
+    mask, found = _load(file, "L")
+    if found != tuple(size):
+        raise FolderError(
+            f"coarse mask {file} is {found[0]}x{found[1]} but its image is {size[0]}x{size[1]} "
+            "(height x width); draw the coarse mask on the full image"
+        )
+    values = set(_values(mask).tolist())
+    if values <= {0, 255}:
+        return np.where(mask == 255, label + 1, 0).astype(np.uint8)
+    if not values <= {0, 1, 2}:
+        raise FolderError(
+            f"coarse mask {file} holds the values {sorted(values)[:8]}, but coarse masks hold 0 "
+            "(background) and 255 (lesion), or the classes 0, 1 (benign), 2 (malignant); save "
+            "it without smoothed edges (no antialiasing) in one of these encodings"
+        )
+    lesion = sorted(values - {0})
+    if lesion and lesion != [label + 1]:
+        raise FolderError(
+            f"coarse mask {file} holds lesion class {lesion} but {image_id!r} is labelled "
+            f"{label} ({CLASS_NAMES[label + 1]}, class {label + 1}); correct the label or the "
+            "mask, or save the mask as 0/255"
+        )
+    return mask.astype(np.uint8)

@@ -1,4 +1,11 @@
-"""Sample data, the dataset-folder reader and the refined-mask writer of the plugin."""
+"""Sample data, the dataset-folder reader and the refined-mask writer of the plugin.
+
+The reader opens a folder at the working resolution (data.working): each image at its own size,
+shrunk only when its longer side exceeds SHORTCUT_UNLEARNING_WORKING_SIZE pixels (default 1024;
+"original" never shrinks), letterboxed on one canvas. Large folders open lazily as dask arrays
+(SHORTCUT_UNLEARNING_LAZY: auto by size, 1 always, 0 never), and decoded images are cached in the
+user cache folder (SHORTCUT_UNLEARNING_CACHE moves it or turns it off).
+"""
 
 from __future__ import annotations
 
@@ -9,33 +16,34 @@ import numpy as np
 from .. import masks as masklib
 from ..data.folders import FolderError, detect_layout, read_folder
 from ..data.folders import write_masks as write_folder_masks
-from ..data.lesion_set import LesionSet
+from ..data.working import lazy_from_env, open_working, working_size_from_env
 from ..resources import SAMPLE_SET, sample_data_dir
 
 SAMPLE_IMAGES = 12
-WORKING_SIZE = 128  # the shipped model's size; ISIC images are resized to it on open
 
 
-def layers(data: LesionSet, name: str) -> list[tuple]:
-    """Images as one stack, coarse masks ready to refine, fine masks hidden for reference."""
-    coarse = masklib.coarse_masks(data.masks)
-    meta = {
-        "ids": list(data.ids),
-        "original_sizes": [list(s) for s in data.original_sizes],
-        "labels": data.labels.tolist(),
-        "source": data.source,
-    }
+def layers(images, coarse, fine, meta: dict, name: str) -> list[tuple]:
+    """Images as one stack, coarse masks ready to refine, fine masks hidden for reference; every
+    layer carries the metadata (ids, original_sizes, labels, extents, source)."""
     return [
-        (data.images, {"name": name, "metadata": meta, "rgb": True}, "image"),
-        (coarse, {"name": "coarse masks", "metadata": meta}, "labels"),
-        (data.masks, {"name": "reference masks", "metadata": meta, "visible": False}, "labels"),
+        (images, {"name": name, "metadata": dict(meta), "rgb": True}, "image"),
+        (coarse, {"name": "coarse masks", "metadata": dict(meta)}, "labels"),
+        (fine, {"name": "reference masks", "metadata": dict(meta), "visible": False}, "labels"),
     ]
 
 
 def sample_dermoscopy() -> list[tuple]:
     """A few synthetic training images with their coarse masks (the shortcut is in the band)."""
     data = read_folder(sample_data_dir() / SAMPLE_SET).split("train")
-    return layers(data.select(np.arange(min(SAMPLE_IMAGES, len(data)))), "dermoscopy")
+    data = data.select(np.arange(min(SAMPLE_IMAGES, len(data))))
+    meta = {
+        "ids": list(data.ids),
+        "original_sizes": [list(s) for s in data.original_sizes],
+        "labels": data.labels.tolist(),
+        "extents": [list(data.image_size)] * len(data),
+        "source": data.source,
+    }
+    return layers(data.images, masklib.coarse_masks(data.masks), data.masks, meta, "dermoscopy")
 
 
 def get_reader(path):
@@ -48,9 +56,13 @@ def get_reader(path):
     return read_dataset
 
 
-def read_dataset(path) -> list[tuple]:
+def read_dataset(path, working_size: int | str | None = "env", lazy: bool | str | None = "env"):
+    """The folder's images, coarse and reference masks at the working resolution (the
+    environment's choice unless given: see the module)."""
     path = Path(path[0] if isinstance(path, list) else path)
-    return layers(read_folder(path, image_size=WORKING_SIZE), path.name)
+    longest = working_size_from_env() if working_size == "env" else working_size
+    opened = open_working(path, longest, lazy=lazy_from_env() if lazy == "env" else lazy)
+    return layers(opened.images, opened.coarse, opened.fine, opened.metadata(), path.name)
 
 
 def write_masks(path: str, data, meta: dict) -> list[str]:
