@@ -9,6 +9,7 @@ fatal.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -62,9 +63,10 @@ class Refinement:
         self.refined = _label_stack(refined, "refined masks")
         self.update()
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Identifies the coarse stack, so an autosave finds its way back to it."""
+        """Identifies the coarse stack, so an autosave finds its way back to it (hashed once:
+        the coarse masks never change)."""
         digest = hashlib.sha256(np.ascontiguousarray(self.coarse).tobytes())
         digest.update(str(self.coarse.shape).encode())
         return digest.hexdigest()[:16]
