@@ -21,6 +21,7 @@ from ..model import FrozenInputs, Model
 from ..progress import Cancel, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
 from ..training import check_finite
+from .context import CONTEXT_TERMS, ContextTerm
 
 
 @dataclass
@@ -80,6 +81,11 @@ class Operator:
     # Batch-norm layers normalise with the starting model's statistics: batches drawn from a
     # few refined images are too small and too alike to re-estimate them.
     batch_statistics: bool = False
+    # The context term (context.py): the refined images' retain loss also on copies with their
+    # forget pixels inpainted ("blind"), and/or their predictions held to those copies'
+    # ("consistent"), weighted by context_weight. "off" is the paper's method.
+    context: str = "off"
+    context_weight: float = 1.0
 
     name = "operator"
 
@@ -90,6 +96,11 @@ class Operator:
             raise ValueError(f"optimiser_name must be 'adam' or 'sgd', got {self.optimiser_name!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps and batch_size must be at least 1 and lr positive")
+        if self.context not in CONTEXT_TERMS or not self.context_weight >= 0:
+            raise ValueError(
+                f"context must be one of {CONTEXT_TERMS} and context_weight at least 0, got "
+                f"{self.context!r} and {self.context_weight}"
+            )
 
     # -- what operators define --------------------------------------------------------------
     def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,6 +161,17 @@ class Operator:
         )
         retain_rows = np.union1d(forget_rows, other_rows)
         inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
+        context = None  # the refined images' inpainted copies, made once (context.py)
+        if self.context != "off":
+            refined_images = (data.images[with_forget], split.forget[with_forget])
+            context = ContextTerm(
+                self.context,
+                self.context_weight,
+                work,
+                *refined_images,
+                retained.targets[with_forget],
+                self.cache_features,
+            )
         device = work.device
         targets = torch.as_tensor(retained.targets[used], device=device).long()
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
@@ -168,6 +190,7 @@ class Operator:
             work.train_mode(self.batch_statistics_in(phase))
             rows = rng.choice(forget_rows, self.batch_size)
             logits = self._logits(work, inputs, rows)
+            refined_rows = rows
             at = torch.as_tensor(rows, device=device)
             forget_ce = F.cross_entropy(logits, coarse[at], reduction="none")[forget[at]]
             retain_targets = targets[at]
@@ -178,6 +201,9 @@ class Operator:
                 retain_targets = torch.cat([retain_targets, targets[at]])
             retain_ce = F.cross_entropy(logits, retain_targets, ignore_index=IGNORE)
             terms = self.loss(retain_ce, forget_ce)
+            if context is not None:
+                cf_rows = np.searchsorted(forget_rows, refined_rows)
+                terms = context.add(terms, work, cf_rows, logits[: len(refined_rows)])
             check_finite(terms["total"], step, f"{self.name} loss")
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
