@@ -73,3 +73,13 @@ def test_artefact_options_paint_bigger_artefacts_in_the_outer_band():
     with pytest.raises(ValueError, match="artefact_count"):
         SynthConfig(artefact_count=0)
 
+
+def test_lesion_scale_shrinks_the_lesion_and_keeps_the_rest_of_the_draw():
+    base = generate(n=20, size=48, seed=2)
+    small = generate(n=20, size=48, seed=2, lesion_scale=0.6)
+    np.testing.assert_array_equal(base.labels, small.labels)
+    np.testing.assert_array_equal(base.splits, small.splits)
+    ratio = (small.masks != 0).sum() / (base.masks != 0).sum()
+    assert 0.2 < ratio < 0.5  # area goes with the radius squared: 0.36
+    with pytest.raises(ValueError, match="lesion_scale"):
+        SynthConfig(lesion_scale=0)

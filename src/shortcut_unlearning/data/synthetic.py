@@ -68,6 +68,9 @@ class SynthConfig:
     artefact_scale: float = 1.0
     artefact_count: int = 1
     band_zone: str = "any"
+    # Lesion radius against the default's (12-20 % of the image side). Smaller lesions leave
+    # the coarse mask's band a larger share of what it calls lesion.
+    lesion_scale: float = 1.0
 
     def __post_init__(self):
         bad = [a for a in self.spurious if a not in BAND_ARTEFACTS]
@@ -78,10 +81,10 @@ class SynthConfig:
             )
         if self.band_zone not in BAND_ZONES:
             raise ValueError(f"band_zone must be one of {BAND_ZONES}, got {self.band_zone!r}")
-        if self.artefact_scale <= 0 or self.artefact_count < 1:
+        if self.artefact_scale <= 0 or self.artefact_count < 1 or self.lesion_scale <= 0:
             raise ValueError(
-                f"artefact_scale must be positive and artefact_count at least 1, got "
-                f"{self.artefact_scale} and {self.artefact_count}"
+                f"artefact_scale and lesion_scale must be positive and artefact_count at least "
+                f"1, got {self.artefact_scale}, {self.lesion_scale} and {self.artefact_count}"
             )
         if self.balanced_test < 0:
             raise ValueError(f"balanced_test must be 0 or more, got {self.balanced_test}")
@@ -201,7 +204,7 @@ def _lesion(cfg: SynthConfig, label: int, rng):
     s = cfg.size
     mean = 0.5 + (cfg.class_signal / 2) * (1 if label else -1)
     severity = float(np.clip(rng.normal(mean, SEVERITY_SD), 0, 1))
-    radius = rng.uniform(0.12, 0.2) * s
+    radius = rng.uniform(0.12, 0.2) * s * cfg.lesion_scale
     band = masklib.radius_pixels((s, s), cfg.coarse_margin)
     # Random position, band inside the image: a centred lesion would be a shortcut of its own.
     lo, hi = radius * 1.3 + band + 1, s - radius * 1.3 - band - 1
