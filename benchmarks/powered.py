@@ -10,7 +10,7 @@ whose artefacts are independent of the label) and read at 64 px through the ISIC
 the trap-set CSVs. One coarse model, one fine-mask oracle and one retrain (on the 10 %
 refinement) per seed, shared by every method and fraction. Refinements are nested (the 5 %
 images are among the 10 %). At each refined fraction NegGrad-Seg (the paper's, context term
-off), NegGrad-Seg with the context term (docs/method.md section 9) and fine-tune unlearn from
+off), NegGrad-Seg with the context term (docs/method.md section 10) and fine-tune unlearn from
 the same coarse model with their defaults. Every state is measured by evaluation.evaluate on
 both test splits: AUROC with a bootstrap 95 % interval, AUROC by group with intervals,
 worst-group and conflicting-group AUROC, class-aware Dice, band reliance with its interval,
@@ -51,6 +51,7 @@ METHODS = {
     "finetune": ("finetune", {"context": "off"}),
 }
 BASELINES = ("coarse", "fine_oracle", "retrain")
+METHOD_COLOURS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:brown"), strict=True))
 SPLITS = ("balanced", "reversed")
 # Per-image lists left out of the stored records (they are most of their size).
 DROP = ("image_scores", "scores_inpainted")
@@ -200,6 +201,10 @@ COLUMNS = (
     ("band_reliance", "band reliance"),
     ("s_global", "S_global (nats/px)"),
 )
+
+
+# What the context term (item 4) must move: band reliance down, conflicting AUROC up, Dice kept.
+CONTEXT_KEYS = ("band_reliance", "conflicting_auroc", "worst_group_auroc", "dice")
 
 
 def numbers(record: dict) -> dict:
@@ -357,6 +362,7 @@ def fraction_plot(results: list[dict], curves: dict, split: str, path: Path) -> 
     """Two panels over the refined fraction: conflicting AUROC and band reliance, with the
     coarse model and the fine oracle as bands (mean ± sd) and retrain at 10 % as a point."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 3)
@@ -386,8 +392,17 @@ def fraction_plot(results: list[dict], curves: dict, split: str, path: Path) -> 
             ran = [f for f in chosen if f in by_fraction]
             means = [by_fraction[f][key][0] for f in ran]
             sds = np.nan_to_num([by_fraction[f][key][1] for f in ran])
-            ax.errorbar(np.array(ran) * 100, means, sds, marker="o", capsize=3, label=method)
+            ax.errorbar(
+                np.array(ran) * 100,
+                means,
+                sds,
+                marker="o",
+                capsize=3,
+                label=method,
+                color=METHOD_COLOURS.get(method),
+            )
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.set_xlabel("refined training images (%)")
         ax.set_title(title, fontsize=10)
@@ -410,10 +425,17 @@ def report(results: list[dict], out: Path) -> dict:
         answer = paired(rows, "coarse", "fine_oracle", "worst_group_auroc")
         answer_conflicting = paired(rows, "coarse", "fine_oracle", "conflicting_auroc")
         closed = {m: gap_closed(rows, m) for m in METHODS if m in rows}
+        paper, ours = "neggrad-seg (paper)", "neggrad-seg + context"
+        context = (
+            {key: paired(rows, paper, ours, key) for key in CONTEXT_KEYS}
+            if paper in rows and ours in rows
+            else {}
+        )
         summary[split] = {
             "fine_minus_coarse_worst_group": answer,
             "fine_minus_coarse_conflicting": answer_conflicting,
             "gap_closed_worst_group": closed,
+            "context_minus_paper": context,
             "fractions": {m: {str(f): v for f, v in c.items()} for m, c in curves.items()},
         }
         text += [
@@ -433,6 +455,20 @@ def report(results: list[dict], out: Path) -> dict:
                 for m, c in closed.items()
             ),
             "",
+            *(
+                [
+                    "NegGrad-Seg with the context term minus without, per seed (mean; 95 % "
+                    "t-interval over seeds): "
+                    + "; ".join(
+                        f"{key} {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}] "
+                        f"({', '.join(f'{v:+.4f}' for v in d['per_seed'])})"
+                        for key, d in context.items()
+                    ),
+                    "",
+                ]
+                if context
+                else []
+            ),
             fractions,
             "",
         ]
@@ -451,8 +487,10 @@ def report(results: list[dict], out: Path) -> dict:
     powered = smallest >= 100 and len(results) >= 5
     summary["powered"] = powered
     text = [
-        f"Seeds {summary['seeds']}; settings {settings[0]}.",
-        f"Smallest test group: {smallest} images; "
+        *(f"Seed {r['seed']}: {r.get('settings')}." for r in results),
+        "Smallest test group: "
+        + ", ".join(f"{split} split {sizes[split]['min_group']}" for split in SPLITS)
+        + " images; "
         + (
             "the issue's power target (at least 100 images per group, 5 seeds) is met."
             if powered

@@ -83,3 +83,15 @@ def test_report_matches_seeds_and_reports_the_fine_minus_coarse_gap(powered, tmp
 def test_powered_when_groups_and_seeds_reach_the_target(powered, tmp_path):
     results = [result(s, 0.5, 0.6, {}, groups=100) for s in range(5)]
     assert powered.report(results, tmp_path)["powered"] is True
+
+
+def test_context_effect_is_paired_by_seed(powered, tmp_path):
+    paper, ours = "neggrad-seg (paper)", "neggrad-seg + context"
+    results = [
+        result(0, 0.5, 0.7, {(paper, 0.1): 0.6, (ours, 0.1): 0.65}),
+        result(1, 0.4, 0.8, {(paper, 0.1): 0.5, (ours, 0.1): 0.45}),
+        result(2, 0.6, 0.6, {(paper, 0.1): 0.5}),  # no context run: left out of the pairs
+    ]
+    effect = powered.report(results, tmp_path)["balanced"]["context_minus_paper"]
+    np.testing.assert_allclose(effect["conflicting_auroc"]["per_seed"], [0.05, -0.05])
+    assert effect["dice"]["mean"] == pytest.approx(0)
