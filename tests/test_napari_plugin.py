@@ -188,3 +188,39 @@ def test_responsiveness_measurements_run(make_napari_viewer):
     for run in (1, 2):
         for phase in ("launch", "running", "display"):
             assert stall[f"run{run}_{phase}_max_gap_ms"] >= 0 and stall[f"run{run}_{phase}_s"] > 0
+
+
+def test_a_folder_opens_with_the_labels_csvs_the_user_picks(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+    from test_folders import TRAP_HEADER, add_isic_image, bissoto_row
+
+    from shortcut_unlearning.napari import _widget
+
+    for number in range(3):
+        add_isic_image(tmp_path, number, (40, 40))
+    traps = tmp_path / "traps"  # Bissoto's folds live in a subfolder, not beside the images
+    traps.mkdir()
+    folds = {
+        "isic_annotated_train1.csv": [bissoto_row(0, 0, 0, sep=","), bissoto_row(1, 1, 1, sep=",")],
+        "isic_annotated_test1.csv": [bissoto_row(0, 2, 1, sep=",")],
+        "isic_annotated_test2.csv": [bissoto_row(0, 0, 0, sep=",")],  # image 0: train in fold 1
+    }
+    for name, rows in folds.items():
+        (traps / name).write_text("\n".join([TRAP_HEADER, *rows]) + "\n")
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    picked = [str(traps / "isic_annotated_train1.csv"), str(traps / "isic_annotated_test1.csv")]
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, **k: (picked, ""))
+    click(qtbot, widget.open_folder)
+    coarse = viewer.layers["coarse masks"]
+    assert coarse.metadata["ids"] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    assert coarse.metadata["labels"] == [0, 1, 1]
+    assert widget.coarse.currentText() == "coarse masks"
+    errors = []
+    monkeypatch.setattr(_widget, "show_error", errors.append)
+    picked[1] = str(traps / "isic_annotated_test2.csv")  # disagrees with train1 on image 0
+    click(qtbot, widget.open_folder)
+    assert errors and "isic_annotated_test2.csv" in errors[0]

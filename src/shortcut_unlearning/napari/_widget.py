@@ -48,6 +48,7 @@ from ..settings import DEFAULTS, autosave_folder, exports_folder, load_settings,
 from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench, change
 from . import _layers
 from ._edits import edited_planes
+from ._io import read_dataset
 
 FORGET_AS_S = "the forget set"
 # Plain words on the controls; the technical term and a line of explanation in the tooltip.
@@ -122,9 +123,16 @@ class ShortcutUnlearningWidget(QWidget):
         self.model_path.setToolTip("The model to unlearn from: a .safetensors checkpoint")
         browse = _button("…", self._choose_model, "Choose a checkpoint")
         browse.setMaximumWidth(32)
+        self.open_folder = _button(
+            "Open a dataset folder…",
+            self.open_dataset,
+            "An ISIC 2018 or project folder, with the labels CSVs you choose (for example one "
+            "fold of Bissoto's trap sets); File > Open uses the folder's own CSVs",
+        )
         data = _section(
             "Data",
             [
+                ("", self.open_folder),
                 ("Images", self.image),
                 ("Coarse masks", self.coarse),
                 ("Artefacts (S)", self.artefacts),
@@ -348,6 +356,24 @@ class ShortcutUnlearningWidget(QWidget):
             preview = str(error)
         self.preview.setText(f"Device in use: {device}\n{preview}")
         save_settings(self.bench.parameters)
+
+    def open_dataset(self) -> None:
+        """Open a folder with labels CSVs the user picks (none picked: the folder's own)."""
+        folder = QFileDialog.getExistingDirectory(self, "Open a dataset folder")
+        if not folder:
+            return
+        csvs, _ = QFileDialog.getOpenFileNames(
+            self, "Labels CSVs (cancel: the folder's own)", folder, "CSV (*.csv)"
+        )
+        try:
+            opened = read_dataset(folder, labels=csvs or None)
+        except (ValueError, OSError) as error:
+            show_error(str(error))
+            return
+        for data, kwargs, kind in opened:
+            {"image": self.viewer.add_image, "labels": self.viewer.add_labels}[kind](data, **kwargs)
+        self.image.setCurrentText(opened[0][1]["name"])
+        self.coarse.setCurrentText(opened[1][1]["name"])
 
     def _choose_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
