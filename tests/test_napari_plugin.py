@@ -70,8 +70,8 @@ def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbo
     assert len(widget._curve["step"]) < 10_000
     assert widget.bench.current_model() is start and widget.bench.shown is None
     assert "saliency" not in viewer.layers
-    assert not widget.export.isEnabled() and not widget.accept.isEnabled()
-    assert widget.current.text().startswith("Current model: small")
+    assert not widget.results.export.isEnabled() and not widget.results.accept.isEnabled()
+    assert widget.results.current.text().startswith("Current model: small")
 
 
 def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, qtbot, small_model):
@@ -82,20 +82,20 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     start = widget.bench.current_model()
     click(qtbot, widget.run)
     qtbot.waitUntil(
-        lambda: widget.worker is None and widget.bench.shown is not None and not widget.displaying,
+        lambda: not widget.busy and widget.bench.shown is not None,
         timeout=120_000,
     )
-    assert widget.scores.rowCount() == 12 and "S_global" in widget.result.text()
+    assert widget.results.scores.rowCount() == 12 and "S_global" in widget.results.result.text()
     # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
     assert viewer.layers.selection.active.name == widget.refined_layer.name
-    click(qtbot, widget.accept)
+    click(qtbot, widget.results.accept)
     assert widget.bench.current_model() is widget.bench.shown.model
-    assert "accepted" in widget.current.text() and not widget.accept.isEnabled()
+    assert "accepted" in widget.results.current.text() and not widget.results.accept.isEnabled()
     shared = viewer.layers["saliency"].contrast_limits[1]
     assert shared == pytest.approx(max(widget.bench.shown.before.saliency_vmax, 1e-12))
-    widget.scale.setCurrentText("separate")
+    widget.results.scale.setCurrentText("separate")
     assert viewer.layers["saliency"].contrast_limits == [0, 1]
-    click(qtbot, widget.revert)
+    click(qtbot, widget.results.revert)
     assert widget.bench.current_model() is start and "saliency" not in viewer.layers
 
 

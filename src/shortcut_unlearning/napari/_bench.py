@@ -45,7 +45,7 @@ def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=Non
         launched = time.perf_counter()
         _process_until(lambda: widget.worker is None, 1800)
         finished = time.perf_counter()
-        _process_until(lambda: not widget.displaying, 600)
+        _process_until(lambda: not widget.busy, 600)
         shown = time.perf_counter()
         phases += [
             ("launch", run, start, launched),

@@ -37,20 +37,6 @@ def saliency_colormap():
     return Colormap(colours, name="saliency")
 
 
-def legend_html() -> str:
-    """The dock's legend, in the layers' colours."""
-
-    def swatch(colour: str, text: str) -> str:
-        return f"<span style='color:{colour}'>&#9632;</span>&nbsp;{text}"
-
-    return (
-        f"{swatch(BENIGN, 'benign lesion')} &nbsp; {swatch(MALIGNANT, 'malignant lesion')}"
-        f"<br>{swatch(FORGET, 'forget set: erased from a coarse mask')}"
-        "<br>Outlines: the model's predicted lesion. Heat: saliency of the malignant score "
-        "(colour bars show its scale). Left: before, right: after unlearning."
-    )
-
-
 SALIENCY_LAYER, PREDICTION_LAYER, AFTER_IMAGES = "saliency", "predicted lesion", "images (after)"
 
 
