@@ -224,3 +224,10 @@ def test_a_folder_opens_with_the_labels_csvs_the_user_picks(
     picked[1] = str(traps / "isic_annotated_test2.csv")  # disagrees with train1 on image 0
     click(qtbot, widget.open_folder)
     assert errors and "isic_annotated_test2.csv" in errors[0]
+
+
+def test_the_dock_measurement_runs_in_a_fresh_process():
+    from shortcut_unlearning.napari import _bench
+
+    dock = _bench.dock_open()
+    assert dock["menu_to_dock_ms"] > 0 and not dock["torch_imported_when_shown"]

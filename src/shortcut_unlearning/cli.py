@@ -199,10 +199,14 @@ def _bench(args) -> None:
 
     from . import benchmarks
 
-    if args.what in ("stall", "overlay"):  # need a display: run under xvfb-run
+    if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
         from .napari import _bench
 
-        measure = _bench.event_loop_stall if args.what == "stall" else _bench.overlay_update
+        measure = {
+            "stall": _bench.event_loop_stall,
+            "overlay": _bench.overlay_update,
+            "dock": _bench.dock_open,
+        }[args.what]
         print(json.dumps(measure(), indent=2))
         return
     if args.what == "open":
@@ -409,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "stall", "overlay", "open"),
-        help="stall and overlay measure the napari widget (need a display); open times "
+        choices=("cache", "seeds", "stall", "overlay", "dock", "open"),
+        help="stall, overlay and dock measure the napari widget (need a display); open times "
         "opening --data DIR at --working-size, cold and cached, and the overlay per edit",
     )
     bench.add_argument(

@@ -8,7 +8,8 @@ these methods; tests drive them without a viewer.
 A run is planned on the UI thread (`plan`: validates the refinement and the parameters and
 snapshots them, so painting during the run cannot race with it) and executed in a worker
 (`execute`: a generator of Progress events, as every long job in the project). torch is
-imported only when a model is needed, so the widget opens at once.
+imported only when a model is needed, and the evaluator (scikit-learn) only when a run measures,
+so the widget opens at once.
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluation
 from . import masks as masklib
-from .data.folders import write_masks
-from .evaluation import EvalSet
 from .progress import Cancel, Progress
 from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
@@ -328,6 +326,8 @@ class Workbench:
         out = base / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}"
         out.mkdir(parents=True, exist_ok=False)  # a new folder: nothing is overwritten
         record.model.save(out / "model")
+        from .data.folders import write_masks
+
         write_masks(
             record.plan.refinement.refined,
             [self._id(i) for i in range(len(self.stack))],
@@ -402,16 +402,20 @@ class _Measure:
     on the refined images, whose refined masks are the only truth the plugin has."""
 
     def __init__(self, stack, images, split, s_map, labels):
+        from .evaluation import EvalSet
+
         self.stack = stack
         self.all = EvalSet(images, split.targets, labels, s_map, band=split.forget)
         self.refined_index = np.flatnonzero(split.refined)
         self.refined = self.all.select(self.refined_index)
 
     def probe(self, model) -> dict:
-        return evaluation.probe(model, self.refined)
+        from .evaluation import probe
+
+        return probe(model, self.refined)
 
     def views(self, model, start: dict | None = None) -> Views:
-        from . import saliency
+        from . import evaluation, saliency
 
         record = evaluation.evaluate(model, self.all, seed=0, start=start, n_boot=200)
         refined = evaluation.probe(model, self.refined)

@@ -40,7 +40,6 @@ from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
 from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench
 from . import _layers
 from ._edits import edited_planes
-from ._io import read_dataset
 from ._qt import button, duration, row, section, text
 from ._results import ResultsView
 from ._texts import FORGET_AS_S, METHODS, SCOPES, TIPS
@@ -62,7 +61,10 @@ class ShortcutUnlearningWidget(QWidget):
         self._refresh_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
-        self._warm_up()
+        # PyTorch loads once the dock is on screen: importing it competes with drawing the dock.
+        self._start_loading = QTimer(self, singleShot=True, interval=300)
+        self._start_loading.timeout.connect(self._warm_up)
+        self._start_loading.start()
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -287,6 +289,8 @@ class ShortcutUnlearningWidget(QWidget):
         csvs, _ = QFileDialog.getOpenFileNames(
             self, "Labels CSVs (cancel: the folder's own)", folder, "CSV (*.csv)"
         )
+        from ._io import read_dataset
+
         try:
             opened = read_dataset(folder, labels=csvs or None)
         except (ValueError, OSError) as error:
