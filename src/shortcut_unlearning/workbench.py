@@ -249,7 +249,21 @@ class Workbench:
     def execute(
         self, plan: Plan, cancel: Cancel | None = None
     ) -> Generator[Progress, None, RunRecord]:
-        """Unlearn the plan's forget set from the current model (worker thread)."""
+        """Unlearn the plan's forget set from the current model (worker thread). On the CPU
+        PyTorch leaves a core to the viewer's event loop; on CUDA the memory the run cached is
+        given back afterwards."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            return (yield from self._execute(plan, cancel))
+        finally:
+            torch.set_num_threads(threads)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _execute(self, plan: Plan, cancel: Cancel | None):
         from .unlearning import CertifiedOperator, UnlearnData
 
         clock = time.perf_counter()
