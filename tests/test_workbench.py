@@ -111,3 +111,16 @@ def test_exports_never_go_into_the_package(bench):
     bench.show(drive(bench.execute(bench.plan()), quiet=True))
     with pytest.raises(ValueError, match="belongs to the installed software"):
         bench.export(PACKAGE_DIR / "exports")
+
+
+def test_a_big_stack_is_measured_on_the_refined_images_and_a_sample(bench, monkeypatch):
+    from shortcut_unlearning import workbench
+
+    monkeypatch.setattr(workbench, "MEASURED", 5)
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    measured = record.before.metrics["measured_images"]
+    assert len(measured) == 5 and {0, 1} <= set(measured)
+    unmeasured = sorted(set(range(8)) - set(measured))
+    assert np.isnan(record.after.scores[unmeasured]).all()
+    assert np.isfinite(record.after.scores[measured]).all()
+    assert not record.after.saliency[unmeasured].any() and record.after.saliency[measured].any()

@@ -34,6 +34,7 @@ from .settings import DEFAULTS
 from .stack import ImageStack
 
 MEASURE_BEFORE, MEASURE_AFTER = "measuring the starting model", "measuring the unlearned model"
+MEASURED = 64  # images measured before and after a run: the refined ones, then a sample
 
 
 @dataclass
@@ -282,7 +283,7 @@ class Workbench:
             if plan.spurious is None
             else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
         )
-        measure = _Measure(self.stack, images, split, s_map, self.labels)
+        measure = _Measure(self.stack, images, split, s_map, self.labels, plan.parameters["seed"])
         certificate = (
             operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
         )
@@ -382,7 +383,8 @@ class Workbench:
             "refined_ids": [self._id(i) for i in record.refined_index],
             "forget_pixels": int(record.plan.refinement.forget.sum()),
             "n_train": len(self.stack),
-            "n_test": len(self.stack),  # the plugin measures on the images being refined
+            # The plugin measures on the images being refined (a sample of them when many).
+            "n_test": len(record.before.metrics["measured_images"]),
             "timings": {"run_s": record.seconds},
         }
 
@@ -393,7 +395,7 @@ class Workbench:
     def _picture(self, record: RunRecord, out: Path) -> None:
         from .figures import saliency_grid
 
-        picks = record.refined_index[:6] if len(record.refined_index) else np.arange(1)
+        picks = record.refined_index[:6]
         scores = zip(record.before.scores[picks], record.after.scores[picks], strict=True)
         captions = [
             f"{self._id(i)}\nmalignancy {a:.2f} -> {b:.2f}"
@@ -411,17 +413,28 @@ class Workbench:
 
 class _Measure:
     """Predictions, saliency and numbers of one model on the stack (worker thread), from the
-    project's one evaluator: the record `run` writes per model state, on all the images (S_global,
-    AUROC where labels exist, scores, band reliance on the erased pixels), plus class-aware Dice
-    on the refined images, whose refined masks are the only truth the plugin has."""
+    project's one evaluator: the record `run` writes per model state (S_global, AUROC where
+    labels exist, scores, band reliance on the erased pixels), plus class-aware Dice on the
+    refined images, whose refined masks are the only truth the plugin has.
 
-    def __init__(self, stack, images, split, s_map, labels):
+    A big stack is measured on the refined images and a seeded sample of the others, at most
+    MEASURED images in all; the others' planes stay empty and their scores nan."""
+
+    def __init__(self, stack, images, split, s_map, labels, seed: int = 0):
         from .evaluation import EvalSet
 
         self.stack = stack
-        self.all = EvalSet(images, split.targets, labels, s_map, band=split.forget)
-        self.refined_index = np.flatnonzero(split.refined)
-        self.refined = self.all.select(self.refined_index)
+        refined = np.flatnonzero(split.refined)
+        others = np.flatnonzero(~split.refined)
+        spare = max(0, MEASURED - len(refined))
+        others = np.random.default_rng(seed).permutation(others)[:spare]
+        self.index = np.union1d(refined, others)
+        at = self.index
+        labels = None if labels is None else labels[at]
+        self.measured = EvalSet(
+            images[at], split.targets[at], labels, s_map[at], band=split.forget[at]
+        )
+        self.refined = self.measured.select(np.searchsorted(at, refined))
 
     def probe(self, model) -> dict:
         from .evaluation import probe
@@ -431,19 +444,32 @@ class _Measure:
     def views(self, model, start: dict | None = None) -> Views:
         from . import evaluation, saliency
 
-        record = evaluation.evaluate(model, self.all, seed=0, start=start, n_boot=200)
+        record = evaluation.evaluate(model, self.measured, seed=0, start=start, n_boot=200)
         refined = evaluation.probe(model, self.refined)
         record["refined"] = refined
         record["dice_refined"] = refined["dice"]
-        probs = model.probabilities(self.all.images)
-        maps = self.stack.from_model(saliency.saliency_maps(model, self.all.images))
+        record["measured_images"] = self.index.tolist()
+        images = self.measured.images
+        predictions = model.probabilities(images).argmax(1).astype(np.uint8)
+        maps = saliency.saliency_maps(model, images).astype(np.float32)
+        scores = np.full(len(self.stack), np.nan)
+        scores[self.index] = record["image_scores"]
         return Views(
-            predictions=self.stack.from_model(probs.argmax(1).astype(np.uint8), labels=True),
-            saliency=maps.astype(np.float32),
+            predictions=self._planes(predictions, labels=True),
+            saliency=self._planes(maps),
             saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
-            scores=np.asarray(record["image_scores"]),
+            scores=scores,
             metrics=record,
         )
+
+    def _planes(self, maps: np.ndarray, labels: bool = False) -> np.ndarray:
+        """Model-size maps of the measured images on the stack's canvas, zero elsewhere."""
+        back = self.stack.from_model(maps, self.index, labels=labels)
+        if len(self.index) == len(self.stack):
+            return back
+        out = np.zeros((len(self.stack), *back.shape[1:]), back.dtype)
+        out[self.index] = back
+        return out
 
 
 def change(before: float, after: float, numbers: bool = True) -> str:

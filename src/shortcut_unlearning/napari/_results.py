@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -24,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..settings import exports_folder
-from ..workbench import Workbench, change
+from ..workbench import MEASURED, Workbench, change
 from . import _layers
 from ._qt import button, row, text
 from ._texts import TIPS, legend_html, method_label
@@ -52,7 +53,8 @@ class ResultsView(QGroupBox):
         self.scores.verticalHeader().setVisible(False)
         self.scores.setMaximumHeight(160)
         self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
-        self.scores.cellClicked.connect(lambda r, _: self.viewer.dims.set_point(0, r))
+        self._rows = np.zeros(0, int)  # the image of each table row
+        self.scores.cellClicked.connect(lambda r, _: self.viewer.dims.set_point(0, self._rows[r]))
         self.accept = button("Accept", self.accept_model, "Make the unlearned model current")
         self.revert = button("Revert", self.revert_model, "Go back to the model before the run")
         self.export = button("Export…", self.export_run, "Save this run into a folder you pick")
@@ -161,14 +163,16 @@ class ResultsView(QGroupBox):
         layer.data, layer.contrast_limits = panels, limits
 
     def _fill_scores(self, record) -> None:
-        n = len(record.before.scores)
-        ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(n)]
+        """One row per measured image; a click on it moves the viewer there."""
+        measured = np.flatnonzero(np.isfinite(record.before.scores))
+        ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(self.bench.stack))]
         labels = self.bench.labels
-        self.scores.setRowCount(len(ids))
-        for r, name in enumerate(ids):
-            label = "" if labels is None else ("malignant" if labels[r] else "benign")
-            before, after = record.before.scores[r], record.after.scores[r]
-            for column, cell in enumerate((str(name), label, f"{before:.3f}", f"{after:.3f}")):
+        self.scores.setRowCount(len(measured))
+        self._rows = measured
+        for r, i in enumerate(measured):
+            label = "" if labels is None else ("malignant" if labels[i] else "benign")
+            before, after = record.before.scores[i], record.after.scores[i]
+            for column, cell in enumerate((str(ids[i]), label, f"{before:.3f}", f"{after:.3f}")):
                 self.scores.setItem(r, column, QTableWidgetItem(cell))
 
     def show_current_image(self, *_) -> None:
@@ -184,11 +188,16 @@ class ResultsView(QGroupBox):
         truth = "" if labels is None else f" ({'malignant' if labels[i] else 'benign'})"
         sb = record.before.metrics["s_global"]["value"]
         sa = record.after.metrics["s_global"]["value"]
+        before, after = record.before.scores[i], record.after.scores[i]
+        this = (
+            f"This image{truth}: malignancy {before:.2f} -> {after:.2f}"
+            if np.isfinite(before)
+            else f"This image{truth} was not measured (a run measures {MEASURED} images)"
+        )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
         overlay.text = (
             f"Left: before, right: after run {record.number}; S_global {change(sb, sa, False)}\n"
-            f"This image{truth}: malignancy {record.before.scores[i]:.2f} -> "
-            f"{record.after.scores[i]:.2f}"
+            + this
         )
 
     # -- actions -----------------------------------------------------------------------------
