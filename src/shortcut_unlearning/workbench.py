@@ -141,6 +141,7 @@ class Workbench:
         self.shown: RunRecord | None = None
         self.runs = 0
         self.stack: ImageStack | None = None
+        self._inputs: dict[int, np.ndarray] = {}
         self.refinement: Refinement | None = None
         self.meta: dict = {}
 
@@ -156,6 +157,7 @@ class Workbench:
             )
         note = refinement.restore(autosave) if autosave else None
         self.stack, self.refinement, self.meta = stack, refinement, dict(meta or {})
+        self._inputs: dict[int, np.ndarray] = {}
         self.shown = None
         return note
 
@@ -273,7 +275,9 @@ class Workbench:
         model = self.current_model()
         start_name = self.models[-1][0]
         size = model.config.image_size
-        images = self.stack.to_model(size)
+        if size not in self._inputs:  # the stack at the model's size, made once per stack
+            self._inputs = {size: self.stack.to_model(size)}
+        images = self._inputs[size]
         coarse = self.stack.masks_to_model(plan.refinement.coarse, size)
         refined = self.stack.masks_to_model(plan.refinement.refined, size)
         edited = np.flatnonzero(plan.refinement.edited())
