@@ -49,6 +49,19 @@ class Views:
 
 
 @dataclass
+class Suggestion:
+    """Unrefined images, best to refine first; why each ranks where it does; their bands."""
+
+    order: list[int]
+    why: dict[int, str]
+    bands: np.ndarray  # (N, H, W) bool at the working resolution: what a refinement may erase
+
+    def next(self, edited: np.ndarray) -> int | None:
+        """The best-ranked image not refined since the ranking was made."""
+        return next((i for i in self.order if not edited[i]), None)
+
+
+@dataclass
 class Plan:
     """A validated run, snapshotted on the UI thread."""
 
@@ -230,6 +243,29 @@ class Workbench:
         certificate = operator.certificate(self.current_model())
         warning = collapse_warning(certificate)
         return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
+
+    # -- which image next ---------------------------------------------------------------------
+    def suggest(self) -> Suggestion:
+        """The unrefined images ranked by the shortcut refining them would remove, from the
+        current model and the coarse masks only (ranking.rank_images; worker thread)."""
+        from .ranking import rank_images
+        from .retain import band_width
+
+        model = self.current_model()
+        size = model.config.image_size
+        if size not in self._inputs:
+            self._inputs = {size: self.stack.to_model(size)}
+        coarse = self.stack.masks_to_model(self.refinement.coarse, size)
+        edited = np.flatnonzero(self.refinement.edited())
+        width = None
+        if len(edited):  # the refinements so far say how deep the band is
+            refined = self.stack.masks_to_model(self.refinement.refined, size)
+            split = masklib.split_pixels(coarse, {int(i): refined[i] for i in edited}, "clip")
+            width = band_width(coarse, split)
+        ranking = rank_images(model, self._inputs[size], coarse, exclude=edited, width=width)
+        bands = self.stack.from_model(ranking.bands.astype(np.uint8), labels=True)
+        why = {int(i): ranking.why(int(i)) for i in ranking.order}
+        return Suggestion([int(i) for i in ranking.order], why, bands.astype(bool))
 
     # -- a run --------------------------------------------------------------------------------
     def plan(self, spurious: np.ndarray | None = None) -> Plan:

@@ -3,7 +3,7 @@ explanation in the tooltips, and the legend of the layers' colours."""
 
 from __future__ import annotations
 
-from ._layers import BENIGN, FORGET, MALIGNANT
+from ._layers import BAND, BENIGN, FORGET, MALIGNANT
 
 FORGET_AS_S = "the forget set"
 # Plain words on the controls; the technical term and a line of explanation in the tooltip.
@@ -59,8 +59,9 @@ def legend_html() -> str:
     return (
         f"{swatch(BENIGN, 'benign lesion')} &nbsp; {swatch(MALIGNANT, 'malignant lesion')}"
         f"<br>{swatch(FORGET, 'forget set: erased from a coarse mask')}"
+        f"<br>{swatch(BAND, 'band of the image to refine next')}"
         "<br>Outlines: the model's predicted lesion. Heat: saliency of the malignant score "
-        "(colour bars show its scale). Left: before, right: after unlearning."
+        "(the colour bar shows its scale). Left: before, right: after unlearning."
     )
 
 

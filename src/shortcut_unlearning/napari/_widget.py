@@ -52,6 +52,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.bench = Workbench(parameters=load_settings())
         self.refined_layer = self.forget_layer = self.coarse_layer = None
         self._touched: set[int] = set()  # images edited since Refine: undo may change them
+        self._suggestion = None  # the ranking of unrefined images, made when first asked for
         self._pending: set[int] | None = set()  # images to check at the next sync
         self.worker = self.cancel = None
         self._ready = False  # PyTorch and the model are loaded
@@ -104,7 +105,16 @@ class ShortcutUnlearningWidget(QWidget):
             "A refinement may only erase; painting outside the coarse mask is not unlearning",
         )
         self.clip.setVisible(False)
-        refine = section("Refine", [self.refine, self.stats, self.clip])
+        self.suggest = button(
+            "Go to the image to refine next",
+            self.suggest_next,
+            "Ranks the unrefined images by how much of the model's malignant evidence lies in "
+            "their coarse mask's band (no label you have not given is used), and shows the best",
+        )
+        self.suggestion = text("")
+        refine = section(
+            "Refine", [self.refine, self.stats, self.clip, self.suggest, self.suggestion]
+        )
 
         self.method = QComboBox()
         self.scope = QComboBox(toolTip=TIPS["scope"])
@@ -439,6 +449,56 @@ class ShortcutUnlearningWidget(QWidget):
         self.stats.setText(text)
         self.clip.setVisible(bool(s["added_pixels"]))
 
+    # -- which image next ----------------------------------------------------------------------
+    def suggest_next(self) -> None:
+        """Move to the best-ranked unrefined image and show its band; the ranking is made in a
+        worker the first time and again after each run."""
+        if self.bench.refinement is None:
+            show_warning("Press Refine masks first.")
+            return
+        if self._suggestion is None:
+            self._rank(then_show=True)
+            return
+        i = self._suggestion.next(self.bench.refinement.edited())
+        if i is None:
+            self.suggestion.setText("Every ranked image is refined; run Unlearn to rank again.")
+            return
+        self.viewer.dims.set_point(0, i)
+        band = np.zeros_like(self._suggestion.bands)
+        band[i] = self._suggestion.bands[i]
+        _layers.set_result_layer(
+            self.viewer,
+            _layers.SUGGESTED_BAND,
+            band.view(np.uint8),
+            "image",
+            colormap=_layers.band_colormap(),
+            blending="translucent",
+            contrast_limits=(0, 1),
+        )
+        ids = self.bench.meta.get("ids")
+        name = ids[i] if ids else f"image {i}"
+        self.suggestion.setText(f"{name}, {self._suggestion.why[i]}. Its band is shaded cyan.")
+        self._pick_eraser()
+
+    def _rank(self, then_show: bool = False) -> None:
+        if not self._ready:
+            self.suggestion.setText("Ranking once PyTorch and the model are loaded…")
+            return
+        self.suggestion.setText("Ranking the unrefined images…")
+        self.suggest.setEnabled(False)
+        worker = create_worker(self.bench.suggest)
+        worker.returned.connect(lambda ranked: self._ranked(ranked, then_show))
+        worker.errored.connect(lambda error: show_error(f"Ranking failed: {error}"))
+        worker.finished.connect(lambda: self.suggest.setEnabled(True))
+        worker.start()
+        self._rank_worker = worker
+
+    def _ranked(self, suggestion, then_show: bool) -> None:
+        self._suggestion = suggestion
+        self.suggestion.setText("Ranking ready: press the button to go to the next image.")
+        if then_show:
+            self.suggest_next()
+
     def clip_added(self) -> None:
         count = self.bench.refinement.clip_added()
         self.bench.refinement.sync(None, autosave_folder())
@@ -557,6 +617,9 @@ class ShortcutUnlearningWidget(QWidget):
         self._set_running(False)
         record = self.bench.shown
         self.results.enable_actions()
+        if self._suggestion is not None:  # the model changed: rank again in the background
+            self._suggestion = None
+            self._rank()
         self.progress_text.setText(
             "" if record is None else f"Finished run {record.number} in {duration(record.seconds)}."
         )
