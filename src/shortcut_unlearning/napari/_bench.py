@@ -131,9 +131,9 @@ action = next(a for a in menu.actions() if a.text().startswith("Shortcut Unlearn
 clicked = time.perf_counter()
 action.trigger()
 widget = viewer.window.dock_widgets["Shortcut Unlearning (Shortcut Unlearning)"]
+torch_then = "torch" in sys.modules  # the dock is built; PyTorch must not be loading yet
 QApplication.processEvents()
 shown = time.perf_counter()
-torch_then = "torch" in sys.modules
 while not widget._ready and time.perf_counter() - shown < 600:
     QApplication.processEvents()
     time.sleep(0.01)
