@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import figures, metrics, outputs, saliency
+from . import figures, metrics, outputs, ranking, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
@@ -32,6 +32,9 @@ class RunConfig:
     coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
     fine_fraction: float = 0.1  # share of training images that get refined masks
     refined: list[str] | None = None  # or the ids of the images to refine
+    # Which images get refined: "ranked" (the coarse model's ranking, see ranking.py),
+    # "random" (seeded) or "given" (the --refined ids). None: given with --refined, else random.
+    refine_order: str | None = None
     method: str = "neggrad-seg"
     steps: int | None = None  # unlearning steps (None: the operator's default)
     epochs: int = 20  # training epochs of the coarse model and the baselines
@@ -50,6 +53,27 @@ class RunConfig:
     quiet: bool = False
     operator_options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.refine_order not in (None, *REFINE_ORDERS):
+            raise ValueError(
+                f"refine_order must be one of {REFINE_ORDERS}, got {self.refine_order!r}"
+            )
+        if self.refine_order == "given" and not self.refined:
+            raise ValueError("--refine-order given refines the --refined ids in order; name them")
+        if self.refine_order in ("ranked", "random") and self.refined:
+            raise ValueError(
+                f"--refined names the images to refine, so --refine-order {self.refine_order} "
+                "has nothing to choose: drop one of the two"
+            )
+
+    @property
+    def order(self) -> str:
+        """The refine order in force: refine_order, or its default."""
+        return self.refine_order or ("given" if self.refined else "random")
+
+
+REFINE_ORDERS = ("ranked", "random", "given")
+
 
 def load_data(config: RunConfig) -> LesionSet:
     if config.data == "synthetic":
@@ -60,9 +84,15 @@ def load_data(config: RunConfig) -> LesionSet:
     return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
 
-def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
-    """Indices of the training images whose masks get refined."""
-    if config.refined:
+def choose_refined(
+    train_set: LesionSet, config: RunConfig, coarse: np.ndarray | None = None, model=None
+) -> np.ndarray:
+    """Indices of the training images whose masks get refined, in refinement order.
+
+    "ranked" needs the coarse masks and the model, and reads nothing else of the training
+    images' annotations (no fine mask, label or artefact map).
+    """
+    if config.order == "given":
         missing = sorted(set(config.refined) - set(train_set.ids))
         if missing:
             raise ValueError(f"--refined names images not in the training split: {missing[:5]}")
@@ -70,6 +100,10 @@ def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
     if not 0 < config.fine_fraction <= 1:
         raise ValueError(f"fine_fraction must lie in (0, 1], got {config.fine_fraction}")
     count = max(1, round(config.fine_fraction * len(train_set)))
+    if config.order == "ranked":
+        if model is None or coarse is None:
+            raise ValueError("the ranked order needs the coarse masks and the model to rank with")
+        return ranking.rank_images(model, train_set.images, coarse).top(count)
     return np.sort(np.random.default_rng(config.seed).choice(len(train_set), count, replace=False))
 
 
@@ -227,8 +261,8 @@ def _run(config: RunConfig, out: Path) -> dict:
     if len(test) == 0:
         raise ValueError("the data has no test or val split to evaluate on")
     coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
-    refined_idx = choose_refined(train_set, config)
-    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined_idx})
+    # Checked before training; the ranked order is chosen once the model exists.
+    refined_idx = None if config.order == "ranked" else choose_refined(train_set, config)
     s_map = spurious_map(test, config)
     inpainted = saliency.inpaint_background(test.images, s_map)
     groups = evaluation_groups(test, train_set)
@@ -242,6 +276,9 @@ def _run(config: RunConfig, out: Path) -> dict:
         model = train_model(train_set.images, coarse, config, device, coarse_kind)
         model.save(out / "coarse_model")
     timings["coarse_train_s"] = time.perf_counter() - clock
+    if refined_idx is None:
+        refined_idx = choose_refined(train_set, config, coarse, model)
+    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined_idx})
     results = {"coarse": evaluate(model, test, s_map, inpainted, groups, config.seed)}
 
     certificate = operator.certificate(model) if hasattr(operator, "certificate") else None
@@ -303,6 +340,7 @@ def _run(config: RunConfig, out: Path) -> dict:
             ],
         },
         "refined_ids": [train_set.ids[i] for i in refined_idx],
+        "refine_order": config.order,
         "forget_pixels": split.forget_count,
         "n_train": len(train_set),
         "n_test": len(test),
