@@ -1,3 +1,4 @@
+import itertools
 import json
 from dataclasses import replace
 
@@ -43,7 +44,7 @@ def test_band_mass_ranks_the_image_whose_band_is_predicted_malignant_first():
     band = ranking.bands(coarse, width)
     images[3][band[3]] = (230, 20, 20)  # red band: malignant under the stand-in model
     images[1][band[1] & (np.arange(48)[None, :] < 20)] = (140, 20, 20)  # half the band, dimmer
-    ranked = ranking.rank_images(RedIsMalignant(), images, coarse)
+    ranked = ranking.rank_images(RedIsMalignant(), images, coarse, alternate=False)
     assert ranked.order[:2].tolist() == [3, 1]
     assert ranked.next == 3
     assert ranked.scores[3] == pytest.approx(230 / 255, abs=1e-6)
@@ -73,11 +74,13 @@ def test_alternate_takes_the_lesion_classes_in_turn():
     band = ranking.bands(coarse, ranking.default_width(coarse))
     for i, red in zip((1, 3, 5, 0), (250, 240, 230, 100), strict=True):
         images[i][band[i]] = (red, 0, 0)
-    plain = ranking.rank_images(RedIsMalignant(), images, coarse)
-    mixed = ranking.rank_images(RedIsMalignant(), images, coarse, alternate=True)
+    plain = ranking.rank_images(RedIsMalignant(), images, coarse, alternate=False)
+    mixed = ranking.rank_images(RedIsMalignant(), images, coarse)  # the default
     assert plain.order[:3].tolist() == [1, 3, 5]  # all class 2
     assert [int(coarse[i].max()) for i in mixed.order] == [2, 1, 2, 1, 2, 1]
     assert mixed.order[:2].tolist() == [1, 0]
+    assert "2nd of the malignant masks" in mixed.why(3)
+    assert mixed.why(0).startswith("ranked 2 of 6 (1st of the benign masks")
 
 
 @pytest.mark.parametrize("method", ranking.METHODS)
@@ -117,11 +120,17 @@ def test_ranked_order_differs_from_random_order(tiny_data):
     model = Model(TINY)
     config = RunConfig(fine_fraction=0.5, seed=0)
     ranked = choose_refined(data, replace(config, refine_order="ranked"), coarse, model)
-    scores = ranking.rank_images(model, data.images, coarse).scores
     random = choose_refined(data, config)
     assert len(ranked) == len(random) == 12
     assert set(ranked) != set(random)
-    assert scores[ranked].min() >= np.nanmax(np.delete(scores, ranked))  # the top of the ranking
+    # The ranked choice is the top of the ranking, in its order: band-mass, classes in turn.
+    ranking_ = ranking.rank_images(model, data.images, coarse)
+    assert ranked.tolist() == ranking_.order[:12].tolist()
+    classes = [int(coarse[i].max()) for i in ranked]
+    assert all(a != b for a, b in itertools.pairwise(classes[:6]))
+    for k in (1, 2):  # within a class, best band-mass first
+        mine = [i for i in ranked if coarse[i].max() == k]
+        assert np.all(np.diff(ranking_.scores[mine]) <= 0)
     with pytest.raises(ValueError, match="needs the coarse masks and the model"):
         choose_refined(data, replace(config, refine_order="ranked"))
 
@@ -133,6 +142,8 @@ def test_refine_order_settings_are_checked():
         RunConfig(refined=["a"], refine_order="ranked")
     with pytest.raises(ValueError, match="must be one of"):
         RunConfig(refine_order="best")
+    with pytest.raises(ValueError, match="fine_fraction must lie in"):
+        RunConfig(refine_order="ranked", fine_fraction=0)  # before any training
     assert RunConfig().order == "random" and RunConfig(refined=["a"]).order == "given"
 
 
@@ -166,7 +177,7 @@ def run_args(out, checkpoint, *flags):
 
 @pytest.mark.parametrize("order", ["ranked", "random", "given"])
 def test_run_refine_order(order, checkpoint, tmp_path, capsys):
-    given = ["synth_0_00007", "synth_0_00002", "synth_0_00011"]
+    given = ["synth_0_00008", "synth_0_00001", "synth_0_00005"]
     flags = ["--refine-order", order] + (["--refined", ",".join(given)] if order == "given" else [])
     assert main(run_args(tmp_path, checkpoint, *flags)) == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "metrics.json").read_text())
@@ -190,7 +201,7 @@ def test_run_refine_order(order, checkpoint, tmp_path, capsys):
 def test_run_refine_order_errors(checkpoint, tmp_path, capsys):
     assert main(run_args(tmp_path / "a", checkpoint, "--refine-order", "given")) == 2
     assert "name them" in capsys.readouterr().err
-    flags = ("--refine-order", "ranked", "--refined", "synth_0_00002")
+    flags = ("--refine-order", "ranked", "--refined", "synth_0_00001")
     assert main(run_args(tmp_path / "b", checkpoint, *flags)) == 2
     assert "drop one of the two" in capsys.readouterr().err
 

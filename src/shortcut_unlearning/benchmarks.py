@@ -178,7 +178,7 @@ def markdown(summary: dict) -> str:
 # --- Which image to refine next (issue 13) ---------------------------------------------------
 
 RANKING_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
-# Per run: lower is better for the first two, higher for the rest.
+# Per run; the first four are the ones whose share needed is reported.
 RANKING_COLUMNS = (
     "band_reliance",
     "s_global",
@@ -186,8 +186,10 @@ RANKING_COLUMNS = (
     "worst_group_auroc",
     "auroc",
     "dice",
+    "s_global_benign",
+    "s_global_malignant",
 )
-LOWER_IS_BETTER = ("band_reliance", "s_global")
+LOWER_IS_BETTER = ("band_reliance", "s_global", "s_global_benign", "s_global_malignant")
 
 
 def refinement_order(
@@ -338,6 +340,8 @@ def _ranking_row(report: dict, band_reliance: float, seconds: float) -> dict:
         "s_global_ci": [report["s_global"]["ci_low"], report["s_global"]["ci_high"]],
         "s_global_excess": report["s_global"]["excess"],
         "s_global_by_class": report["s_global"]["per_class"],
+        "s_global_benign": report["s_global"]["per_class"][1],
+        "s_global_malignant": report["s_global"]["per_class"][2],
         "conflicting_auroc": _conflicting(report["auroc_by_group"]),
         "worst_group_auroc": report["worst_group_auroc"],
         "auroc": report["auroc"],
@@ -433,8 +437,8 @@ def _ranking_summary(runs, orders, fractions, reference) -> dict:
         **{c: _mean_ci([r[c] for r in coarse]) for c in RANKING_COLUMNS},
     }
     paired, ratios = {}, {}
-    for order in (o for o in orders if o != "random"):
-        for f in fractions:
+    for order in orders:
+        for f in fractions if order != "random" else ():
             mine = {r["seed"]: r for r in cell.get((order, f), [])}
             theirs = {r["seed"]: r for r in cell.get(("random", f), [])}
             seeds = sorted(set(mine) & set(theirs))
@@ -483,20 +487,28 @@ def ranking_markdown(result: dict) -> str:
     def fmt(stats, digits=3):
         if stats["n"] == 0:
             return "n/a"
-        e = "e" if abs(stats["mean"]) < 1e-2 and stats["mean"] != 0 else "f"
-        mean, low, high = (f"{stats[k]:.{digits}{e}}" for k in ("mean", "low", "high"))
+        mean, low, high = (f"{stats[k]:.{digits}g}" for k in ("mean", "low", "high"))
         return f"{mean} [{low}, {high}]"
 
-    cols = ("band_reliance", "s_global", "conflicting_auroc", "worst_group_auroc", "auroc", "dice")
+    cols = (
+        "band_reliance",
+        "s_global",
+        "s_global_benign",
+        "s_global_malignant",
+        "conflicting_auroc",
+        "worst_group_auroc",
+        "dice",
+    )
     head = [
         "order",
         "refined",
         "images",
         "band reliance",
         "S_global (nats/px)",
+        "S_global benign",
+        "S_global malignant",
         "conflicting AUROC",
         "worst-group AUROC",
-        "AUROC",
         "Dice",
         "picks with artefact",
     ]
@@ -506,14 +518,14 @@ def ranking_markdown(result: dict) -> str:
         share = f"{cell['fraction']:.0%}" if cell["fraction"] else "none"
         lines.append(
             f"| {cell['order']} | {share} | {cell['images']} | "
-            + " | ".join(fmt(cell[c], 2) for c in cols)
+            + " | ".join(fmt(cell[c]) for c in cols)
             + f" | {picks} |"
         )
     lines += ["", "Paired difference against random order (same seed, same coarse model):", ""]
     head = ["difference", *(c.replace("_", " ") for c in cols)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, diff in result["paired"].items():
-        lines.append(f"| {name} | " + " | ".join(fmt(diff[c], 2) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(diff[c]) for c in cols) + " |")
     reference = result["reference"]
     lines += [
         "",

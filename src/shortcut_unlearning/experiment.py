@@ -54,6 +54,8 @@ class RunConfig:
     operator_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not 0 < self.fine_fraction <= 1:
+            raise ValueError(f"fine_fraction must lie in (0, 1], got {self.fine_fraction}")
         if self.refine_order not in (None, *REFINE_ORDERS):
             raise ValueError(
                 f"refine_order must be one of {REFINE_ORDERS}, got {self.refine_order!r}"
@@ -97,8 +99,6 @@ def choose_refined(
         if missing:
             raise ValueError(f"--refined names images not in the training split: {missing[:5]}")
         return np.array([train_set.ids.index(i) for i in config.refined])
-    if not 0 < config.fine_fraction <= 1:
-        raise ValueError(f"fine_fraction must lie in (0, 1], got {config.fine_fraction}")
     count = max(1, round(config.fine_fraction * len(train_set)))
     if config.order == "ranked":
         if model is None or coarse is None:
