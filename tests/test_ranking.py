@@ -63,6 +63,8 @@ def test_excluded_images_are_not_ranked():
     assert np.isnan(ranked.scores[[0, 4]]).all()
     with pytest.raises(ValueError, match="not ranked"):
         ranked.why(0)
+    none_left = ranking.rank_images(RedIsMalignant(), images, coarse, exclude=range(6))
+    assert len(none_left) == 0 and none_left.next is None
     with pytest.raises(ValueError, match="only 6 images"):
         ranking.rank_images(RedIsMalignant(), images, coarse, exclude=[9])
     with pytest.raises(ValueError, match="ranking method"):

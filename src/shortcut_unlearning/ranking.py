@@ -150,12 +150,12 @@ def rank_images(
     band = bands(coarse, width)
     classes = np.array([lesion_class(m, i) for i, m in enumerate(coarse)])
     candidates = np.flatnonzero(~excluded)
-    probs = np.zeros((n, *model.probabilities(images[:1]).shape[1:]), np.float32)
-    probs[candidates] = model.probabilities(images[candidates])
-    scores = np.full(n, np.nan)
-    scores[candidates] = _SCORES[method](model, images, coarse, band, probs, candidates)
-    mass = np.full(n, np.nan)
-    mass[candidates] = _band_mean(probs[candidates, MALIGNANT], band[candidates])
+    scores, mass = np.full(n, np.nan), np.full(n, np.nan)
+    if len(candidates):
+        at = candidates
+        probs = model.probabilities(images[at])
+        scores[at] = _SCORES[method](model, images[at], coarse[at], band[at], probs)
+        mass[at] = _band_mean(probs[:, MALIGNANT], band[at])
     # Images without a band (no lesion, or a mask thinner than the band) have nothing to erase.
     ranked = candidates[band[candidates].any(axis=(1, 2))]
     order = ranked[np.argsort(-np.nan_to_num(scores[ranked], nan=-np.inf), kind="stable")]
@@ -172,38 +172,40 @@ def _band_mean(values: np.ndarray, band: np.ndarray) -> np.ndarray:
     )
 
 
-def _band_mass(model, images, coarse, band, probs, at):
-    return _band_mean(probs[at, MALIGNANT], band[at])
+# Each score takes the candidates' images, coarse masks, bands and predicted probabilities.
 
 
-def _band_lesion(model, images, coarse, band, probs, at):
-    return _band_mean(1 - probs[at, 0], band[at])
+def _band_mass(model, images, coarse, band, probs):
+    return _band_mean(probs[:, MALIGNANT], band)
 
 
-def _band_reliance(model, images, coarse, band, probs, at):
-    inpainted = saliency.inpaint_background(images[at], band[at])
-    return metrics.image_scores(probs[at]) - metrics.image_scores(model.probabilities(inpainted))
+def _band_lesion(model, images, coarse, band, probs):
+    return _band_mean(1 - probs[:, 0], band)
 
 
-def _band_saliency(model, images, coarse, band, probs, at):
-    maps = saliency.saliency_maps(model, images[at])
-    return saliency.saliency_share(maps, band[at])
+def _band_reliance(model, images, coarse, band, probs):
+    inpainted = saliency.inpaint_background(images, band)
+    return metrics.image_scores(probs) - metrics.image_scores(model.probabilities(inpainted))
 
 
-def _disagreement(model, images, coarse, band, probs, at):
-    return _band_mean(probs[at].argmax(axis=1) != coarse[at], band[at])
+def _band_saliency(model, images, coarse, band, probs):
+    return saliency.saliency_share(saliency.saliency_maps(model, images), band)
 
 
-def _s_global(model, images, coarse, band, probs, at):
-    """S_global(all candidates) minus S_global(all candidates but this one)."""
-    core = np.where(band[at], 0, coarse[at])
-    s = band[at]
+def _disagreement(model, images, coarse, band, probs):
+    return _band_mean(probs.argmax(axis=1) != coarse, band)
+
+
+def _s_global(model, images, coarse, band, probs):
+    """S_global of all candidates minus S_global of all candidates but this one."""
+    core = np.where(band, 0, coarse)
     # Per-image (S, Y) tables; leaving an image out subtracts its table from the pooled one.
-    _, _, _, _, tables = metrics._prepared(probs[at], s, core, (1, 2), False, 1)
-    pooled, pixels = tables.sum(axis=0), s.size
+    _, _, _, _, tables = metrics._prepared(probs, band, core, (1, 2), False, 1)
+    pooled, pixels, per_image = tables.sum(axis=0), band.size, band[0].size
     full = metrics._per_class(pooled, pixels).max()
-    share = pixels // len(at)
-    return np.array([full - metrics._per_class(pooled - t, pixels - share).max() for t in tables])
+    return np.array(
+        [full - metrics._per_class(pooled - t, pixels - per_image).max() for t in tables]
+    )
 
 
 _SCORES = {
