@@ -231,3 +231,21 @@ def test_the_dock_measurement_runs_in_a_fresh_process():
 
     dock = _bench.dock_open()
     assert dock["menu_to_dock_ms"] > 0 and not dock["torch_imported_when_shown"]
+
+
+def test_the_next_suggested_image_is_shown_with_its_band(make_napari_viewer, qtbot, small_model):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0, 1))
+    click(qtbot, widget.suggest)
+    qtbot.waitUntil(lambda: "ranked 1 of 10" in widget.suggestion.text(), timeout=120_000)
+    best = widget._suggestion.order[0]
+    assert best not in (0, 1)  # refined images are not suggested again
+    assert viewer.dims.current_step[0] == best
+    band = viewer.layers["band to refine"].data
+    assert band[best].any() and not np.delete(band, best, axis=0).any()
+    assert viewer.layers.selection.active.name == widget.refined_layer.name  # eraser at hand
+    erase_band(viewer, widget, [best])  # refine it: the button moves on to the next one
+    qtbot.wait(50)
+    click(qtbot, widget.suggest)
+    assert viewer.dims.current_step[0] == widget._suggestion.order[1]

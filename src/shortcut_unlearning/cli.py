@@ -230,6 +230,13 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
+    if args.what == "ranking":
+        result = benchmarks.refinement_order(
+            _config(args, quiet=True), args.seeds, args.out, args.fractions, args.orders
+        )
+        print(benchmarks.ranking_markdown(result))
+        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
+        return
     result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
     print(benchmarks.markdown(result["summary"]))
     print(f"written: {Path(args.out) / 'summary.md'}")
@@ -255,8 +262,9 @@ def _jsonable(config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmarks import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
-    from .experiment import RunConfig
+    from .experiment import REFINE_ORDERS, RunConfig
     from .model import MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
 
@@ -355,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[common], help="train on coarse masks, unlearn, evaluate, report"
     )
     run.add_argument("--refined", type=_ids, help="comma-separated ids to refine instead")
+    run.add_argument(
+        "--refine-order",
+        choices=REFINE_ORDERS,
+        help="which images get refined: ranked (by the coarse model's ranking, see "
+        "docs/method.md), random (seeded), given (the --refined ids); default: given with "
+        "--refined, else random",
+    )
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
     run.add_argument(
         "--steps",
@@ -413,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "stall", "overlay", "dock", "open"),
-        help="stall, overlay and dock measure the napari widget (need a display); open times "
-        "opening --data DIR at --working-size, cold and cached, and the overlay per edit",
+        choices=("cache", "seeds", "ranking", "stall", "overlay", "dock", "open"),
+        help="ranking: refinement orders against the share of refined images; stall, overlay "
+        "and dock measure the napari widget (need a display); open times opening --data DIR "
+        "at --working-size, cold and cached, and the overlay per edit",
     )
     bench.add_argument(
         "--working-size",
@@ -438,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[defaults.method],
         help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; "
         "NAME/head unlearns in the head scope",
+    )
+    bench.add_argument(
+        "--fractions",
+        type=_fraction_list,
+        default=list(RANKING_FRACTIONS),
+        help="ranking: shares of the training images to refine, e.g. 0.01,0.1",
+    )
+    bench.add_argument(
+        "--orders",
+        type=_order_list,
+        default=["ranked", "random"],
+        help="ranking: random, ranked or ranked/METHOD[+alternate], comma-separated",
     )
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.set_defaults(func=_bench, data="synthetic")
@@ -475,6 +503,23 @@ def _working_size(text: str) -> int | None:
 def _seed_list(text: str) -> list[int]:
     parse = _whole(0)
     return [parse(part.strip()) for part in text.split(",")]
+
+
+def _fraction_list(text: str) -> list[float]:
+    parse = _number(0, 1, low_open=True)
+    return sorted({parse(part.strip()) for part in text.split(",")})
+
+
+def _order_list(text: str) -> list[str]:
+    from .benchmarks import parse_order
+
+    orders = [o.strip() for o in text.split(",")]
+    for order in orders:
+        try:
+            parse_order(order)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return orders
 
 
 def _method_list(text: str) -> list[str]:
