@@ -151,25 +151,7 @@ class Rounds:
 
     def certificate(self) -> str:
         """What the chain of accepted rounds certifies, in one paragraph."""
-        accepted = [r for r in self.history if r.accepted]
-        if not accepted:
-            return "no accepted round: the current model is the starting model"
-        last = accepted[-1]
-        images = f"images {last.refined} refined over {len(accepted)} accepted round(s)"
-        if last.certificate is None:
-            return (
-                f"the current model comes from round {last.index} ({last.operator}), which is "
-                f"not certified: no guarantee that it forgot the {last.forget_pixels} pixels "
-                f"erased from the coarse masks of {images}"
-            )
-        eps, delta = last.certificate["epsilon"], last.certificate["delta"]
-        return (
-            f"the current model (round {last.index}, {last.operator}) is ({eps:g}, "
-            f"{delta:.1e})-certified to have forgotten {last.certificate['forgets']} "
-            f"({images}; {last.forget_pixels} pixels), whatever model the round started "
-            "from: the earlier rounds add nothing to epsilon or delta. A model an earlier "
-            "round released is certified only for what was forgotten up to that round."
-        )
+        return chain_certificate(self.history)
 
     def to_dict(self) -> dict:
         """The history for an export: every round, and the chain's certificate."""
@@ -181,6 +163,29 @@ class Rounds:
 
     def _split(self) -> masklib.PixelSplit:
         return masklib.split_pixels(self.coarse, self.refined)
+
+
+def chain_certificate(history: list[Round]) -> str:
+    """What a chain of rounds certifies, in one paragraph (its accepted rounds count)."""
+    accepted = [r for r in history if r.accepted]
+    if not accepted:
+        return "no accepted round: the current model is the starting model"
+    last = accepted[-1]
+    images = f"images {last.refined} refined over {len(accepted)} accepted round(s)"
+    if last.certificate is None:
+        return (
+            f"the current model comes from round {last.index} ({last.operator}), which is "
+            f"not certified: no guarantee that it forgot the {last.forget_pixels} pixels "
+            f"erased from the coarse masks of {images}"
+        )
+    eps, delta = last.certificate["epsilon"], last.certificate["delta"]
+    return (
+        f"the current model (round {last.index}, {last.operator}) is ({eps:g}, "
+        f"{delta:.1e})-certified to have forgotten {last.certificate['forgets']} "
+        f"({images}; {last.forget_pixels} pixels), whatever model the round started "
+        "from: the earlier rounds add nothing to epsilon or delta. A model an earlier "
+        "round released is certified only for what was forgotten up to that round."
+    )
 
 
 def _settings(operator: Operator) -> dict:

@@ -153,6 +153,7 @@ class Workbench:
         self._loading = threading.Lock()  # the widget loads in a thread, runs in another
         self.shown: RunRecord | None = None
         self.runs = 0
+        self.history: list = []  # rounds.Round of every finished run, in order
         self.stack: ImageStack | None = None
         self._inputs: dict[int, np.ndarray] = {}
         self.refinement: Refinement | None = None
@@ -353,8 +354,36 @@ class Workbench:
 
     def show(self, record: RunRecord | None) -> None:
         """Put a finished run on display; a cancelled run, or None, shows nothing. The run on
-        display is replaced: an unaccepted one is dropped, the current model stays."""
+        display is replaced: an unaccepted one is dropped, the current model stays. Every
+        finished run joins the history of rounds."""
         self.shown = record if record is not None and record.after is not None else None
+        if self.shown is not None:
+            self.history.append(self._round(record))
+
+    def _round(self, record: RunRecord):
+        """The run as a round of sequential refinement (rounds.Round)."""
+        from .rounds import Round
+
+        before = {i for r in self.history if r.accepted for i in r.refined}
+        refined = [int(i) for i in record.refined_index]
+        certificate = record.certificate
+        return Round(
+            index=record.number,
+            images=[i for i in refined if i not in before],
+            refined=refined,
+            operator=record.method,
+            settings=asdict(record.plan.operator),
+            forget_pixels=int(record.plan.refinement.forget.sum()),
+            steps=record.result.steps,
+            accepted=False,
+            cancelled=record.result.cancelled,
+            collapsed=record.result.collapsed,
+            start_metrics=record.result.start_metrics,
+            end_metrics=record.result.history[-1].metrics if record.result.history else None,
+            certificate={**certificate.to_dict(), "summary": certificate.summary()}
+            if certificate
+            else None,
+        )
 
     def accept(self) -> None:
         record = self.shown
@@ -362,12 +391,17 @@ class Workbench:
             raise ValueError("there is no finished, working run to accept")
         self.models.append((f"run {record.number} ({record.method}), accepted", record.model))
         record.accepted = True
+        self._round_of(record).accepted = True
 
     def revert(self) -> None:
         """Go back to the model from before the run on display; the run leaves the screen."""
         if self.shown is not None and self.shown.accepted:
             self.models.pop()
+            self._round_of(self.shown).accepted = False
         self.shown = None
+
+    def _round_of(self, record: RunRecord):
+        return next(r for r in self.history if r.index == record.number)
 
     # -- export -------------------------------------------------------------------------------
     def export(self, folder: str | Path) -> Path:
@@ -397,7 +431,10 @@ class Workbench:
         return out
 
     def report(self, record: RunRecord) -> dict:
-        """metrics.json of a run, in the schema `shortcut-unlearning run` writes."""
+        """metrics.json of a run, in the schema `shortcut-unlearning run` writes, with the
+        history of rounds (every run of this session) and what their chain certifies."""
+        from .rounds import chain_certificate
+
         result, certificate = record.result, record.certificate
         return {
             "coarse": record.before.metrics,
@@ -426,6 +463,10 @@ class Workbench:
             # The plugin measures on the images being refined (a sample of them when many).
             "n_test": len(record.before.metrics["measured_images"]),
             "timings": {"run_s": record.seconds},
+            "rounds": {
+                "rounds": [r.to_dict() for r in self.history],
+                "certificate": chain_certificate(self.history),
+            },
         }
 
     def _id(self, index: int) -> str:
