@@ -15,6 +15,7 @@ so the widget opens at once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import site
 import sysconfig
@@ -141,6 +142,19 @@ class RunRecord:
         if self.certificate is not None:
             lines.append(self.certificate.summary())
         return "\n".join(lines)
+
+
+def new_folder(base: Path, name: str) -> Path:
+    """A folder made for this call: `name`, or `name-2`, `name-3`... when it exists (two exports
+    within one second), so nothing is ever overwritten."""
+    base.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        out = base / (name if n == 1 else f"{name}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
 
 
 class Workbench:
@@ -412,8 +426,7 @@ class Workbench:
             raise ValueError("no run is shown: run Unlearn first (Revert and Cancel clear it)")
         base = Path(folder).expanduser().resolve()
         refuse_package_folder(base)
-        out = base / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}"
-        out.mkdir(parents=True, exist_ok=False)  # a new folder: nothing is overwritten
+        out = new_folder(base, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}")
         record.model.save(out / "model")
         from .data.folders import write_masks
 
