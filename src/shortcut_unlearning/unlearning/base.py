@@ -22,7 +22,6 @@ from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
 from ..training import Divergence
 
-
 _TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
