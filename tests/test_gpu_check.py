@@ -27,6 +27,10 @@ def test_the_gpu_check_runs_every_path_on_the_cpu(tmp_path, capsys, monkeypatch)
         assert row["images_per_s"] > 0 and len(row["runs"]) == 1
         base = speed[loop, BASELINE]["images_per_s"]
         assert row["ratio_to_plain_fp32"] == pytest.approx(row["images_per_s"] / base)
+        cpu_base = speed[loop, BASELINE]["images_per_cpu_s"]
+        assert row["cpu_time_ratio_to_plain_fp32"] == pytest.approx(
+            row["images_per_cpu_s"] / cpu_base
+        )
         assert row["fast_paths_apply"] == (row["variant"] == BASELINE)  # no bf16 on a CPU
     operators = {row["operator"]: row for row in report["operators"]}
     assert set(operators) == set(OPERATORS)
