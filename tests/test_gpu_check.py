@@ -10,6 +10,7 @@ from shortcut_unlearning import benchmarks
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.gpu_check import BASELINE, VARIANTS
+from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.saliency import METHODS
 from shortcut_unlearning.unlearning import OPERATORS
 
@@ -20,7 +21,8 @@ def test_the_gpu_check_runs_every_path_on_the_cpu(tmp_path, capsys, monkeypatch)
     assert main(["bench", "gpu", "--device", "cpu", *tiny.split(), "--out", str(tmp_path)]) == 0
     assert "| training | plain fp32 |" in capsys.readouterr().out
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["environment"]["device"] == "cpu" and report["host_waits"] is None
+    assert report["failed"] == [] and report["host_waits"] is None
+    assert report["environment"]["device"] == "cpu"
     speed = {(row["loop"], row["variant"]): row for row in report["speed"]}
     assert set(speed) == {(loop, v) for loop in ("training", "unlearning") for v in VARIANTS}
     for (loop, _), row in speed.items():
@@ -71,3 +73,23 @@ def test_s_global_timing_covers_sparse_and_dense_spurious_maps():
     for timing in (sparse, dense):
         assert timing["s_global_s"] > 0 and timing["report_s"] > 0
         assert np.isfinite(timing["value"]) and np.isfinite(timing["null_mean"])
+
+
+def test_a_failing_path_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
+    from shortcut_unlearning import gpu_check
+
+    def broken(*args):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    model = Model(ModelConfig(image_size=32))
+    monkeypatch.setattr(gpu_check, "speed_table", lambda *args: ([], model))
+    monkeypatch.setattr(gpu_check, "operator_runs", lambda *args: [])
+    monkeypatch.setattr(gpu_check, "saliency_runs", broken)
+    config = gpu_check.CheckConfig(images=12, size=32, batch_size=4, steps=1, device="cpu")
+    report = gpu_check.run_check(config, tmp_path)
+    assert report["failed"] == ["saliency"]
+    assert "no such kernel" in report["saliency"]["error"]
+    assert report["evaluation"]["images"] > 0 and report["widget"]["error"] is None
+    written = (tmp_path / "gpu_check.md").read_text()
+    assert "saliency: FAILED" in written and "failed: saliency." in written

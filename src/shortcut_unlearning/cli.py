@@ -230,8 +230,11 @@ def _bench(args) -> None:
             device=args.device,
             seed=args.seed,
         )
-        print(markdown(run_check(config, args.out)))
+        report = run_check(config, args.out)
+        print(markdown(report))
         print(f"written: {Path(args.out) / 'gpu_check.json'} and gpu_check.md")
+        if report["failed"]:
+            raise SystemExit(f"bench gpu: these paths failed: {', '.join(report['failed'])}")
         return
     if args.what == "removal":
         result = {

@@ -27,6 +27,7 @@ import queue
 import tempfile
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -85,21 +86,37 @@ def run_check(config: CheckConfig, out: Path | str) -> dict:
         "train_images": len(prepared.train),
         "refined_images": len(prepared.refined),
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence and certificate warnings: not the point
-        speed, model = speed_table(config, device, prepared)
-        report["speed"] = speed
-        report["host_waits"] = host_waits(config, device, prepared, model)
-        report["operators"] = operator_runs(config, device, prepared, model)
-        report["saliency"] = saliency_runs(model, prepared)
-        report["evaluation"] = evaluation_run(model, prepared, config.seed)
-        report["widget"] = widget_job(config, device, prepared, model)
-    report["check_s"] = time.perf_counter() - clock
+    sections = {
+        "speed": lambda: speed_table(config, device, prepared),
+        "host_waits": lambda: host_waits(config, device, prepared, model),
+        "operators": lambda: operator_runs(config, device, prepared, model),
+        "saliency": lambda: saliency_runs(model, prepared),
+        "evaluation": lambda: evaluation_run(model, prepared, config.seed),
+        "widget": lambda: widget_job(config, device, prepared, model),
+    }
+    model, report["failed"] = None, []
+    for name, section in sections.items():
+        # A failing path is recorded and the rest still run; the files are rewritten after
+        # every section, so a check stopped by a time limit leaves what it measured.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # convergence, certificates: not the point
+                report[name] = section()
+        except Exception:
+            report[name] = {"error": traceback.format_exc(limit=-3)}
+            report["failed"].append(name)
+        if name == "speed" and name not in report["failed"]:
+            report["speed"], model = report["speed"]
+        report["check_s"] = time.perf_counter() - clock
+        write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path | str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "gpu_check.md").write_text(markdown(report) + "\n")
-    return report
 
 
 def environment(device: torch.device) -> dict:
@@ -444,7 +461,7 @@ def _widget_in_viewer(device: str, steps: int) -> dict:
         return {
             "viewer": True,
             "seconds": time.perf_counter() - start,
-            "finished": finished and record is not None,
+            "error": None if finished and record is not None else "the run did not finish",
             "model_device": str(record.model.device) if record else None,
             "usable": record.usable if record else None,
             "curve_points": len(widget._curve["loss"]),
@@ -454,54 +471,83 @@ def _widget_in_viewer(device: str, steps: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The speed table, then one line per other path."""
-    env = report["environment"]
+    """The speed table, then one line per other path; a failed or missing section says so."""
+    env, config = report["environment"], report["config"]
     where = env.get("gpu") or f"CPU ({env['cpu_cores']} cores, {env['torch_threads']} threads)"
-    config = report["config"]
     lines = [
         f"GPU check on {where}, torch {env['torch']}; {report['train_images']} training images "
         f"at {config['size']} px, batch {config['batch_size']}, {config['encoder']}; "
         f"{config['epochs']} epochs and {config['steps']} unlearning steps per run, median of "
         f"{config['repeats']} runs.",
         "",
+    ]
+    for name, lines_of in (
+        ("speed", _speed_lines),
+        ("host_waits", _waits_lines),
+        ("operators", lambda rows: [_operator_line(row) for row in rows]),
+        ("saliency", lambda rows: [_saliency_line(row) for row in rows]),
+        ("evaluation", lambda ev: [_evaluation_line(ev)]),
+        ("widget", lambda widget: [_widget_line(widget)]),
+    ):
+        if name not in report:
+            lines.append(f"- {name}: not run")
+        elif name in report["failed"]:
+            lines.append(f"- {name}: FAILED\n\n```\n{report[name]['error']}```\n")
+        else:
+            lines += lines_of(report[name])
+    failed = ", ".join(report["failed"]) or "none"
+    total, data = report["check_s"], report["data_s"]
+    lines.append(f"\nWhole check: {total:.0f} s (data {data:.0f} s); failed: {failed}.")
+    return "\n".join(lines)
+
+
+def _speed_lines(rows: list[dict]) -> list[str]:
+    lines = [
         "| loop | variant | images/s | ratio to plain fp32 | ratio in process CPU time |",
         "|---|---|---|---|---|",
     ]
-    for row in report["speed"]:
+    for row in rows:
         note = "" if row["fast_paths_apply"] else " (no bf16 or channels-last on this device)"
         lines.append(
             f"| {row['loop']} | {row['variant']}{note} | {row['images_per_s']:.1f} | "
             f"{row['ratio_to_plain_fp32']:.2f} | {row['cpu_time_ratio_to_plain_fp32']:.2f} |"
         )
-    lines.append("")
-    waits = report["host_waits"]
+    return [*lines, ""]
+
+
+def _waits_lines(waits: dict | None) -> list[str]:
     if waits is None:
-        lines.append("Host waits per step: not counted (CUDA only).")
-    else:
-        counted = ", ".join(f"{k}: {v['waits']} in {v['plain_steps']}" for k, v in waits.items())
-        lines.append(f"Host waits in plain steps (sync debug mode): {counted}.")
-    for row in report["operators"]:
-        lines.append(
-            f"- operator {row['operator']}: {row['steps']} steps in {row['seconds']:.1f} s, "
-            f"losses finite: {row['finite']}, collapsed: {row['collapsed']}"
-            + (f", peak {row['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in row else "")
-        )
-    for row in report["saliency"]:
-        lines.append(f"- saliency {row['method']}: {row['seconds']:.2f} s, finite: {row['finite']}")
-    ev = report["evaluation"]
-    lines.append(
+        return ["- host waits per step: not counted (CUDA only)"]
+    counted = ", ".join(f"{k}: {v['waits']} in {v['plain_steps']} steps" for k, v in waits.items())
+    return [f"- host waits in plain steps (sync debug mode): {counted}"]
+
+
+def _operator_line(row: dict) -> str:
+    peak = f", peak {row['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in row else ""
+    return (
+        f"- operator {row['operator']}: {row['steps']} steps in {row['seconds']:.1f} s, "
+        f"losses finite: {row['finite']}, collapsed: {row['collapsed']}{peak}"
+    )
+
+
+def _saliency_line(row: dict) -> str:
+    return f"- saliency {row['method']}: {row['seconds']:.2f} s, finite: {row['finite']}"
+
+
+def _evaluation_line(ev: dict) -> str:
+    return (
         f"- evaluation of {ev['images']} test images: {ev['evaluate_s']:.1f} s "
         f"(S_global {ev['s_global']:.2e}); probe of {ev['probe_images']}: {ev['probe_s']:.2f} s"
     )
-    widget = report["widget"]
+
+
+def _widget_line(widget: dict) -> str:
     how = (
         "in a napari viewer"
         if widget.get("viewer")
-        else (f"in a worker thread without a viewer ({widget.get('why_no_viewer')})")
+        else f"in a worker thread without a viewer ({widget.get('why_no_viewer')})"
     )
-    lines.append(
+    return (
         f"- widget job {how}: {widget.get('seconds', float('nan')):.1f} s, model on "
         f"{widget.get('model_device')}, error: {widget.get('error')}"
     )
-    lines.append(f"\nWhole check: {report['check_s']:.0f} s (data {report['data_s']:.0f} s).")
-    return "\n".join(lines)
