@@ -220,9 +220,38 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
+    if args.what == "gpu":
+        from .gpu_check import CheckConfig, markdown, run_check
+
+        config = CheckConfig(
+            images=args.n or 512,
+            size=args.image_size,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            steps=args.steps or 60,
+            repeats=args.repeats,
+            encoder=args.encoder,
+            device=args.device,
+            seed=args.seed,
+        )
+        report = run_check(config, args.out)
+        print(markdown(report))
+        print(f"written: {Path(args.out) / 'gpu_check.json'} and gpu_check.md")
+        if report["failed"]:
+            raise SystemExit(f"bench gpu: these paths failed: {', '.join(report['failed'])}")
+        return
+    if args.what == "removal":
+        result = {
+            "removal": benchmarks.time_to_removal(_config(args, quiet=True), args.steps or 200),
+            "s_global": benchmarks.s_global_times(n=args.n or 1000),
+        }
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "removal.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     if args.what == "cache":
         result = benchmarks.cache_speedup(
-            n=args.n,
+            n=args.n or 64,
             size=args.image_size,
             epochs=args.epochs,
             encoder=args.encoder,
@@ -424,14 +453,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_train)
 
     bench = sub.add_parser(
-        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds"
+        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds, GPU"
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "ranking", "stall", "overlay", "dock", "open"),
+        choices=("cache", "seeds", "ranking", "stall", "overlay", "dock", "open", "gpu", "removal"),
         help="ranking: refinement orders against the share of refined images; stall, overlay "
         "and dock measure the napari widget (need a display); open times opening --data DIR "
-        "at --working-size, cold and cached, and the overlay per edit",
+        "at --working-size, cold and cached, and the overlay per edit; gpu runs every CUDA path "
+        "and the loops' speed ratios (benchmarks/gpu.sh); removal times NegGrad-Seg to "
+        "retraining's worst-group AUROC, and S_global on --n 256 px images",
     )
     bench.add_argument(
         "--working-size",
@@ -446,7 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[32, 256],
         help="bench open: stack sizes (images) at which to time the overlay, e.g. 32,256",
     )
-    bench.add_argument("--n", type=_whole(1), default=64, help="images for the cache benchmark")
+    bench.add_argument(
+        "--n",
+        type=_whole(1),
+        help="images: cache 64, gpu 512 (generated), removal 1000 (S_global timing)",
+    )
+    bench.add_argument(
+        "--steps", type=_whole(1), help="unlearning steps: gpu 60 per run, removal at most 200"
+    )
+    bench.add_argument("--batch-size", type=_whole(1), default=32, help="bench gpu: batch size")
+    bench.add_argument("--repeats", type=_whole(1), default=3, help="bench gpu: timed runs")
     bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     bench.add_argument(
         "--methods",
