@@ -200,7 +200,7 @@ def _s_global(model, images, coarse, band, probs):
     """S_global of all candidates minus S_global of all candidates but this one."""
     core = np.where(band, 0, coarse)
     # Per-image (S, Y) tables; leaving an image out subtracts its table from the pooled one.
-    _, _, _, _, tables = metrics._prepared(probs, band, core, (1, 2), False, 1)
+    *_, tables = metrics._prepared(probs, band, core, (1, 2), False, 1)
     pooled, pixels, per_image = tables.sum(axis=0), band.size, band[0].size
     full = metrics._per_class(pooled, pixels).max()
     return np.array(
