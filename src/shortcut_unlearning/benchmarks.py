@@ -218,10 +218,7 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
         "summary": summary,
         "runs": rows,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "summary.md").write_text(markdown(summary) + "\n")
-    return result
+    return _write_summary(out, result, markdown(summary))
 
 
 def _folder(method: str) -> str:
@@ -554,6 +551,14 @@ def _ranking_summary(runs, orders, fractions, reference) -> dict:
     return {"cells": summary, "paired": paired, "ratios": ratios}
 
 
+def _write_summary(out: Path, result: dict, table: str) -> dict:
+    """summary.json and summary.md of a benchmark in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "summary.md").write_text(table + "\n")
+    return result
+
+
 def _write_ranking(out, base, seed_list, orders, fractions, reference, runs, precision) -> dict:
     result = {
         "seeds": seed_list,
@@ -565,11 +570,8 @@ def _write_ranking(out, base, seed_list, orders, fractions, reference, runs, pre
         "precision": precision,
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "summary.md").write_text(ranking_markdown(result) + "\n")
     ranking_plot(result, out / "ranking.png")
-    return result
+    return _write_summary(out, result, ranking_markdown(result))
 
 
 def ranking_markdown(result: dict) -> str:

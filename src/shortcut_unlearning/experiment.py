@@ -386,6 +386,23 @@ def trajectory(outcome: UnlearnResult) -> list[dict]:
     return [start, *rows]
 
 
+def unlearning_report(operator: Operator, certificate, outcome: UnlearnResult) -> dict:
+    """metrics.json's operator, certificate and unlearning sections (`run` and the plugin's
+    export write the same)."""
+    return {
+        "operator": {"name": operator.name, **asdict(operator)},
+        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
+        if certificate
+        else None,
+        "unlearning": {
+            "collapsed": outcome.collapsed,
+            "kept_starting_model": outcome.rejected is not None,
+            "start_probe": outcome.start_metrics,
+            "trajectory": trajectory(outcome)[1:],
+        },
+    }
+
+
 def run_warnings(records: dict[str, dict], outcome: UnlearnResult | None) -> list[str]:
     """What a reader must not miss: a collapse, a class takeover, a fit that failed."""
     found = []
@@ -424,16 +441,7 @@ def build_report(
         "config": asdict(config),
         "seed": config.seed,
         "device": str(device),
-        "operator": {"name": operator.name, **asdict(operator)},
-        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
-        if certificate
-        else None,
-        "unlearning": {
-            "collapsed": outcome.collapsed,
-            "kept_starting_model": outcome.rejected is not None,
-            "start_probe": outcome.start_metrics,
-            "trajectory": trajectory(outcome)[1:],
-        },
+        **unlearning_report(operator, certificate, outcome),
         "warnings": run_warnings(records, outcome),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,

@@ -446,30 +446,19 @@ class Workbench:
     def report(self, record: RunRecord) -> dict:
         """metrics.json of a run, in the schema `shortcut-unlearning run` writes, with the
         history of rounds (every run of this session) and what their chain certifies."""
+        from .experiment import unlearning_report
         from .rounds import chain_certificate
 
-        result, certificate = record.result, record.certificate
+        result = record.result
+        sections = unlearning_report(record.plan.operator, record.certificate, result)
+        sections["unlearning"] |= {"accepted": record.accepted, "start_model": record.start_name}
         return {
             "coarse": record.before.metrics,
             "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
             "config": record.plan.parameters,
             "seed": record.plan.parameters["seed"],
             "device": str(record.model.device),
-            "operator": {"name": record.plan.operator.name, **asdict(record.plan.operator)},
-            "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
-            if certificate
-            else None,
-            "unlearning": {
-                "collapsed": result.collapsed,
-                "kept_starting_model": result.rejected is not None,
-                "accepted": record.accepted,
-                "start_model": record.start_name,
-                "start_probe": result.start_metrics,
-                "trajectory": [
-                    {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})}
-                    for e in result.history
-                ],
-            },
+            **sections,
             "refined_ids": [self._id(i) for i in record.refined_index],
             "forget_pixels": int(record.plan.refinement.forget.sum()),
             "n_train": len(self.stack),
