@@ -111,6 +111,16 @@ def _synth(args) -> None:
         print(f"picture: {synthetic_grid(data, args.preview)}")
 
 
+def _scripted_home() -> None:
+    """Scripted GUI runs keep their settings and autosaves in a folder of their own, so the
+    user's next session neither restores a demo's edits nor inherits a benchmark's steps."""
+    import os
+    import tempfile
+
+    if not os.environ.get("SHORTCUT_UNLEARNING_HOME"):
+        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
+
+
 def _demo(args) -> None:
     import os
 
@@ -118,6 +128,8 @@ def _demo(args) -> None:
 
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise ValueError("no display: run the demo under Xvfb (`make demo` does) or on a desktop")
+    if args.screenshots or args.headless:
+        _scripted_home()
     if args.screenshots:
         for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps):
             print(f"screenshot: {shot}")
@@ -202,6 +214,7 @@ def _bench(args) -> None:
     if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
         from .napari import _bench
 
+        _scripted_home()
         measure = {
             "stall": _bench.event_loop_stall,
             "overlay": _bench.overlay_update,

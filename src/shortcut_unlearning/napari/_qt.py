@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
@@ -41,8 +41,28 @@ def button(text: str, slot, tip: str = "") -> QPushButton:
     return button
 
 
+class WrappedText(QLabel):
+    """Wrapped text as tall as its width needs. A plain wrapped QLabel asks for the height its
+    text takes at a narrow guessed width (five times too tall in a 300 px dock), and the
+    space it gets beyond its lines shows as blank gaps."""
+
+    def _fitted(self, hint: QSize) -> QSize:
+        width = self.width()
+        return QSize(hint.width(), self.heightForWidth(width)) if width > 0 else hint
+
+    def sizeHint(self) -> QSize:
+        return self._fitted(super().sizeHint())
+
+    def minimumSizeHint(self) -> QSize:
+        return self._fitted(super().minimumSizeHint())
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self.updateGeometry()  # a new width asks for a new height
+
+
 def text(text: str, tip: str = "") -> QLabel:
-    label = QLabel(text, toolTip=tip, wordWrap=True)
+    label = WrappedText(text, toolTip=tip, wordWrap=True)
     label.setTextFormat(Qt.TextFormat.AutoText)
     # Wrapped text takes the dock's width and the height it needs, never a wider dock.
     label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
