@@ -160,3 +160,13 @@ def test_a_wrong_sharding_differs(runs):
     assert (
         _max_difference(ranks[0]["neggrad-seg-wrong"], alone["neggrad-seg"]) > 1e-4
     )  # measured: 2e-3
+
+
+@pytest.mark.parametrize("argv", [["synth", "--n", "8"], ["bench", "cache"]])
+def test_commands_that_run_in_one_process_refuse_torchrun(argv, tmp_path, monkeypatch, capsys):
+    from shortcut_unlearning.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "under torchrun only run, train, bench seeds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not distributed.active()

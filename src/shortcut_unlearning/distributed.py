@@ -46,6 +46,7 @@ import os
 import types
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import TypeVar
 
 import numpy as np
@@ -99,7 +100,8 @@ def setup(device: str = "auto") -> None:
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA GPU; use 'auto' or 'cpu'")
     if cuda:  # "cuda" and "auto" then mean this rank's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # long enough for rank 0 to evaluate while the others wait at the next collective
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
 
 
 def teardown() -> None:
