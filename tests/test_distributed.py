@@ -15,6 +15,8 @@ distance to the one-process weights relative to the distance both travelled, and
 losses step by step.
 """
 
+import os
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -99,6 +101,8 @@ def _recorded(job):
 
 def _worker(rank: int, store: str, folder: str) -> None:
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):  # a container's hostname may not resolve
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         assert distributed.world() == WORLD and distributed.rank() == rank

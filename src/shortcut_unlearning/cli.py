@@ -168,6 +168,8 @@ def _run(args) -> None:
 
     privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
     report = run(_config(args, operator_options=privacy))
+    if not report:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
 
@@ -175,6 +177,7 @@ def _run(args) -> None:
 def _train(args) -> None:
     from . import masks as masklib
     from . import outputs
+    from .distributed import is_main
     from .experiment import load_data, train_model
     from .model import ModelConfig, resolve_device
 
@@ -190,6 +193,8 @@ def _train(args) -> None:
     else:
         targets, kind = train_set.masks, "fine"
     model = train_model(train_set.images, targets, config, args.device, kind)
+    if not is_main():  # under torchrun rank 0 alone writes the checkpoint
+        return
     weights = outputs.save_checkpoint(model, args.out)
     print(f"model: {weights} (trained on {len(train_set)} images, {kind} masks)")
 
@@ -267,6 +272,8 @@ def _bench(args) -> None:
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
         return
     result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
+    if not result:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     print(benchmarks.markdown(result["summary"]))
     print(f"written: {Path(args.out) / 'summary.md'}")
 

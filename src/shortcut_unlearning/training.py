@@ -145,6 +145,8 @@ def train(
     Yields a Progress event per step (its losses stay on the device until read) and returns
     the model. Raises Cancelled when `cancel` is set, FloatingPointError at the end of an
     epoch in which the loss stopped being finite. Targets equal to IGNORE carry no label.
+    Under torchrun each process computes its part of every batch (distributed.py): the same
+    steps as one process, up to floating point.
     """
     config = config or TrainConfig()
     if targets.shape != images.shape[:3]:

@@ -3,7 +3,8 @@
 An operator is a dataclass of its settings with a `loss` (and optional hooks). `run` works on
 a copy of the model, yields a Progress event per step and returns an UnlearnResult. The model
 it started from is never changed: a cancelled run returns it as it was, and a failed run
-raises with it untouched.
+raises with it untouched. Under torchrun each process computes its part of every batch
+(distributed.py): the same steps as one process, up to floating point.
 """
 
 from __future__ import annotations
