@@ -174,3 +174,13 @@ def test_commands_that_run_in_one_process_refuse_torchrun(argv, tmp_path, monkey
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "under torchrun only run, train, bench seeds" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not distributed.active()
+
+
+def test_in_one_process_every_helper_hands_back_its_input():
+    rows, t = np.arange(5), torch.ones(3, requires_grad=True)
+    assert distributed.world() == 1 and distributed.is_main() and not distributed.active()
+    assert distributed.shard(rows) is rows and distributed.global_sums(t) == (t,)
+    assert distributed.gather_shares(t, [3]) is t and distributed.from_main(lambda: 7) == 7
+    net = torch.nn.BatchNorm2d(3)
+    with distributed.pooled_batch_norms(net):
+        assert "forward" not in vars(net)

@@ -224,7 +224,8 @@ def _pooled_forward(norm: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
     xf = x.float()
-    local = torch.tensor([x.numel() / max(x.shape[1], 1)], device=x.device, dtype=xf.dtype)
+    # made on the device (a fill, not a copy from the host): the step never waits for the GPU
+    local = xf.new_full((1,), x.numel() / max(x.shape[1], 1))
     pooled = _SumOverRanks.apply(torch.cat([xf.sum(dims), local]))
     count = pooled[-1].detach()
     mean = pooled[:-1] / count
@@ -236,13 +237,13 @@ def _pooled_forward(norm: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor
     if norm.track_running_stats:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
-            if norm.momentum is None:  # the plain average over the batches seen
-                factor = 1.0 / float(norm.num_batches_tracked)
+            if norm.momentum is None:  # the plain average over the batches seen, on the device
+                factor = 1.0 / norm.num_batches_tracked.to(mean.dtype)
             else:
                 factor = norm.momentum
             unbiased = var * (count / (count - 1).clamp(min=1))
             for running, batch in ((norm.running_mean, mean), (norm.running_var, unbiased)):
-                running.mul_(1 - factor).add_(batch.detach().to(running.dtype), alpha=factor)
+                running.mul_(1 - factor).add_(batch.detach().to(running.dtype) * factor)
     return y.to(x.dtype)
 
 
