@@ -590,14 +590,14 @@ def _method_list(text: str) -> list[str]:
 DISTRIBUTED = ("run", "train", "bench seeds")
 
 
-def _join_processes(args) -> None:
-    """Under torchrun: join the process group; ranks other than 0 print nothing and keep
-    their warnings (the same as rank 0's) to themselves."""
+def _join_processes(args) -> bool:
+    """Under torchrun: join the process group (True when this call did); ranks other than 0
+    print nothing and keep their warnings (the same as rank 0's) to themselves."""
     import os
     import warnings
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
+        return False
     command = " ".join([args.command, *([args.what] if args.command == "bench" else [])])
     if command not in DISTRIBUTED:
         raise UsageError(
@@ -606,31 +606,28 @@ def _join_processes(args) -> None:
         )
     from . import distributed
 
-    distributed.setup(args.device)
+    joined = distributed.setup(args.device)
     if not distributed.is_main():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
         warnings.simplefilter("ignore")
+    return joined
 
 
 def main(argv=None) -> int:
+    joined = False
     try:
         args = build_parser().parse_args(argv)
-        _join_processes(args)
+        joined = _join_processes(args)
         args.func(args)
     except EXPECTED_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     finally:
-        _leave()
+        if joined:  # leave the process group this call joined
+            from . import distributed
+
+            distributed.teardown()
     return 0
-
-
-def _leave() -> None:
-    """Leave the process group, if this process joined one."""
-    if "torch.distributed" in sys.modules:  # never import torch just to ask
-        from . import distributed
-
-        distributed.teardown()
 
 
 def _one_line(err: BaseException) -> str:

@@ -81,12 +81,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device: str = "auto") -> None:
+def setup(device: str = "auto") -> bool:
     """Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on CUDA, each rank on cuda:LOCAL_RANK, else
-    gloo on the CPU. Nothing happens in one process or when the group already exists."""
+    gloo on the CPU. Nothing happens in one process or when the group already exists; True
+    when this call made the group."""
     if not launched() or (dist.is_available() and dist.is_initialized()):
-        return
+        return False
     kind, _, index = device.partition(":")
     if index:
         raise ValueError(
@@ -102,6 +103,7 @@ def setup(device: str = "auto") -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # long enough for rank 0 to evaluate while the others wait at the next collective
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=1))
+    return True
 
 
 def teardown() -> None:
