@@ -18,6 +18,7 @@ both travelled (measured: 3e-6 after 4 steps), and compares the losses step by s
 import os
 import sys
 from dataclasses import replace
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -103,7 +104,14 @@ def _worker(rank: int, store: str, folder: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):  # a container's hostname may not resolve
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    # a collective that waits longer than this fails the test instead of hanging it
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(minutes=3),
+    )
     try:
         assert distributed.world() == WORLD and distributed.rank() == rank
         torch.save(_jobs(wrong=True), f"{folder}/rank{rank}.pt")
