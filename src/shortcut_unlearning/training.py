@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
-from .model import SCOPE_MODULES, FrozenInputs, Model
-from .progress import Cancel, Cancelled, Progress
+from . import distributed, metrics
+from .model import SCOPE_MODULES, FrozenInputs, Model, to_device
+from .progress import Cancel, Cancelled, Losses, Progress
 from .retain import IGNORE
 
 
@@ -53,10 +53,12 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     onehot = F.one_hot(targets.clamp(max=classes - 1), classes).permute(0, 3, 1, 2) * valid
     overlap = (probs * onehot).sum((0, 2, 3))[1:]
     sizes = (probs + onehot).sum((0, 2, 3))[1:]
-    present = onehot.sum((0, 2, 3))[1:] > 0
-    if not present.any():
-        return logits.sum() * 0
-    return (1 - (2 * overlap + 1) / (sizes + 1))[present].mean()
+    labelled = onehot.sum((0, 2, 3))[1:]
+    # under torchrun: the sums over the whole batch, whichever rank holds its rows
+    overlap, sizes, labelled = distributed.global_sums(overlap, sizes, labelled)
+    present = (labelled > 0).float()
+    # the mean over the present classes, computed on the device without asking which they are
+    return ((1 - (2 * overlap + 1) / (sizes + 1)) * present).sum() / present.sum().clamp(min=1)
 
 
 def pixel_loss(
@@ -64,18 +66,35 @@ def pixel_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy over the labelled pixels of a batch, plus dice_weight times the
     soft Dice loss of its lesion classes."""
-    with model.autocast():
+    with model.autocast(), distributed.pooled_batch_norms(model.net):
         logits = model.scoped_forward(inputs).float()
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    loss = distributed.mean_cross_entropy(logits, targets, IGNORE)
     return loss + dice_weight * soft_dice_loss(logits, targets) if dice_weight else loss
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"the {what} became {loss.item()} at step {step}; lower the learning rate or the "
-            "number of steps and run again"
-        )
+class Divergence:
+    """Watches a loss for NaN or infinity without making the host wait for the device at
+    every step: the first non-finite step is kept on the device, and `check` (one wait)
+    raises FloatingPointError naming it. Loops check when they read the device anyway."""
+
+    def __init__(self, device: torch.device, what: str = "loss"):
+        self.what = what
+        self.first = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self.value = torch.zeros((), device=device)
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first == 0)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self) -> None:
+        step = int(self.first)
+        if step:
+            raise FloatingPointError(
+                f"the {self.what} became {float(self.value)} at step {step}; lower the learning "
+                "rate or the number of steps and run again"
+            )
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +142,11 @@ def train(
     "training" record (best epoch, validation Dice, converged); a best epoch whose lesion
     Dice is under `min_val_dice` warns that the fit failed.
 
-    Yields a Progress event per step and returns the model. Raises Cancelled when `cancel`
-    is set. Targets equal to IGNORE carry no label.
+    Yields a Progress event per step (its losses stay on the device until read) and returns
+    the model. Raises Cancelled when `cancel` is set, FloatingPointError at the end of an
+    epoch in which the loss stopped being finite. Targets equal to IGNORE carry no label.
+    Under torchrun each process computes its part of every batch (distributed.py): the same
+    steps as one process, up to floating point.
     """
     config = config or TrainConfig()
     if targets.shape != images.shape[:3]:
@@ -141,7 +163,9 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     inputs = FrozenInputs(model, images, cache=config.cache_features)
-    val_inputs = FrozenInputs(model, val[0], cache=config.cache_features) if val else None
+    # validation runs on rank 0 alone and its scores are broadcast (distributed.from_main)
+    validates = val and distributed.is_main()
+    val_inputs = FrozenInputs(model, val[0], cache=config.cache_features) if validates else None
     y = torch.as_tensor(targets, device=model.device).long()
     optimiser = torch.optim.Adam(model.scoped_parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -151,25 +175,31 @@ def train(
     per_epoch = -(-n // batch)
     total = config.epochs * per_epoch
     step, best, best_epoch, best_state, stale = 0, {}, 0, None, 0
-    epoch = 0
+    epoch, divergence = 0, Divergence(model.device)
     for epoch in range(1, config.epochs + 1):
         order = rng.permutation(n)
         for start in range(0, n, batch):
             if cancel:
                 raise Cancelled("training cancelled")
-            index = order[start : start + batch]
+            index = distributed.shard(order[start : start + batch])  # this rank's rows
             model.train_mode()
-            at = torch.as_tensor(index, device=model.device)
-            loss = pixel_loss(model, inputs[index], y[at], config.dice_weight)
+            loss = pixel_loss(
+                model, inputs[index], y[to_device(index, model.device)], config.dice_weight
+            )
             step += 1
-            check_finite(loss, step)
+            divergence.watch(loss, step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(model.scoped_parameters())
             optimiser.step()
             scores = None
-            if val and start + batch >= n:  # the epoch's last step: validate
-                scores = validation_scores(model, val_inputs, val[1])
-            yield Progress(step, total, "train", {"loss": loss.item()}, scores)
+            if start + batch >= n:  # the epoch's last step: check, then validate
+                divergence.check()
+                if val:
+                    scores = distributed.from_main(
+                        lambda: validation_scores(model, val_inputs, val[1])
+                    )
+            yield Progress(step, total, "train", Losses({"loss": loss}), scores)
         if not val:
             continue
         # Select on class-aware Dice: an epoch that finds the lesions but calls them all one

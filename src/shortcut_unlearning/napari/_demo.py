@@ -80,15 +80,15 @@ def scripted(
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
     widget.steps.setValue(steps)
     widget.run.click()
-    process_until(lambda: widget.worker is None and not widget.displaying, timeout_s)
+    process_until(lambda: not widget.busy, timeout_s)
     if widget.bench.shown is None:
         raise RuntimeError("the demo's unlearning run did not finish")
     viewer.layers["forget set"].visible = False
     viewer.dims.set_point(0, 0)
     process_until(lambda: False, 0.3)
     viewer.screenshot(str(shots["result"]), canvas_only=False)
-    exported = widget.export_run(out / "exports") if export else None
-    text = widget.result.text()
+    exported = widget.results.export_run(out / "exports") if export else None
+    text = widget.results.result.text()
     viewer.close()
     return {"screenshots": shots, "export": exported, "result": text}
 
@@ -96,8 +96,13 @@ def scripted(
 def screenshots(out: Path, steps: int = 40) -> list[Path]:
     """The README's pictures: after the refinement and after a run, at 1280 x 800 and
     1600 x 1000."""
+    import os
+    import tempfile
+
     shots = []
     for size in ((1280, 800), (1600, 1000)):
+        # Each picture starts from nothing saved: no autosave restored, default settings.
+        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
         done = scripted(out, steps=steps, size=size, export=False)
         shots += list(done["screenshots"].values())
     return shots

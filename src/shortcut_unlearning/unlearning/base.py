@@ -3,7 +3,8 @@
 An operator is a dataclass of its settings with a `loss` (and optional hooks). `run` works on
 a copy of the model, yields a Progress event per step and returns an UnlearnResult. The model
 it started from is never changed: a cancelled run returns it as it was, and a failed run
-raises with it untouched.
+raises with it untouched. Under torchrun each process computes its part of every batch
+(distributed.py): the same steps as one process, up to floating point.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import evaluation
+from .. import distributed, evaluation
 from ..masks import PixelSplit
-from ..model import FrozenInputs, Model
-from ..progress import Cancel, Progress
+from ..model import FrozenInputs, Model, to_device
+from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
-from ..training import check_finite
+from ..training import Divergence
 from .context import CONTEXT_TERMS, ContextTerm
+
+_TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 @dataclass
@@ -176,9 +179,12 @@ class Operator:
         targets = torch.as_tensor(retained.targets[used], device=device).long()
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
         forget = torch.as_tensor(split.forget[used], device=device)
+        forget_pixels = split.forget[used].sum(axis=(1, 2))  # on the host: no device count
+        divergence = Divergence(device, f"{self.name} loss")
         rng = np.random.default_rng(self.seed)
         noise_rng = torch.Generator(device=device).manual_seed(self.seed)
-        start_metrics = data.probe(start) if data.probe else None
+        # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
+        start_metrics = distributed.from_main(lambda: data.probe(start)) if data.probe else None
         self.prepare(work)
         history, phase = [], None
         for step in range(1, self.steps + 1):
@@ -188,35 +194,45 @@ class Operator:
                 phase = self.phase(step)
                 optimiser = self.optimiser(work, phase)
             work.train_mode(self.batch_statistics_in(phase))
-            rows = rng.choice(forget_rows, self.batch_size)
+            # every rank draws the same rows and computes its part of them (distributed)
+            drawn = rng.choice(forget_rows, self.batch_size)
+            rows = distributed.shard(drawn)
             logits = self._logits(work, inputs, rows)
-            refined_rows = rows
-            at = torch.as_tensor(rows, device=device)
-            forget_ce = F.cross_entropy(logits, coarse[at], reduction="none")[forget[at]]
+            refined_rows = rows  # this rank's refined rows (the context term's)
+            at = to_device(rows, device)
+            forget_ce = _masked(
+                F.cross_entropy(logits, coarse[at], reduction="none"),
+                forget[at],
+                int(forget_pixels[rows].sum()),
+            )
+            forget_ce = distributed.gather_shares(
+                forget_ce, [int(forget_pixels[part].sum()) for part in distributed.shards(drawn)]
+            )
             retain_targets = targets[at]
             if len(other_rows):  # the refined images' batch, and one of the others
-                rows = rng.choice(other_rows, self.batch_size)
-                at = torch.as_tensor(rows, device=device)
+                rows = distributed.shard(rng.choice(other_rows, self.batch_size))
+                at = to_device(rows, device)
                 logits = torch.cat([logits, self._logits(work, inputs, rows)])
                 retain_targets = torch.cat([retain_targets, targets[at]])
-            retain_ce = F.cross_entropy(logits, retain_targets, ignore_index=IGNORE)
+            retain_ce = distributed.mean_cross_entropy(logits, retain_targets, IGNORE)
             terms = self.loss(retain_ce, forget_ce)
             if context is not None:
                 cf_rows = np.searchsorted(forget_rows, refined_rows)
                 terms = context.add(terms, work, cf_rows, logits[: len(refined_rows)])
-            check_finite(terms["total"], step, f"{self.name} loss")
+            divergence.watch(terms["total"], step)
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
+            distributed.all_reduce_gradients(work.scoped_parameters())  # before clipping
             self.on_gradients(work, step)
             optimiser.step()
             self.after_step(work, step, noise_rng)
             if step == self.steps or self.phase(step + 1) != phase:
                 self.phase_end(work, phase, inputs, retain_rows)
             metrics = None
-            if data.probe and (step % self.probe_every == 0 or step == self.steps):
-                metrics = data.probe(work)
-            losses = {k: v.item() for k, v in terms.items()}
-            history.append(Progress(step, self.steps, phase, losses, metrics))
+            if step % self.probe_every == 0 or step == self.steps:  # the host reads the device
+                divergence.check()
+                metrics = distributed.from_main(lambda: data.probe(work)) if data.probe else None
+            history.append(Progress(step, self.steps, phase, Losses(terms), metrics))
             yield history[-1]
         work.net.eval()
         result = UnlearnResult(
@@ -235,5 +251,14 @@ class Operator:
 
     @staticmethod
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:
-        with model.autocast():
+        with model.autocast(), distributed.pooled_batch_norms(model.net):
             return model.scoped_forward(inputs[rows]).float()
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """values[mask], in the same order, when the host already knows the mask's `count`: the
+    device is not asked for it, so the step does not wait."""
+    if mask.device.type == "cuda" and _TORCH < (2, 6):  # no nonzero_static on CUDA before 2.6
+        return values[mask]
+    index = torch.nonzero_static(mask.flatten(), size=count).squeeze(1)
+    return values.flatten()[index]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..evaluation import inpaint_band
 from ..model import FrozenInputs, Model
 from ..retain import IGNORE
@@ -40,10 +41,12 @@ def counterfactuals(images: np.ndarray, forget: np.ndarray, targets: np.ndarray)
 
 def consistency_loss(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Mean over pixels of KL(softmax(target_logits) || softmax(logits)), the target held
-    fixed: 0 when the two predictions agree."""
+    fixed: 0 when the two predictions agree. Under torchrun the mean is over the pixels of
+    every rank's part of the batch (distributed.global_sums)."""
     target = target_logits.detach().log_softmax(1)
-    kl = F.kl_div(logits.log_softmax(1), target, log_target=True, reduction="none")
-    return kl.sum(1).mean()
+    kl = F.kl_div(logits.log_softmax(1), target, log_target=True, reduction="none").sum(1)
+    total, count = distributed.global_sums(kl.sum(), kl.new_tensor(float(kl.numel())))
+    return total / count
 
 
 class ContextTerm:
@@ -79,7 +82,7 @@ class ContextTerm:
         term = logits.new_zeros(())
         if "blind" in self.mode:
             at = torch.as_tensor(rows, device=model.device)
-            term = term + F.cross_entropy(cf_logits, self.targets[at], ignore_index=IGNORE)
+            term = term + distributed.mean_cross_entropy(cf_logits, self.targets[at], IGNORE)
         if "consistent" in self.mode:
             term = term + consistency_loss(logits, cf_logits)
         return {**terms, "total": terms["total"] + self.weight * term, "context": term.detach()}
