@@ -69,6 +69,8 @@ def _jobs(wrong: bool = False) -> dict[str, dict]:
     neggrad = NegGradSeg(steps=2, batch_size=3, lr=0.05, optimiser_name="sgd")
     operators = {
         "neggrad-seg": neggrad,
+        # the context term's losses are means over every rank's part of the batch too
+        "neggrad-seg+context": replace(neggrad, context="blind+consistent"),
         # the noisy phase alone (plain SGD): clipping, projection, noise, batch statistics
         "gradient-clipping": GradientClipping(c0=0.02, finetune_steps=0, batch_size=1),
     }
@@ -150,7 +152,9 @@ def _drift(a: dict, b: dict, start: dict) -> float:
     return float(apart / np.sqrt(sum(((b[k] - start[k]) ** 2).sum() for k in keys)))
 
 
-@pytest.mark.parametrize("job", ["train", "neggrad-seg", "gradient-clipping"])
+@pytest.mark.parametrize(
+    "job", ["train", "neggrad-seg", "neggrad-seg+context", "gradient-clipping"]
+)
 def test_two_processes_equal_one(runs, job):
     ranks, alone = runs
     one, two = alone[job], ranks[0][job]

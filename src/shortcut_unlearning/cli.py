@@ -190,12 +190,13 @@ def _train(args) -> None:
     from . import masks as masklib
     from . import outputs
     from .distributed import is_main
-    from .experiment import load_data, train_model
+    from .experiment import check_encoder_settings, load_data, train_model
     from .model import ModelConfig, resolve_device
 
     config = _config(args)
     # Everything that can fail without training fails first: the device, then the output.
     resolve_device(config.device)
+    check_encoder_settings(config)
     size = outputs.checkpoint_bytes(ModelConfig(encoder=config.encoder))
     outputs.check_checkpoint_target(args.out, args.overwrite, 2 * size)  # old and new, briefly
     train_set = load_data(config).split("train")
@@ -209,6 +210,34 @@ def _train(args) -> None:
         return
     weights = outputs.save_checkpoint(model, args.out)
     print(f"model: {weights} (trained on {len(train_set)} images, {kind} masks)")
+
+
+def _pretrain(args) -> None:
+    from . import outputs
+    from .model import ModelConfig, resolve_device
+    from .pretrain import PretrainConfig, pretrain_encoder, save
+
+    config = PretrainConfig(
+        encoder=args.encoder,
+        n=args.n,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        p=args.p,
+        half=not args.float32,
+    )
+    device = resolve_device(args.device)
+    outputs.check_checkpoint_target(
+        args.out, args.overwrite, outputs.checkpoint_bytes(ModelConfig(encoder=args.encoder))
+    )
+    model = pretrain_encoder(config, device)
+    weights = save(model, args.out, half=config.half)
+    record = model.config.provenance["training"]
+    print(
+        f"encoder: {weights} ({config.encoder}, trained whole on the fine masks of {config.n} "
+        f"synthetic images with p = {config.p:g}; no coarse labels; best validation Dice "
+        f"{record['val_dice']:.3f} at epoch {record['best_epoch']})"
+    )
 
 
 def _bench(args) -> None:
@@ -400,6 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="training epochs (>= 1; to start from a trained model use run --model)",
     )
     common.add_argument("--encoder", type=_encoder, default=defaults.encoder)
+    common.add_argument(
+        "--encoder-weights",
+        metavar="NAME",
+        default=defaults.encoder_weights,
+        help="start the frozen encoder from segmentation_models_pytorch's weights of this name, "
+        "e.g. imagenet (downloaded once; needs the network)",
+    )
+    common.add_argument(
+        "--encoder-checkpoint",
+        metavar="PATH",
+        default=defaults.encoder_checkpoint,
+        help="start the frozen encoder from an encoder checkpoint written by pretrain-encoder "
+        "(PATH.safetensors with PATH.json); --encoder must name its encoder",
+    )
     common.add_argument("--seed", type=_whole(0), default=defaults.seed)
     common.add_argument(
         "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
@@ -471,6 +514,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint path: writes OUT.safetensors and OUT.json",
     )
     fit.set_defaults(func=_train)
+
+    pre = sub.add_parser(
+        "pretrain-encoder",
+        help="train an encoder that never sees coarse labels (the fine masks of a synthetic "
+        "set without a shortcut) and save it for --encoder-checkpoint",
+    )
+    pre.add_argument("--out", type=Path, required=True, help="writes OUT.safetensors and OUT.json")
+    pre.add_argument("--encoder", type=_encoder, default="mobilenet_v2")
+    pre.add_argument("--n", type=_whole(8), default=600, help="synthetic training images")
+    pre.add_argument("--image-size", type=_whole(MIN_IMAGE_SIZE), default=96)
+    pre.add_argument("--epochs", type=_whole(1), default=30, help="at most (early stopping)")
+    pre.add_argument("--seed", type=_whole(0), default=0)
+    pre.add_argument(
+        "--p",
+        type=_number(0, 1),
+        default=0.5,
+        help="P(spurious artefact | malignant) of the pretraining set; 0.5: no shortcut",
+    )
+    pre.add_argument("--float32", action="store_true", help="store float32 (default float16)")
+    pre.add_argument("--device", type=_device, default="auto")
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    pre.set_defaults(func=_pretrain)
 
     bench = sub.add_parser(
         "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds, GPU"

@@ -22,7 +22,14 @@ from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
 from .evaluation import EvalSet
-from .model import Model, ModelConfig, read_config, resolve_device
+from .model import (
+    Model,
+    ModelConfig,
+    check_encoder_weights,
+    read_config,
+    read_encoder_info,
+    resolve_device,
+)
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train
@@ -47,6 +54,10 @@ class RunConfig:
     steps: int | None = None  # unlearning steps (None: the operator's default)
     epochs: int = 20  # at most, for the coarse model and the baselines (early stopping)
     encoder: str = ModelConfig.encoder
+    # The frozen encoder's start: smp's weights by name ("imagenet" downloads them), or an
+    # encoder checkpoint written by pretrain-encoder; neither: random.
+    encoder_weights: str | None = None
+    encoder_checkpoint: str | None = None
     seed: int = 0
     device: str = "auto"
     model: str | None = None  # start from this checkpoint instead of training
@@ -239,11 +250,12 @@ def train_model(images, targets, config: RunConfig, device, masks: str, val=None
     }
     model_config = ModelConfig(
         encoder=config.encoder,
+        encoder_weights=config.encoder_weights,
         image_size=config.image_size,
         seed=config.seed,
         provenance=provenance,
     )
-    model = Model(model_config, device)
+    model = Model(model_config, device, config.encoder_checkpoint)
     train_config = TrainConfig(epochs=config.epochs, seed=config.seed)
     job = train(model, images, targets, train_config, val=val)
     drive(job, desc=f"train on {masks}", quiet=config.quiet)
@@ -523,6 +535,27 @@ def unlearn_and_report(
     return report, saved, picture, outcome
 
 
+def check_encoder_settings(config: RunConfig) -> None:
+    """Fail before any work when the encoder's start cannot be had: weights smp does not
+    have, an unreadable encoder checkpoint or one of another encoder, both at once, or either
+    beside --model (whose checkpoint holds its encoder)."""
+    if config.encoder_weights and config.encoder_checkpoint:
+        raise ValueError("--encoder-weights and --encoder-checkpoint exclude each other")
+    if config.model and (config.encoder_weights or config.encoder_checkpoint):
+        raise ValueError(
+            "--model starts from a whole checkpoint, encoder included: drop --encoder-weights "
+            "and --encoder-checkpoint"
+        )
+    check_encoder_weights(config.encoder, config.encoder_weights)
+    if config.encoder_checkpoint:
+        info = read_encoder_info(config.encoder_checkpoint)
+        if info["encoder"] != config.encoder:
+            raise ValueError(
+                f"{config.encoder_checkpoint} holds a {info['encoder']} encoder; pass --encoder "
+                f"{info['encoder']}"
+            )
+
+
 def run(config: RunConfig) -> dict:
     """Run the pipeline and write metrics.json, the models and pictures to config.out.
 
@@ -533,6 +566,7 @@ def run(config: RunConfig) -> dict:
     rank 0 alone evaluates, writes and returns the report, the others return {}.
     """
     operator = build_operator(config)
+    check_encoder_settings(config)
     model_config, checkpoints = ModelConfig(encoder=config.encoder), 2  # coarse and unlearned
     if config.model:  # a checkpoint runs at the size it was trained at, never resized silently
         model_config, checkpoints = read_config(config.model), 1

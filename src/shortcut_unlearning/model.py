@@ -11,8 +11,11 @@ Checkpoints are safetensors weights plus a JSON config beside them; nothing is u
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -31,6 +34,12 @@ SCOPE_MODULES = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CHECKPOINT_FORMAT, CHECKPOINT_VERSION = "shortcut-unlearning-model", 1
+# An encoder on its own (pretrain-encoder): safetensors weights and a JSON sidecar whose
+# provenance says what the encoder saw.
+ENCODER_FORMAT, ENCODER_VERSION = "shortcut-unlearning-encoder", 1
+# encoder_weights of a model whose encoder came from an encoder checkpoint (its provenance
+# records which one); other values are segmentation_models_pytorch's weight names.
+FROM_CHECKPOINT = "checkpoint"
 # A few of segmentation_models_pytorch's encoders, named when an unknown one is asked for.
 ENCODER_EXAMPLES = ("resnet18", "resnet34", "resnet50", "efficientnet-b0", "mobilenet_v2")
 MIN_IMAGE_SIZE = 32  # the U-Net halves the image five times: 32 px leave one pixel
@@ -41,7 +50,9 @@ class ModelConfig:
     """Everything needed to rebuild a model; saved beside its weights."""
 
     encoder: str = "resnet18"
-    encoder_weights: str | None = None  # "imagenet" needs the network; never in tests or CI
+    # None (random), an smp weights name ("imagenet" downloads them: never in tests or CI), or
+    # FROM_CHECKPOINT (an encoder checkpoint's weights; provenance["encoder"] names it).
+    encoder_weights: str | None = None
     decoder_channels: tuple[int, ...] = (64, 32, 16, 16, 8)  # small: trains on a CPU
     classes: int = 3
     scope: str = "decoder"
@@ -94,17 +105,41 @@ class Model:
 
     On CUDA it runs in bf16 autocast with channels-last memory (`fast_paths`); turning them
     off gives the plain fp32 loop that benchmarks compare against.
+
+    The encoder starts random, from smp's pretrained weights (config.encoder_weights, e.g.
+    "imagenet": downloaded), or from an encoder checkpoint (`encoder_checkpoint`, see
+    save_encoder). Provenance["encoder"] records which, and whether it saw coarse labels.
     """
 
-    def __init__(self, config: ModelConfig | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        config: ModelConfig | None = None,
+        device: str | torch.device = "cpu",
+        encoder_checkpoint: str | Path | None = None,
+    ):
         self.config = config or ModelConfig()
+        weights = self.config.encoder_weights
+        if weights == FROM_CHECKPOINT and encoder_checkpoint is None:
+            raise ValueError(
+                "encoder_weights 'checkpoint' needs the encoder checkpoint: pass "
+                "encoder_checkpoint (--encoder-checkpoint PATH)"
+            )
         torch.manual_seed(self.config.seed)
         self.net = smp.Unet(
             self.config.encoder,
-            encoder_weights=self.config.encoder_weights,
+            encoder_weights=None if weights == FROM_CHECKPOINT else weights,
             classes=self.config.classes,
             decoder_channels=self.config.decoder_channels,
         )
+        if encoder_checkpoint is not None:
+            record = load_encoder(self.net.encoder, encoder_checkpoint, self.config.encoder)
+            weights = FROM_CHECKPOINT
+        else:  # random or smp's weights: neither saw this project's coarse labels
+            record = {"weights": weights or "random", "saw_coarse_labels": False}
+        provenance = self.config.provenance
+        if "encoder" not in provenance:
+            provenance = {**provenance, "encoder": record}
+        self.config = replace(self.config, encoder_weights=weights, provenance=provenance)
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.fast_paths = True
         self.to(self.device)
@@ -254,6 +289,115 @@ class Model:
         return model
 
 
+def save_encoder(model: Model, path: str | Path, provenance: dict, half: bool = True) -> Path:
+    """Write the model's encoder as PATH.safetensors (float16 storage with `half`; loading
+    casts back) and PATH.json (format, encoder name, provenance); returns the weights path.
+
+    `provenance` must say whether the encoder saw coarse labels ("saw_coarse_labels")."""
+    if not isinstance(provenance.get("saw_coarse_labels"), bool):
+        raise ValueError("an encoder's provenance must say whether it saw coarse labels")
+    weights, sidecar = checkpoint_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.net.encoder.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[name] = tensor.contiguous()
+    info = {
+        "format": ENCODER_FORMAT,
+        "version": ENCODER_VERSION,
+        "encoder": model.config.encoder,
+        "storage": "float16" if half else "float32",
+        "provenance": provenance,
+    }
+    # Written beside the target and renamed into place: never a half-written pair.
+    with tempfile.TemporaryDirectory(prefix=f".{weights.stem}.", dir=weights.parent) as tmp:
+        staged, staged_sidecar = checkpoint_paths(Path(tmp) / weights.stem)
+        save_file(state, staged)
+        staged_sidecar.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(staged, weights)
+        os.replace(staged_sidecar, sidecar)
+    return weights
+
+
+def read_encoder_info(path: str | Path) -> dict:
+    """The JSON sidecar of an encoder checkpoint, checked: format, version, a known encoder
+    and a provenance that says whether it saw coarse labels. ValueError names the file."""
+    weights, sidecar = checkpoint_paths(path)
+    for needed in (weights, sidecar):
+        if not needed.is_file():
+            raise FileNotFoundError(
+                f"{needed} is missing; an encoder checkpoint is a .safetensors file with its "
+                ".json beside it, as written by `shortcut-unlearning pretrain-encoder`"
+            )
+    try:
+        info = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{sidecar} is not valid JSON ({err}); restore the encoder") from err
+    if not isinstance(info, dict) or info.get("format") != ENCODER_FORMAT:
+        hint = (
+            "; that is a whole model: pass it with --model"
+            if isinstance(info, dict) and info.get("format") == CHECKPOINT_FORMAT
+            else ""
+        )
+        raise ValueError(
+            f"{sidecar} is not an encoder checkpoint (format {ENCODER_FORMAT!r}){hint}; write "
+            "one with `shortcut-unlearning pretrain-encoder`"
+        )
+    if info.get("version") != ENCODER_VERSION:
+        raise ValueError(
+            f"{sidecar} has version {info.get('version')!r}; this tool reads version "
+            f"{ENCODER_VERSION}: update shortcut-unlearning or write the encoder again"
+        )
+    check_encoder(info.get("encoder"))
+    provenance = info.get("provenance")
+    if not isinstance(provenance, dict) or not isinstance(
+        provenance.get("saw_coarse_labels"), bool
+    ):
+        raise ValueError(
+            f"{sidecar} does not say whether the encoder saw coarse labels (provenance."
+            "saw_coarse_labels); without it no certificate can say what the frozen part saw"
+        )
+    return info
+
+
+def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
+    """Load an encoder checkpoint into `encoder` (an smp encoder named `name`), cast to its
+    dtypes; returns the provenance record the model keeps (file, SHA-256, what it saw)."""
+    info = read_encoder_info(path)
+    weights, _ = checkpoint_paths(path)
+    if info["encoder"] != name:
+        raise ValueError(
+            f"{weights} holds a {info['encoder']} encoder but the model is a {name} U-Net; "
+            f"pass --encoder {info['encoder']}"
+        )
+    try:
+        state = load_file(weights)
+    except Exception as err:  # safetensors raises its own error types for broken files
+        raise ValueError(f"cannot read weights {weights} ({err}); the file is damaged") from err
+    own = encoder.state_dict()
+    wrong = sorted(set(own) ^ set(state)) + [
+        k for k in set(own) & set(state) if own[k].shape != state[k].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"the weights in {weights} do not fit a {name} encoder ({wrong[0]}"
+            f"{' and others' if len(wrong) > 1 else ''}); the files belong to another encoder"
+        )
+    if any(t.is_floating_point() and not t.isfinite().all() for t in state.values()):
+        raise ValueError(f"{weights} holds NaN or infinite weights; write the encoder again")
+    encoder.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return {
+        "weights": FROM_CHECKPOINT,
+        "checkpoint": weights.name,
+        "sha256": digest,
+        "saw_coarse_labels": info["provenance"]["saw_coarse_labels"],
+        "pretraining": info["provenance"],
+    }
+
+
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     """(weights, config) of the checkpoint PATH: PATH.safetensors and PATH.json.
 
@@ -275,6 +419,22 @@ def check_encoder(name) -> str:
             f"{len(names)} encoders, e.g. {examples}"
         )
     return name
+
+
+def check_encoder_weights(encoder: str, weights: str | None) -> str | None:
+    """`weights` if segmentation_models_pytorch has them for `encoder` (None: random), else
+    ValueError naming the ones it has. FROM_CHECKPOINT is not a name: pass the checkpoint."""
+    if weights is None:
+        return None
+    check_encoder(encoder)
+    known = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {})
+    if weights not in known:
+        raise ValueError(
+            f"segmentation_models_pytorch has no {weights!r} weights for {encoder}"
+            + (f"; it has {', '.join(sorted(known))}" if known else "")
+            + " (an encoder of your own: --encoder-checkpoint PATH)"
+        )
+    return weights
 
 
 def read_config(path: str | Path) -> ModelConfig:

@@ -39,6 +39,7 @@ ISIC_PREVALENCE = {
 }
 # Artefacts that can be painted inside the dilation band, hence serve as spurious.
 BAND_ARTEFACTS = ("ink", "patches", "gel_bubble")
+BAND_ZONES = ("any", "outer")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ class SynthConfig:
     balanced_test: int = 0
     coarse_method: str = masklib.DEFAULT_COARSE_METHOD
     coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
+    # The spurious artefacts' look: size against the defaults' (patch radius, ink dot and
+    # stroke, bubble radius), how many are painted per image that carries one, and where in
+    # the band: "any", or "outer" (farther from the lesion than half the band's width, where
+    # a coarse mask's wrong pixels see less of the lesion). The defaults are the benchmark's.
+    artefact_scale: float = 1.0
+    artefact_count: int = 1
+    band_zone: str = "any"
+    # Lesion radius against the default's (12-20 % of the image side). Smaller lesions leave
+    # the coarse mask's band a larger share of what it calls lesion.
+    lesion_scale: float = 1.0
 
     def __post_init__(self):
         bad = [a for a in self.spurious if a not in BAND_ARTEFACTS]
@@ -67,6 +78,13 @@ class SynthConfig:
             raise ValueError(
                 f"spurious artefacts {bad} cannot be placed in the dilation band; "
                 f"choose from {BAND_ARTEFACTS}"
+            )
+        if self.band_zone not in BAND_ZONES:
+            raise ValueError(f"band_zone must be one of {BAND_ZONES}, got {self.band_zone!r}")
+        if self.artefact_scale <= 0 or self.artefact_count < 1 or self.lesion_scale <= 0:
+            raise ValueError(
+                f"artefact_scale and lesion_scale must be positive and artefact_count at least "
+                f"1, got {self.artefact_scale}, {self.lesion_scale} and {self.artefact_count}"
             )
         if self.balanced_test < 0:
             raise ValueError(f"balanced_test must be 0 or more, got {self.balanced_test}")
@@ -138,21 +156,34 @@ def _render(cfg: SynthConfig, label: int, wanted: list[str], rng: np.random.Gene
     mask = (fine * (BENIGN + label)).astype(np.uint8)
     coarse = masklib.coarse_mask(mask, cfg.coarse_method, cfg.coarse_margin)
     band = (coarse != 0) & ~fine
+    zone = _outer_band(fine, band) if cfg.band_zone == "outer" else band
     art = np.zeros((s, s), np.uint8)
     for name in wanted:
         if name == "dark_corner":
             continue  # optical: applied last, over everything
-        shape, colour, opacity = PAINTERS[name](s, fine, band, rng)
-        if name in cfg.spurious:
-            shape &= band  # the shortcut lives where the coarse mask wrongly says lesion
-        img[shape] = (1 - opacity) * img[shape] + opacity * np.asarray(colour)
-        art[shape] |= artefact_bit(name)
+        spurious = name in cfg.spurious
+        for _ in range(cfg.artefact_count if spurious else 1):
+            if spurious:  # the shortcut lives where the coarse mask wrongly says lesion
+                shape, colour, opacity = PAINTERS[name](s, fine, zone, rng, cfg.artefact_scale)
+                shape &= zone
+            else:
+                shape, colour, opacity = PAINTERS[name](s, fine, band, rng)
+            img[shape] = (1 - opacity) * img[shape] + opacity * np.asarray(colour)
+            art[shape] |= artefact_bit(name)
     if "dark_corner" in wanted:
         factor = _vignette(s, rng)
         img *= factor[..., None]
         art[factor <= 0.9] |= artefact_bit("dark_corner")  # darkened by 10% or more
     img += rng.normal(0, 0.012, img.shape)
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask, art
+
+
+def _outer_band(lesion: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """The band's pixels farther from the lesion than half the band's width (the whole band
+    where that leaves nothing)."""
+    dist = distance_transform_edt(~lesion)
+    outer = band & (dist > dist[band].max() / 2) if band.any() else band
+    return outer if outer.any() else band
 
 
 def _smooth_field(s: int, sigma: float, rng) -> np.ndarray:
@@ -173,7 +204,7 @@ def _lesion(cfg: SynthConfig, label: int, rng):
     s = cfg.size
     mean = 0.5 + (cfg.class_signal / 2) * (1 if label else -1)
     severity = float(np.clip(rng.normal(mean, SEVERITY_SD), 0, 1))
-    radius = rng.uniform(0.12, 0.2) * s
+    radius = rng.uniform(0.12, 0.2) * s * cfg.lesion_scale
     band = masklib.radius_pixels((s, s), cfg.coarse_margin)
     # Random position, band inside the image: a centred lesion would be a shortcut of its own.
     lo, hi = radius * 1.3 + band + 1, s - radius * 1.3 - band - 1
@@ -218,13 +249,13 @@ def _vignette(s: int, rng) -> np.ndarray:
 
 
 # Painters return (pixel mask, colour, opacity); masks are exact, painted pixels only.
-def _ink(s, lesion, band, rng):
+def _ink(s, lesion, band, rng, scale=1.0):
     """Violet pen marks: dots or an arc around the lesion, inside the band."""
     shape = np.zeros((s, s), bool)
     ys, xs = np.nonzero(band)
     if len(ys) == 0:
         return shape, (0, 0, 0), 0.0
-    dot = max(1.0, s / 90)
+    dot = max(1.0, s / 90) * scale
     if rng.random() < 0.5:
         for k in rng.choice(len(ys), size=rng.integers(4, 9)):
             shape[disk((ys[k], xs[k]), dot, shape=(s, s))] = True
@@ -240,26 +271,26 @@ def _ink(s, lesion, band, rng):
     return shape, colour, rng.uniform(0.75, 0.95)
 
 
-def _patches(s, lesion, band, rng):
+def _patches(s, lesion, band, rng, scale=1.0):
     """A coloured adhesive disc in the band."""
     shape = np.zeros((s, s), bool)
     ys, xs = np.nonzero(band)
     if len(ys) == 0:
         return shape, (0, 0, 0), 0.0
     k = rng.integers(len(ys))
-    radius = max(2.0, s * rng.uniform(0.025, 0.035))
+    radius = max(2.0, s * rng.uniform(0.025, 0.035)) * scale
     shape[disk((ys[k], xs[k]), radius, shape=(s, s))] = True
     palette = [(0.2, 0.45, 0.85), (0.25, 0.7, 0.35), (0.95, 0.8, 0.2), (0.95, 0.5, 0.15)]
     return shape, palette[rng.integers(len(palette))], 0.9
 
 
-def _gel_bubble(s, lesion, band, rng):
+def _gel_bubble(s, lesion, band, rng, scale=1.0):
     """Round bright rims, 2-12 px at 128 px; anywhere, or in the band when spurious."""
     shape = np.zeros((s, s), bool)
     pool = np.argwhere(band) if band.any() else np.argwhere(np.ones((s, s), bool))
     for _ in range(rng.integers(1, 5)):
         cy, cx = pool[rng.integers(len(pool))] if rng.random() < 0.5 else rng.integers(0, s, 2)
-        radius = round(rng.uniform(2, 12) * s / 128)
+        radius = round(rng.uniform(2, 12) * s / 128 * scale)
         shape[circle_perimeter(int(cy), int(cx), max(radius, 2), shape=(s, s))] = True
     return shape, (0.97, 0.97, 0.97), 0.75
 

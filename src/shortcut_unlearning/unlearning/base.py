@@ -22,6 +22,7 @@ from ..model import FrozenInputs, Model, to_device
 from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
 from ..training import Divergence
+from .context import CONTEXT_TERMS, ContextTerm
 
 _TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
@@ -83,6 +84,11 @@ class Operator:
     # Batch-norm layers normalise with the starting model's statistics: batches drawn from a
     # few refined images are too small and too alike to re-estimate them.
     batch_statistics: bool = False
+    # The context term (context.py): the refined images' retain loss also on copies with their
+    # forget pixels inpainted ("blind"), and/or their predictions held to those copies'
+    # ("consistent"), weighted by context_weight. "off" is the paper's method.
+    context: str = "off"
+    context_weight: float = 1.0
 
     name = "operator"
 
@@ -93,6 +99,11 @@ class Operator:
             raise ValueError(f"optimiser_name must be 'adam' or 'sgd', got {self.optimiser_name!r}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps and batch_size must be at least 1 and lr positive")
+        if self.context not in CONTEXT_TERMS or not self.context_weight >= 0:
+            raise ValueError(
+                f"context must be one of {CONTEXT_TERMS} and context_weight at least 0, got "
+                f"{self.context!r} and {self.context_weight}"
+            )
 
     # -- what operators define --------------------------------------------------------------
     def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,6 +164,17 @@ class Operator:
         )
         retain_rows = np.union1d(forget_rows, other_rows)
         inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
+        context = None  # the refined images' inpainted copies, made once (context.py)
+        if self.context != "off":
+            refined_images = (data.images[with_forget], split.forget[with_forget])
+            context = ContextTerm(
+                self.context,
+                self.context_weight,
+                work,
+                *refined_images,
+                retained.targets[with_forget],
+                self.cache_features,
+            )
         device = work.device
         targets = torch.as_tensor(retained.targets[used], device=device).long()
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
@@ -176,6 +198,7 @@ class Operator:
             drawn = rng.choice(forget_rows, self.batch_size)
             rows = distributed.shard(drawn)
             logits = self._logits(work, inputs, rows)
+            refined_rows = rows  # this rank's refined rows (the context term's)
             at = to_device(rows, device)
             forget_ce = _masked(
                 F.cross_entropy(logits, coarse[at], reduction="none"),
@@ -193,6 +216,9 @@ class Operator:
                 retain_targets = torch.cat([retain_targets, targets[at]])
             retain_ce = distributed.mean_cross_entropy(logits, retain_targets, IGNORE)
             terms = self.loss(retain_ce, forget_ce)
+            if context is not None:
+                cf_rows = np.searchsorted(forget_rows, refined_rows)
+                terms = context.add(terms, work, cf_rows, logits[: len(refined_rows)])
             divergence.watch(terms["total"], step)
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
