@@ -163,11 +163,30 @@ def _config(args, **overrides):
     return RunConfig(**{**given, "out": str(args.out), **overrides})
 
 
+def _run_config(args):
+    """The RunConfig of `run`: the flags, epsilon and delta among the operator's options."""
+    privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
+    return _config(args, operator_options=privacy)
+
+
+def _expectation(config) -> str | None:
+    """What a certified run should expect (the read-out signal-to-noise bound and the eps that
+    would keep a chosen ratio), before any training; None for the other operators."""
+    from .experiment import build_operator
+    from .unlearning import CertifiedOperator
+
+    operator = build_operator(config)
+    return operator.expectation() if isinstance(operator, CertifiedOperator) else None
+
+
 def _run(args) -> None:
     from .experiment import run, table
 
-    privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
-    report = run(_config(args, operator_options=privacy))
+    config = _run_config(args)
+    expectation = _expectation(config)
+    if expectation:
+        print(f"expect: {expectation}")
+    report = run(config)
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
 

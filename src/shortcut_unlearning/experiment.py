@@ -381,6 +381,7 @@ def build_report(
         "unlearning": {
             "collapsed": outcome.collapsed,
             "kept_starting_model": outcome.rejected is not None,
+            "stopping": outcome.stopping,  # why the run ended where it did (the recovery's probe)
             "start_probe": outcome.start_metrics,
             "trajectory": trajectory(outcome)[1:],
         },
@@ -440,6 +441,8 @@ def unlearn_and_report(
     certified = isinstance(operator, CertifiedOperator)
     certificate = operator.certificate(start.model) if certified else None
     outcome, timings["unlearn_s"] = unlearn(config, operator, start.model, prepared)
+    if certificate is not None:  # it says what the recovery did
+        certificate = certificate.after_recovery(outcome.stopping)
     clock = time.perf_counter()
     if outcome.model is start.model:  # kept back after a collapse: the same numbers
         unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
