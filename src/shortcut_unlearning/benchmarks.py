@@ -139,7 +139,7 @@ def _overlay_per_edit(coarse: np.ndarray, edits: int) -> dict:
     }
 
 
-STATES = ("coarse", "retrain", "fine_oracle")
+STATES = ("coarse", "retrain", "retrain_band_ignored", "fine_oracle")
 COLUMNS = (
     "worst_group_auroc",
     "conflicting_auroc",

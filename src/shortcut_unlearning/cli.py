@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--baselines",
         action="store_true",
-        help="also train retrain-from-scratch and the fine-mask oracle",
+        help="also train retrain-from-scratch (corrected masks; coarse masks with the band "
+        "ignored) and the fine-mask oracle",
     )
     run.add_argument(
         "--out",
