@@ -235,6 +235,13 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
+    if args.what == "curve":
+        result = benchmarks.privacy_utility(
+            _config(args, quiet=True), args.seeds, args.epsilons, args.out
+        )
+        print(benchmarks.markdown(result["summary"]))
+        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
+        return
     if args.what == "cache":
         result = benchmarks.cache_speedup(
             n=args.n,
@@ -429,9 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "stall", "overlay", "open"),
+        choices=("cache", "seeds", "curve", "stall", "overlay", "open"),
         help="stall and overlay measure the napari widget (need a display); open times "
-        "opening --data DIR at --working-size, cold and cached, and the overlay per edit",
+        "opening --data DIR at --working-size, cold and cached, and the overlay per edit; "
+        "curve runs the certified operators at each --epsilons beside NegGrad-Seg and the "
+        "baselines (the privacy-utility curve)",
     )
     bench.add_argument(
         "--working-size",
@@ -448,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--n", type=_whole(1), default=64, help="images for the cache benchmark")
     bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    bench.add_argument(
+        "--epsilons",
+        type=_epsilon_list,
+        default=[1.0, 3.0, 10.0, 30.0],
+        help="bench curve: the epsilons, e.g. 1,3,10,30 (delta 1e-5)",
+    )
     bench.add_argument(
         "--methods",
         type=_method_list,
@@ -490,6 +505,11 @@ def _working_size(text: str) -> int | None:
 
 def _seed_list(text: str) -> list[int]:
     parse = _whole(0)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
+def _epsilon_list(text: str) -> list[float]:
+    parse = _number(0, float("inf"), low_open=True, high_open=True)
     return [parse(part.strip()) for part in text.split(",")]
 
 
