@@ -167,6 +167,87 @@ def test_report_has_a_bootstrap_interval_and_is_json_ready():
     assert again == report
 
 
+def noisy_shortcut_probs(seed=11):
+    """Soft float32 probabilities of a model that partly paints the artefacts malignant."""
+    spurious, labels, _, shortcut = shortcut_maps(seed=7, n=40, size=30)
+    noise = np.random.default_rng(seed).dirichlet(np.ones(3), size=labels.shape)
+    probs = 0.7 * one_hot(shortcut, on=0.8) + 0.3 * noise.transpose(0, 3, 1, 2)
+    return probs.astype(np.float32), spurious, labels
+
+
+# s_global_report (value, ci_low, ci_high, null_mean, null_sd, null_p95) of the implementation
+# before the sums were chunked and the null gathered (commit ee30030), on noisy_shortcut_probs
+# with n_boot=50, n_perm=30, seed=3. Grid 3 and 4 have unequal bands, grid 40 empty ones.
+EARLIER = {
+    (1, False, (1, 2)): (
+        1.057147982e-3,
+        5.212021915e-4,
+        1.941039049e-3,
+        3.461970261e-4,
+        3.751278953e-4,
+        7.660399122e-4,
+    ),
+    (3, False, (1, 2)): (
+        1.278780117e-3,
+        5.586922333e-4,
+        2.380226387e-3,
+        7.10279284e-4,
+        3.510246063e-4,
+        1.401551135e-3,
+    ),
+    (4, True, (1, 2)): (
+        2.418972616e-2,
+        1.267137453e-2,
+        3.235605597e-2,
+        1.022148367e-3,
+        1.316912097e-3,
+        4.157089932e-3,
+    ),
+    (2, False, (2,)): (
+        1.06301474e-3,
+        4.458424346e-4,
+        1.943556519e-3,
+        3.44529869e-4,
+        2.028485356e-4,
+        8.059833758e-4,
+    ),
+    (40, False, (1, 2)): (
+        1.36756162e-3,
+        5.41371782e-4,
+        2.501309126e-3,
+        1.498063939e-3,
+        5.984743997e-4,
+        2.577403867e-3,
+    ),
+}
+
+
+@pytest.mark.parametrize(("grid", "hard", "k_classes"), list(EARLIER))
+def test_s_global_keeps_the_values_of_the_earlier_implementation(grid, hard, k_classes):
+    probs, spurious, labels = noisy_shortcut_probs()
+    args = {"k_classes": k_classes, "hard": hard, "grid": grid}
+    report = metrics.s_global_report(probs, spurious, labels, n_boot=50, n_perm=30, seed=3, **args)
+    keys = ("value", "ci_low", "ci_high", "null_mean", "null_sd", "null_p95")
+    # float32 sums in another order: equal to about 1e-7
+    np.testing.assert_allclose([report[k] for k in keys], EARLIER[grid, hard, k_classes], 1e-6)
+    assert metrics.s_global(probs, spurious, labels, **args) == report["value"]
+
+
+@pytest.mark.parametrize(("grid", "hard"), [(1, False), (3, True), (5, False)])
+def test_both_ways_to_the_permutation_null_give_the_same_sums(grid, hard):
+    probs, spurious, labels = noisy_shortcut_probs(seed=2)
+    pairing = np.array([np.random.default_rng(i).permutation(len(probs)) for i in range(7)])
+    args = (probs, spurious, labels, np.array([1, 2]), hard, grid, pairing)
+    gathered = metrics._null_by_gathering(*args)
+    assert gathered.shape == (7, 2, 2, grid * grid)
+    np.testing.assert_allclose(gathered, metrics._null_by_products(*args), rtol=1e-5, atol=1e-9)
+    # the definition: the soft malignant weights of image j over the S pixels of pairing[i, j]
+    if not hard:
+        weights = probs[:, 2] * (labels == 2)
+        expected = sum(weights[j][spurious[pairing[4, j]]].sum() for j in range(len(probs)))
+        assert gathered[4, 1, 1].sum() == pytest.approx(expected, rel=1e-5)
+
+
 def test_shape_mismatches_and_missing_classes_are_refused():
     probs = np.full((2, 3, 8, 8), 1 / 3)
     good = np.zeros((2, 8, 8), int)

@@ -78,8 +78,9 @@ def test_cancel_and_nan_stop_training(tiny_data, monkeypatch):
     with pytest.raises(Cancelled):
         drive(train(Model(TINY), data.images, coarse, cancel=cancel), quiet=True)
     model = Model(TINY)
-    monkeypatch.setattr(model, "scoped_forward", lambda f: torch.full((6, 3, 48, 48), np.nan))
-    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+    forward = model.scoped_forward
+    monkeypatch.setattr(model, "scoped_forward", lambda f: forward(f) * np.nan)
+    with pytest.raises(FloatingPointError, match="became nan at step 1; lower the learning rate"):
         drive(train(model, data.images[:6], coarse[:6], TrainConfig(val_fraction=0)), quiet=True)
     with pytest.raises(ValueError, match="do not match"):
         drive(train(model, data.images, coarse[:3]), quiet=True)

@@ -70,8 +70,8 @@ def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbo
     assert len(widget._curve["step"]) < 10_000
     assert widget.bench.current_model() is start and widget.bench.shown is None
     assert "saliency" not in viewer.layers
-    assert not widget.export.isEnabled() and not widget.accept.isEnabled()
-    assert widget.current.text().startswith("Current model: small")
+    assert not widget.results.export.isEnabled() and not widget.results.accept.isEnabled()
+    assert widget.results.current.text().startswith("Current model: small")
 
 
 def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, qtbot, small_model):
@@ -82,20 +82,20 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     start = widget.bench.current_model()
     click(qtbot, widget.run)
     qtbot.waitUntil(
-        lambda: widget.worker is None and widget.bench.shown is not None and not widget.displaying,
+        lambda: not widget.busy and widget.bench.shown is not None,
         timeout=120_000,
     )
-    assert widget.scores.rowCount() == 12 and "S_global" in widget.result.text()
+    assert widget.results.scores.rowCount() == 12 and "S_global" in widget.results.result.text()
     # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
     assert viewer.layers.selection.active.name == widget.refined_layer.name
-    click(qtbot, widget.accept)
+    click(qtbot, widget.results.accept)
     assert widget.bench.current_model() is widget.bench.shown.model
-    assert "accepted" in widget.current.text() and not widget.accept.isEnabled()
+    assert "accepted" in widget.results.current.text() and not widget.results.accept.isEnabled()
     shared = viewer.layers["saliency"].contrast_limits[1]
     assert shared == pytest.approx(max(widget.bench.shown.before.saliency_vmax, 1e-12))
-    widget.scale.setCurrentText("separate")
+    widget.results.scale.setCurrentText("separate")
     assert viewer.layers["saliency"].contrast_limits == [0, 1]
-    click(qtbot, widget.revert)
+    click(qtbot, widget.results.revert)
     assert widget.bench.current_model() is start and "saliency" not in viewer.layers
 
 
@@ -188,3 +188,64 @@ def test_responsiveness_measurements_run(make_napari_viewer):
     for run in (1, 2):
         for phase in ("launch", "running", "display"):
             assert stall[f"run{run}_{phase}_max_gap_ms"] >= 0 and stall[f"run{run}_{phase}_s"] > 0
+
+
+def test_a_folder_opens_with_the_labels_csvs_the_user_picks(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    from qtpy.QtWidgets import QFileDialog
+    from test_folders import TRAP_HEADER, add_isic_image, bissoto_row
+
+    from shortcut_unlearning.napari import _widget
+
+    for number in range(3):
+        add_isic_image(tmp_path, number, (40, 40))
+    traps = tmp_path / "traps"  # Bissoto's folds live in a subfolder, not beside the images
+    traps.mkdir()
+    folds = {
+        "isic_annotated_train1.csv": [bissoto_row(0, 0, 0, sep=","), bissoto_row(1, 1, 1, sep=",")],
+        "isic_annotated_test1.csv": [bissoto_row(0, 2, 1, sep=",")],
+        "isic_annotated_test2.csv": [bissoto_row(0, 0, 0, sep=",")],  # image 0: train in fold 1
+    }
+    for name, rows in folds.items():
+        (traps / name).write_text("\n".join([TRAP_HEADER, *rows]) + "\n")
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
+    picked = [str(traps / "isic_annotated_train1.csv"), str(traps / "isic_annotated_test1.csv")]
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(QFileDialog, "getOpenFileNames", lambda *a, **k: (picked, ""))
+    click(qtbot, widget.open_folder)
+    coarse = viewer.layers["coarse masks"]
+    assert coarse.metadata["ids"] == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000002"]
+    assert coarse.metadata["labels"] == [0, 1, 1]
+    assert widget.coarse.currentText() == "coarse masks"
+    errors = []
+    monkeypatch.setattr(_widget, "show_error", errors.append)
+    picked[1] = str(traps / "isic_annotated_test2.csv")  # disagrees with train1 on image 0
+    click(qtbot, widget.open_folder)
+    assert errors and "isic_annotated_test2.csv" in errors[0]
+
+
+def test_the_dock_measurement_runs_in_a_fresh_process():
+    from shortcut_unlearning.napari import _bench
+
+    dock = _bench.dock_open()
+    assert dock["menu_to_dock_ms"] > 0 and not dock["torch_imported_when_shown"]
+
+
+def test_the_next_suggested_image_is_shown_with_its_band(make_napari_viewer, qtbot, small_model):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0, 1))
+    click(qtbot, widget.suggest)
+    qtbot.waitUntil(lambda: "ranked 1 of 10" in widget.suggestion.text(), timeout=120_000)
+    best = widget._suggestion.order[0]
+    assert best not in (0, 1)  # refined images are not suggested again
+    assert viewer.dims.current_step[0] == best
+    band = viewer.layers["band to refine"].data
+    assert band[best].any() and not np.delete(band, best, axis=0).any()
+    assert viewer.layers.selection.active.name == widget.refined_layer.name  # eraser at hand
+    erase_band(viewer, widget, [best])  # refine it: the button moves on to the next one
+    qtbot.wait(50)
+    click(qtbot, widget.suggest)
+    assert viewer.dims.current_step[0] == widget._suggestion.order[1]

@@ -1,13 +1,18 @@
+import io
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from conftest import TINY, refinement, same_state, state
 
+from shortcut_unlearning import progress
 from shortcut_unlearning.masks import PixelSplit
 from shortcut_unlearning.model import Model
-from shortcut_unlearning.progress import Cancel, drive
-from shortcut_unlearning.training import TrainConfig, train
+from shortcut_unlearning.progress import Cancel, Losses, Progress, drive
+from shortcut_unlearning.training import Divergence, TrainConfig, train
 from shortcut_unlearning.unlearning import OPERATORS, FineTune, NegGradSeg, UnlearnData
+from shortcut_unlearning.unlearning.base import _masked
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +133,51 @@ def test_collapse_floors():
     with torch.no_grad():
         model.scoped_parameters()[0][0] = torch.nan
     assert op.collapsed(model, None, None)
+
+
+# --- no waiting for the device: losses read late, divergence checked when the host reads ---
+
+
+def test_the_loop_leaves_each_steps_losses_unread(coarse_model, unlearn_data):
+    result = drive(NegGradSeg(steps=4, probe_every=2).run(coarse_model, unlearn_data), quiet=True)
+    assert all(isinstance(e.losses, Losses) and e.losses._floats is None for e in result.history)
+    last = result.history[-1].losses  # read now: one conversion for all its terms
+    assert set(last) == {"total", "retain", "forget"}
+    assert all(isinstance(v, float) for v in last.values())
+    assert last["total"] == pytest.approx(0.95 * last["retain"] - 0.05 * last["forget"], 1e-5)
+    assert {**last} == dict(last.items()) and last._floats is not None
+
+
+def test_drive_reads_the_losses_only_now_and_then(monkeypatch):
+    def job(events):
+        for step in range(1, 6):
+            events.append(Progress(step, 5, "x", Losses({"loss": torch.tensor(float(step))})))
+            yield events[-1]
+        return "done"
+
+    quiet = []
+    assert drive(job(quiet), quiet=True) == "done"
+    assert all(e.losses._floats is None for e in quiet)  # no bar: nothing read
+    shown = []  # a bar on a terminal: the first event, then at most twice a second, the last
+    terminal = partial(progress.tqdm, file=io.StringIO())
+    monkeypatch.setattr(progress, "tqdm", lambda **kw: terminal(**{**kw, "disable": False}))
+    assert drive(job(shown)) == "done"
+    assert [e.losses._floats is not None for e in shown] == [True, False, False, False, True]
+
+
+def test_masked_selection_equals_boolean_indexing():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(4, 9, 7, generator=generator)
+    mask = torch.rand(4, 9, 7, generator=generator) < 0.3
+    assert torch.equal(_masked(values, mask, int(mask.sum())), values[mask])
+    assert _masked(values, torch.zeros_like(mask), 0).numel() == 0
+
+
+def test_divergence_names_the_first_bad_step_when_checked():
+    watch = Divergence(torch.device("cpu"), "test loss")
+    watch.watch(torch.tensor(1.0), 1)
+    watch.check()  # all finite so far
+    for step, value in ((2, float("inf")), (3, float("nan")), (4, 2.0)):
+        watch.watch(torch.tensor(value), step)
+    with pytest.raises(FloatingPointError, match="test loss became inf at step 2"):
+        watch.check()

@@ -111,3 +111,37 @@ def test_exports_never_go_into_the_package(bench):
     bench.show(drive(bench.execute(bench.plan()), quiet=True))
     with pytest.raises(ValueError, match="belongs to the installed software"):
         bench.export(PACKAGE_DIR / "exports")
+
+
+def test_a_big_stack_is_measured_on_the_refined_images_and_a_sample(bench, monkeypatch):
+    from shortcut_unlearning import workbench
+
+    monkeypatch.setattr(workbench, "MEASURED", 5)
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    measured = record.before.metrics["measured_images"]
+    assert len(measured) == 5 and {0, 1} <= set(measured)
+    unmeasured = sorted(set(range(8)) - set(measured))
+    assert np.isnan(record.after.scores[unmeasured]).all()
+    assert np.isfinite(record.after.scores[measured]).all()
+    assert not record.after.saliency[unmeasured].any() and record.after.saliency[measured].any()
+
+
+def test_sequential_rounds_are_kept_in_the_export(bench, tiny_data, tmp_path):
+    data, _ = tiny_data
+    first = drive(bench.execute(bench.plan()), quiet=True)
+    bench.show(first)
+    bench.accept()
+    bench.refinement.refined[2][data.masks[2] == 0] = 0  # a second round refines one more
+    bench.refinement.sync()
+    second = drive(bench.execute(bench.plan()), quiet=True)
+    assert second.start_name.startswith("run 1")  # it starts from the accepted model
+    bench.show(second)
+    report = json.loads((bench.export(tmp_path) / "metrics.json").read_text())
+    rounds = report["rounds"]["rounds"]
+    assert [r["index"] for r in rounds] == [1, 2] and [r["accepted"] for r in rounds] == [
+        True,
+        False,
+    ]
+    assert rounds[0]["images"] == [0, 1] and rounds[1]["images"] == [2]
+    assert "round 1" in report["rounds"]["certificate"]
+    assert "not certified" in report["rounds"]["certificate"]

@@ -112,28 +112,26 @@ def main(export_to: str, steps: int) -> None:
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
-    seen["finished"] = wait(
-        lambda: widget.worker is None and widget.bench.shown is not None and not widget.displaying
-    )
+    seen["finished"] = wait(lambda: not widget.busy and widget.bench.shown is not None)
     seen["result_layers"] = sorted(
         layer.name for layer in viewer.layers if layer.name in RESULT_LAYERS and layer.visible
     )
-    seen["result_text"] = widget.result.text()
-    seen["current"] = widget.current.text()
-    seen["export_enabled"] = widget.export.isEnabled()
+    seen["result_text"] = widget.results.result.text()
+    seen["current"] = widget.results.current.text()
+    seen["export_enabled"] = widget.results.export.isEnabled()
     QFileDialog.getExistingDirectory = staticmethod(lambda *a, **k: export_to)
-    QTest.mouseClick(widget.export, LEFT)
+    QTest.mouseClick(widget.results.export, LEFT)
     shown = widget.bench.shown
     seen["shown_after_s_global"] = shown.after.metrics["s_global"]["value"]
     seen["shown_model_norm"] = float(
         sum(float((p.float() ** 2).sum()) for p in shown.model.net.parameters())
     )
     viewer.screenshot(f"{export_to}/user_path.png", canvas_only=False)
-    QTest.mouseClick(widget.revert, LEFT)
+    QTest.mouseClick(widget.results.revert, LEFT)
     seen["after_revert_layers"] = [layer.name for layer in viewer.layers]
     seen["after_revert_overlay"] = viewer.canvas.overlays.text.visible
-    seen["after_revert_export_enabled"] = widget.export.isEnabled()
-    seen["after_revert_current"] = widget.current.text()
+    seen["after_revert_export_enabled"] = widget.results.export.isEnabled()
+    seen["after_revert_current"] = widget.results.current.text()
     # One more stroke on image 1, and napari closed at once: the edit must survive.
     viewer.dims.set_point(0, 1)
     wait(lambda: False, 0.2)

@@ -111,6 +111,16 @@ def _synth(args) -> None:
         print(f"picture: {synthetic_grid(data, args.preview)}")
 
 
+def _scripted_home() -> None:
+    """Scripted GUI runs keep their settings and autosaves in a folder of their own, so the
+    user's next session neither restores a demo's edits nor inherits a benchmark's steps."""
+    import os
+    import tempfile
+
+    if not os.environ.get("SHORTCUT_UNLEARNING_HOME"):
+        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
+
+
 def _demo(args) -> None:
     import os
 
@@ -118,6 +128,8 @@ def _demo(args) -> None:
 
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise ValueError("no display: run the demo under Xvfb (`make demo` does) or on a desktop")
+    if args.screenshots or args.headless:
+        _scripted_home()
     if args.screenshots:
         for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps):
             print(f"screenshot: {shot}")
@@ -218,10 +230,15 @@ def _bench(args) -> None:
 
     from . import benchmarks
 
-    if args.what in ("stall", "overlay"):  # need a display: run under xvfb-run
+    if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
         from .napari import _bench
 
-        measure = _bench.event_loop_stall if args.what == "stall" else _bench.overlay_update
+        _scripted_home()
+        measure = {
+            "stall": _bench.event_loop_stall,
+            "overlay": _bench.overlay_update,
+            "dock": _bench.dock_open,
+        }[args.what]
         print(json.dumps(measure(), indent=2))
         return
     if args.what == "open":
@@ -242,15 +259,51 @@ def _bench(args) -> None:
         print(benchmarks.markdown(result["summary"]))
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
+    if args.what == "gpu":
+        from .gpu_check import CheckConfig, markdown, run_check
+
+        config = CheckConfig(
+            images=args.n or 512,
+            size=args.image_size,
+            batch_size=args.batch_size,
+            epochs=args.epochs,
+            steps=args.steps or 60,
+            repeats=args.repeats,
+            encoder=args.encoder,
+            device=args.device,
+            seed=args.seed,
+        )
+        report = run_check(config, args.out)
+        print(markdown(report))
+        print(f"written: {Path(args.out) / 'gpu_check.json'} and gpu_check.md")
+        if report["failed"]:
+            raise SystemExit(f"bench gpu: these paths failed: {', '.join(report['failed'])}")
+        return
+    if args.what == "removal":
+        result = {
+            "removal": benchmarks.time_to_removal(_config(args, quiet=True), args.steps or 200),
+            "s_global": benchmarks.s_global_times(n=args.n or 1000),
+        }
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "removal.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return
     if args.what == "cache":
         result = benchmarks.cache_speedup(
-            n=args.n,
+            n=args.n or 64,
             size=args.image_size,
             epochs=args.epochs,
             encoder=args.encoder,
             device=args.device,
         )
         print(json.dumps(result, indent=2))
+        return
+    if args.what == "ranking":
+        result = benchmarks.refinement_order(
+            _config(args, quiet=True), args.seeds, args.out, args.fractions, args.orders
+        )
+        print(benchmarks.ranking_markdown(result))
+        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
         return
     result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
     print(benchmarks.markdown(result["summary"]))
@@ -277,8 +330,9 @@ def _jsonable(config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmarks import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
-    from .experiment import RunConfig
+    from .experiment import REFINE_ORDERS, RunConfig
     from .model import MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
 
@@ -377,6 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
         "run", parents=[common], help="train on coarse masks, unlearn, evaluate, report"
     )
     run.add_argument("--refined", type=_ids, help="comma-separated ids to refine instead")
+    run.add_argument(
+        "--refine-order",
+        choices=REFINE_ORDERS,
+        help="which images get refined: ranked (by the coarse model's ranking, see "
+        "docs/method.md), random (seeded), given (the --refined ids); default: given with "
+        "--refined, else random",
+    )
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
     run.add_argument(
         "--steps",
@@ -432,15 +493,29 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_train)
 
     bench = sub.add_parser(
-        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds"
+        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds, GPU"
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "curve", "stall", "overlay", "open"),
-        help="stall and overlay measure the napari widget (need a display); open times "
-        "opening --data DIR at --working-size, cold and cached, and the overlay per edit; "
-        "curve runs the certified operators at each --epsilons beside NegGrad-Seg and the "
-        "baselines (the privacy-utility curve)",
+        choices=(
+            "cache",
+            "seeds",
+            "curve",
+            "ranking",
+            "stall",
+            "overlay",
+            "dock",
+            "open",
+            "gpu",
+            "removal",
+        ),
+        help="ranking: refinement orders against the share of refined images; curve: the "
+        "certified operators at each --epsilons beside NegGrad-Seg and the baselines (the "
+        "privacy-utility curve); stall, overlay "
+        "and dock measure the napari widget (need a display); open times opening --data DIR "
+        "at --working-size, cold and cached, and the overlay per edit; gpu runs every CUDA path "
+        "and the loops' speed ratios (benchmarks/gpu.sh); removal times NegGrad-Seg to "
+        "retraining's worst-group AUROC, and S_global on --n 256 px images",
     )
     bench.add_argument(
         "--working-size",
@@ -455,7 +530,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[32, 256],
         help="bench open: stack sizes (images) at which to time the overlay, e.g. 32,256",
     )
-    bench.add_argument("--n", type=_whole(1), default=64, help="images for the cache benchmark")
+    bench.add_argument(
+        "--n",
+        type=_whole(1),
+        help="images: cache 64, gpu 512 (generated), removal 1000 (S_global timing)",
+    )
+    bench.add_argument(
+        "--steps", type=_whole(1), help="unlearning steps: gpu 60 per run, removal at most 200"
+    )
+    bench.add_argument("--batch-size", type=_whole(1), default=32, help="bench gpu: batch size")
+    bench.add_argument("--repeats", type=_whole(1), default=3, help="bench gpu: timed runs")
     bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
     bench.add_argument(
         "--epsilons",
@@ -469,6 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=[defaults.method],
         help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; "
         "NAME/head unlearns in the head scope",
+    )
+    bench.add_argument(
+        "--fractions",
+        type=_fraction_list,
+        default=list(RANKING_FRACTIONS),
+        help="ranking: shares of the training images to refine, e.g. 0.01,0.1",
+    )
+    bench.add_argument(
+        "--orders",
+        type=_order_list,
+        default=["ranked", "random"],
+        help="ranking: random, ranked or ranked/METHOD[+alternate], comma-separated",
     )
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
     bench.set_defaults(func=_bench, data="synthetic")
@@ -511,6 +607,23 @@ def _seed_list(text: str) -> list[int]:
 def _epsilon_list(text: str) -> list[float]:
     parse = _number(0, float("inf"), low_open=True, high_open=True)
     return [parse(part.strip()) for part in text.split(",")]
+
+
+def _fraction_list(text: str) -> list[float]:
+    parse = _number(0, 1, low_open=True)
+    return sorted({parse(part.strip()) for part in text.split(",")})
+
+
+def _order_list(text: str) -> list[str]:
+    from .benchmarks import parse_order
+
+    orders = [o.strip() for o in text.split(",")]
+    for order in orders:
+        try:
+            parse_order(order)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return orders
 
 
 def _method_list(text: str) -> list[str]:

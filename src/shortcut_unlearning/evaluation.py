@@ -28,7 +28,7 @@ import numpy as np
 from . import masks as masklib
 from . import metrics
 from .data.lesion_set import BENIGN, CLASS_NAMES, MALIGNANT, LesionSet
-from .saliency import inpaint_background
+from .inpaint import inpaint_background
 
 # A run collapsed when its probe Dice falls below this share of the starting model's.
 COLLAPSE_RATIO = 0.5
@@ -143,7 +143,7 @@ def band_map(
 
 
 def inpaint_band(images: np.ndarray, band: np.ndarray, lesion: np.ndarray | None = None):
-    """Copies of the images with the band replaced by skin (saliency.inpaint_background).
+    """Copies of the images with the band replaced by skin (inpaint.inpaint_background).
 
     The band borders the lesion, and a fill from all its surroundings would smear lesion
     colour into it. With the lesion given, lesion and band are filled together from the skin

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluation, figures, metrics, outputs, retain, saliency
+from . import evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
@@ -40,6 +40,9 @@ class RunConfig:
     coarse_margin: float = masklib.DEFAULT_COARSE_MARGIN
     fine_fraction: float = 0.1  # share of training images that get refined masks
     refined: list[str] | None = None  # or the ids of the images to refine
+    # Which images get refined: "ranked" (the coarse model's ranking, see ranking.py),
+    # "random" (seeded) or "given" (the --refined ids). None: given with --refined, else random.
+    refine_order: str | None = None
     method: str = "neggrad-seg"
     steps: int | None = None  # unlearning steps (None: the operator's default)
     epochs: int = 20  # at most, for the coarse model and the baselines (early stopping)
@@ -60,6 +63,29 @@ class RunConfig:
     quiet: bool = False
     operator_options: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if not 0 < self.fine_fraction <= 1:
+            raise ValueError(f"fine_fraction must lie in (0, 1], got {self.fine_fraction}")
+        if self.refine_order not in (None, *REFINE_ORDERS):
+            raise ValueError(
+                f"refine_order must be one of {REFINE_ORDERS}, got {self.refine_order!r}"
+            )
+        if self.refine_order == "given" and not self.refined:
+            raise ValueError("--refine-order given refines the --refined ids in order; name them")
+        if self.refine_order in ("ranked", "random") and self.refined:
+            raise ValueError(
+                f"--refined names the images to refine, so --refine-order {self.refine_order} "
+                "has nothing to choose: drop one of the two"
+            )
+
+    @property
+    def order(self) -> str:
+        """The refine order in force: refine_order, or its default."""
+        return self.refine_order or ("given" if self.refined else "random")
+
+
+REFINE_ORDERS = ("ranked", "random", "given")
+
 
 def load_data(config: RunConfig) -> LesionSet:
     if config.data == "synthetic":
@@ -75,16 +101,24 @@ def load_data(config: RunConfig) -> LesionSet:
     return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
 
-def choose_refined(train_set: LesionSet, config: RunConfig) -> np.ndarray:
-    """Indices of the training images whose masks get refined."""
-    if config.refined:
+def choose_refined(
+    train_set: LesionSet, config: RunConfig, coarse: np.ndarray | None = None, model=None
+) -> np.ndarray:
+    """Indices of the training images whose masks get refined, in refinement order.
+
+    "ranked" needs the coarse masks and the model, and reads nothing else of the training
+    images' annotations (no fine mask, label or artefact map).
+    """
+    if config.order == "given":
         missing = sorted(set(config.refined) - set(train_set.ids))
         if missing:
             raise ValueError(f"--refined names images not in the training split: {missing[:5]}")
         return np.array([train_set.ids.index(i) for i in config.refined])
-    if not 0 < config.fine_fraction <= 1:
-        raise ValueError(f"fine_fraction must lie in (0, 1], got {config.fine_fraction}")
     count = max(1, round(config.fine_fraction * len(train_set)))
+    if config.order == "ranked":
+        if model is None or coarse is None:
+            raise ValueError("the ranked order needs the coarse masks and the model to rank with")
+        return ranking.rank_images(model, train_set.images, coarse).top(count)
     return np.sort(np.random.default_rng(config.seed).choice(len(train_set), count, replace=False))
 
 
@@ -114,13 +148,27 @@ class Prepared:
     test: LesionSet  # the split evaluated on
     coarse: np.ndarray  # (N, H, W) coarse masks of the training images
     refined: np.ndarray  # indices of the training images with refined masks
-    split: masklib.PixelSplit  # forget and retain pixels of that refinement
+    split: masklib.PixelSplit | None  # their forget/retain pixels; None until ranked
     evalset: EvalSet  # the test split with its truth, S map, band and groups
     probe_set: EvalSet | None  # the first probe_images test images, or None
     seconds: float = 0.0
 
     def coarse_of(self, data: LesionSet, config: RunConfig) -> np.ndarray:
         return masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
+
+
+def refinement_split(train: LesionSet, coarse: np.ndarray, refined) -> masklib.PixelSplit:
+    """The forget and retain pixels when the `refined` images get their fine masks."""
+    return masklib.split_pixels(coarse, {int(i): train.masks[i] for i in refined})
+
+
+def refine_ranked(prepared: Prepared, config: RunConfig, model: Model) -> Prepared:
+    """For the ranked order: the refined images the starting model ranks first."""
+    if prepared.split is not None:
+        return prepared
+    refined = choose_refined(prepared.train, config, prepared.coarse, model)
+    split = refinement_split(prepared.train, prepared.coarse, refined)
+    return replace(prepared, refined=refined, split=split)
 
 
 def evaluation_split(data: LesionSet, name: str) -> LesionSet:
@@ -144,8 +192,10 @@ def prepare_data(config: RunConfig) -> Prepared:
     test = evaluation_split(data, config.test_split)
     has_val = (data.splits == "val").any() and test.splits[0] != "val"
     coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
-    refined = choose_refined(train_set, config)
-    split = masklib.split_pixels(coarse, {int(i): train_set.masks[i] for i in refined})
+    # The ranked order is chosen once the starting model exists (refine_ranked).
+    ranked = config.order == "ranked"
+    refined = np.zeros(0, int) if ranked else choose_refined(train_set, config)
+    split = None if ranked else refinement_split(train_set, coarse, refined)
     evalset = EvalSet.from_lesion_set(
         test, config.coarse, config.coarse_margin, evaluation_groups(test, train_set)
     )
@@ -347,6 +397,24 @@ def trajectory(outcome: UnlearnResult) -> list[dict]:
     return [start, *rows]
 
 
+def unlearning_report(operator: Operator, certificate, outcome: UnlearnResult) -> dict:
+    """metrics.json's operator, certificate and unlearning sections (`run` and the plugin's
+    export write the same)."""
+    return {
+        "operator": {"name": operator.name, **asdict(operator)},
+        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
+        if certificate
+        else None,
+        "unlearning": {
+            "collapsed": outcome.collapsed,
+            "kept_starting_model": outcome.rejected is not None,
+            "stopping": outcome.stopping,  # why the run ended where it did (the recovery's probe)
+            "start_probe": outcome.start_metrics,
+            "trajectory": trajectory(outcome)[1:],
+        },
+    }
+
+
 def run_warnings(records: dict[str, dict], outcome: UnlearnResult | None) -> list[str]:
     """What a reader must not miss: a collapse, a class takeover, a fit that failed."""
     found = []
@@ -385,19 +453,10 @@ def build_report(
         "config": asdict(config),
         "seed": config.seed,
         "device": str(device),
-        "operator": {"name": operator.name, **asdict(operator)},
-        "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
-        if certificate
-        else None,
-        "unlearning": {
-            "collapsed": outcome.collapsed,
-            "kept_starting_model": outcome.rejected is not None,
-            "stopping": outcome.stopping,  # why the run ended where it did (the recovery's probe)
-            "start_probe": outcome.start_metrics,
-            "trajectory": trajectory(outcome)[1:],
-        },
+        **unlearning_report(operator, certificate, outcome),
         "warnings": run_warnings(records, outcome),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
+        "refine_order": config.order,
         "forget_pixels": prepared.split.forget_count,
         "n_train": len(prepared.train),
         "n_test": len(prepared.test),
@@ -503,6 +562,7 @@ def _run(config: RunConfig, operator: Operator, out: Path) -> dict:
     timings["coarse_train_s"] = start.seconds
     if not config.model:  # saved at once: a run stopped later keeps the trained model
         start.model.save(out / "coarse_model")
+    prepared = refine_ranked(prepared, config, start.model)
     baselines = train_baselines(config, prepared, device) if config.baselines else {}
     for name, trained in baselines.items():
         timings[f"{name}_train_s"] = trained.seconds

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from skimage.morphology import isotropic_dilation
 
 COARSE_METHODS = ("dilate", "bbox")
 # Default coarse mask: the fine mask dilated by 8% of the shorter image side (10 px at 128 px),
@@ -89,6 +88,8 @@ def coarse_mask(
         slice(max(cols[0] - r, 0), cols[-1] + r + 1),
     )
     if method == "dilate":
+        from skimage.morphology import isotropic_dilation  # imported here: the dock opens fast
+
         out[box][isotropic_dilation(lesion[box], r) if r else lesion[box]] = k
     else:
         out[box] = k

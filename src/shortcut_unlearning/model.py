@@ -74,8 +74,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def to_device(array, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`. On CUDA the copy goes through pinned memory and
+    does not block, so a step that moves its batch indices never waits for the GPU."""
+    tensor = torch.as_tensor(np.asarray(array))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether data of `nbytes` may stay on a CUDA device: at most a quarter of its free
+    memory. Elsewhere the data already lives where the model runs."""
+    return device.type == "cuda" and nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+
+
 class Model:
-    """An smp U-Net, its config, and the device it runs on."""
+    """An smp U-Net, its config, and the device it runs on.
+
+    On CUDA it runs in bf16 autocast with channels-last memory (`fast_paths`); turning them
+    off gives the plain fp32 loop that benchmarks compare against.
+    """
 
     def __init__(self, config: ModelConfig | None = None, device: str | torch.device = "cpu"):
         self.config = config or ModelConfig()
@@ -87,10 +106,18 @@ class Model:
             decoder_channels=self.config.decoder_channels,
         )
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.net.to(self.device)
-        if self.device.type == "cuda":
-            self.net.to(memory_format=torch.channels_last)
+        self.fast_paths = True
+        self.to(self.device)
         self.set_scope(self.config.scope)
+
+    def use_fast_paths(self, enabled: bool) -> None:
+        """bf16 autocast and channels-last memory on CUDA (on by default); no effect elsewhere."""
+        self.fast_paths = enabled
+        self.to(self.device)
+
+    @property
+    def _fast(self) -> bool:
+        return self.fast_paths and self.device.type == "cuda"
 
     # -- scope ------------------------------------------------------------------------------
     def set_scope(self, scope: str) -> None:
@@ -118,20 +145,22 @@ class Model:
                     module.eval()
 
     # -- forward ----------------------------------------------------------------------------
-    def to_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) images -> normalised float (N, 3, H, W) on the model's device."""
-        x = torch.as_tensor(np.ascontiguousarray(images), device=self.device)
-        x = x.permute(0, 3, 1, 2).float() / 255
-        mean = torch.tensor(self.config.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.config.std, device=self.device).view(1, 3, 1, 1)
+    def to_input(self, images) -> torch.Tensor:
+        """uint8 (N, H, W, 3) images (an array, or a tensor on the model's device) ->
+        normalised float (N, 3, H, W) on the model's device."""
+        if not isinstance(images, torch.Tensor):
+            images = to_device(np.ascontiguousarray(images), self.device)
+        x = images.permute(0, 3, 1, 2).float() / 255
+        mean = to_device(np.array(self.config.mean, np.float32), self.device).view(1, 3, 1, 1)
+        std = to_device(np.array(self.config.std, np.float32), self.device).view(1, 3, 1, 1)
         x = (x - mean) / std
-        if self.device.type == "cuda":
+        if self._fast:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def autocast(self):
-        """bf16 autocast on CUDA; a no-op elsewhere."""
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        """bf16 autocast on CUDA (unless fast paths are off); a no-op elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self._fast)
 
     def frozen_features(self, x: torch.Tensor):
         """Output of the frozen part for normalised input x: what the scope takes in."""
@@ -171,7 +200,8 @@ class Model:
 
     def to(self, device: str | torch.device) -> Model:
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.net.to(self.device)
+        layout = torch.channels_last if self._fast else torch.contiguous_format
+        self.net.to(self.device, memory_format=layout)
         return self
 
     def parameter_norm(self) -> float:
@@ -326,6 +356,7 @@ class FrozenInputs:
     """What the scope takes in, for a set of images: cached once, or computed per batch.
 
     With a frozen encoder the cache turns every training step into a decoder-only step.
+    Uncached images stay on a CUDA device when they fit, so a step copies nothing to it.
     Indexing with an array of image indices gives that batch's input to scoped_forward.
     """
 
@@ -337,17 +368,23 @@ class FrozenInputs:
                 for s in range(0, len(images), batch_size)
             ]
             self.cache = _concat(parts)
+        elif fits_on_device(images.nbytes, model.device):
+            self.images = torch.as_tensor(images).to(model.device)
 
     @torch.no_grad()
     def _compute(self, index: np.ndarray):
+        if isinstance(self.images, torch.Tensor):
+            batch = self.images[to_device(index, self.model.device)]
+        else:
+            batch = self.images[index]
         self.model.train_mode()  # the frozen part runs in eval mode, as during training
         with self.model.autocast():
-            return self.model.frozen_features(self.model.to_input(self.images[index]))
+            return self.model.frozen_features(self.model.to_input(batch))
 
     def __getitem__(self, index: np.ndarray):
         if self.cache is None:
             return self._compute(index)
-        at = torch.as_tensor(index, device=self.model.device)
+        at = to_device(index, self.model.device)
         if isinstance(self.cache, torch.Tensor):
             return self.cache[at]
         return [f[at] for f in self.cache]

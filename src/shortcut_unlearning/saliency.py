@@ -15,8 +15,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
-from skimage.restoration import inpaint_biharmonic
 
+from .inpaint import inpaint_background
 from .metrics import MALIGNANT, image_scores
 
 METHODS = ("saliency", "smoothgrad", "gradcam")
@@ -149,29 +149,6 @@ def normalise_maps(maps, vmax: float | None = None) -> tuple[np.ndarray, float]:
     if vmax <= 0:  # all-zero maps: nothing to scale
         return np.zeros_like(maps), float(vmax)
     return np.clip(maps / vmax, 0, 1), float(vmax)
-
-
-def inpaint_background(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Copies of uint8 (N, H, W, 3) images with masked pixels filled from the surrounding skin.
-
-    Biharmonic inpainting; unmasked pixels are copied exactly and the input is left as it is.
-    """
-    images, masks = np.asarray(images), np.asarray(masks, dtype=bool)
-    if images.dtype != np.uint8 or masks.shape != images.shape[:3]:
-        raise ValueError(
-            f"need uint8 (N, H, W, 3) images and (N, H, W) masks, got {images.dtype} "
-            f"{images.shape} and {masks.shape}"
-        )
-    out = images.copy()
-    for i, mask in enumerate(masks):
-        if not mask.any():
-            continue
-        if mask.all():
-            raise ValueError(f"mask {i} covers the whole image: no surroundings to fill from")
-        filled = inpaint_biharmonic(images[i].astype(np.float64) / 255, mask, channel_axis=-1)
-        filled = np.clip(np.round(filled * 255), 0, 255).astype(np.uint8)
-        out[i][mask] = filled[mask]  # only masked pixels change, bit for bit
-    return out
 
 
 def counterfactual_drop(model, images: np.ndarray, artefact_masks: np.ndarray, k: int = MALIGNANT):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
-from .model import SCOPE_MODULES, FrozenInputs, Model
-from .progress import Cancel, Cancelled, Progress
+from .model import SCOPE_MODULES, FrozenInputs, Model, to_device
+from .progress import Cancel, Cancelled, Losses, Progress
 from .retain import IGNORE
 
 
@@ -53,10 +53,9 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     onehot = F.one_hot(targets.clamp(max=classes - 1), classes).permute(0, 3, 1, 2) * valid
     overlap = (probs * onehot).sum((0, 2, 3))[1:]
     sizes = (probs + onehot).sum((0, 2, 3))[1:]
-    present = onehot.sum((0, 2, 3))[1:] > 0
-    if not present.any():
-        return logits.sum() * 0
-    return (1 - (2 * overlap + 1) / (sizes + 1))[present].mean()
+    present = (onehot.sum((0, 2, 3))[1:] > 0).float()
+    # the mean over the present classes, computed on the device without asking which they are
+    return ((1 - (2 * overlap + 1) / (sizes + 1)) * present).sum() / present.sum().clamp(min=1)
 
 
 def pixel_loss(
@@ -70,12 +69,29 @@ def pixel_loss(
     return loss + dice_weight * soft_dice_loss(logits, targets) if dice_weight else loss
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"the {what} became {loss.item()} at step {step}; lower the learning rate or the "
-            "number of steps and run again"
-        )
+class Divergence:
+    """Watches a loss for NaN or infinity without making the host wait for the device at
+    every step: the first non-finite step is kept on the device, and `check` (one wait)
+    raises FloatingPointError naming it. Loops check when they read the device anyway."""
+
+    def __init__(self, device: torch.device, what: str = "loss"):
+        self.what = what
+        self.first = torch.zeros((), dtype=torch.long, device=device)  # 0: none yet
+        self.value = torch.zeros((), device=device)
+
+    def watch(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        new = ~torch.isfinite(loss) & (self.first == 0)
+        self.first = torch.where(new, step, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self) -> None:
+        step = int(self.first)
+        if step:
+            raise FloatingPointError(
+                f"the {self.what} became {float(self.value)} at step {step}; lower the learning "
+                "rate or the number of steps and run again"
+            )
 
 
 def validation_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +139,9 @@ def train(
     "training" record (best epoch, validation Dice, converged); a best epoch whose lesion
     Dice is under `min_val_dice` warns that the fit failed.
 
-    Yields a Progress event per step and returns the model. Raises Cancelled when `cancel`
-    is set. Targets equal to IGNORE carry no label.
+    Yields a Progress event per step (its losses stay on the device until read) and returns
+    the model. Raises Cancelled when `cancel` is set, FloatingPointError at the end of an
+    epoch in which the loss stopped being finite. Targets equal to IGNORE carry no label.
     """
     config = config or TrainConfig()
     if targets.shape != images.shape[:3]:
@@ -151,7 +168,7 @@ def train(
     per_epoch = -(-n // batch)
     total = config.epochs * per_epoch
     step, best, best_epoch, best_state, stale = 0, {}, 0, None, 0
-    epoch = 0
+    epoch, divergence = 0, Divergence(model.device)
     for epoch in range(1, config.epochs + 1):
         order = rng.permutation(n)
         for start in range(0, n, batch):
@@ -159,17 +176,19 @@ def train(
                 raise Cancelled("training cancelled")
             index = order[start : start + batch]
             model.train_mode()
-            at = torch.as_tensor(index, device=model.device)
-            loss = pixel_loss(model, inputs[index], y[at], config.dice_weight)
+            loss = pixel_loss(
+                model, inputs[index], y[to_device(index, model.device)], config.dice_weight
+            )
             step += 1
-            check_finite(loss, step)
+            divergence.watch(loss, step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             scores = None
-            if val and start + batch >= n:  # the epoch's last step: validate
-                scores = validation_scores(model, val_inputs, val[1])
-            yield Progress(step, total, "train", {"loss": loss.item()}, scores)
+            if start + batch >= n:  # the epoch's last step: check, then validate
+                divergence.check()
+                scores = validation_scores(model, val_inputs, val[1]) if val else None
+            yield Progress(step, total, "train", Losses({"loss": loss}), scores)
         if not val:
             continue
         # Select on class-aware Dice: an epoch that finds the lesions but calls them all one

@@ -8,12 +8,14 @@ these methods; tests drive them without a viewer.
 A run is planned on the UI thread (`plan`: validates the refinement and the parameters and
 snapshots them, so painting during the run cannot race with it) and executed in a worker
 (`execute`: a generator of Progress events, as every long job in the project). torch is
-imported only when a model is needed, so the widget opens at once.
+imported only when a model is needed, and the evaluator (scikit-learn) only when a run measures,
+so the widget opens at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import site
 import sysconfig
@@ -25,10 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluation
 from . import masks as masklib
-from .data.folders import write_masks
-from .evaluation import EvalSet
 from .progress import Cancel, Progress
 from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
@@ -36,6 +35,7 @@ from .settings import DEFAULTS
 from .stack import ImageStack
 
 MEASURE_BEFORE, MEASURE_AFTER = "measuring the starting model", "measuring the unlearned model"
+MEASURED = 64  # images measured before and after a run: the refined ones, then a sample
 
 
 @dataclass
@@ -47,6 +47,19 @@ class Views:
     saliency_vmax: float  # 99th percentile of the maps: their own colour scale
     scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability)
     metrics: dict  # evaluation.evaluate's record, plus "refined": the probe on refined images
+
+
+@dataclass
+class Suggestion:
+    """Unrefined images, best to refine first; why each ranks where it does; their bands."""
+
+    order: list[int]
+    why: dict[int, str]
+    bands: np.ndarray  # (N, H, W) bool at the working resolution: what a refinement may erase
+
+    def next(self, edited: np.ndarray) -> int | None:
+        """The best-ranked image not refined since the ranking was made."""
+        return next((i for i in self.order if not edited[i]), None)
 
 
 @dataclass
@@ -131,6 +144,19 @@ class RunRecord:
         return "\n".join(lines)
 
 
+def new_folder(base: Path, name: str) -> Path:
+    """A folder made for this call: `name`, or `name-2`, `name-3`... when it exists (two exports
+    within one second), so nothing is ever overwritten."""
+    base.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        out = base / (name if n == 1 else f"{name}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+
+
 class Workbench:
     """Refinement, model history and runs of the napari plugin."""
 
@@ -141,7 +167,9 @@ class Workbench:
         self._loading = threading.Lock()  # the widget loads in a thread, runs in another
         self.shown: RunRecord | None = None
         self.runs = 0
+        self.history: list = []  # rounds.Round of every finished run, in order
         self.stack: ImageStack | None = None
+        self._inputs: dict[int, np.ndarray] = {}
         self.refinement: Refinement | None = None
         self.meta: dict = {}
 
@@ -157,6 +185,7 @@ class Workbench:
             )
         note = refinement.restore(autosave) if autosave else None
         self.stack, self.refinement, self.meta = stack, refinement, dict(meta or {})
+        self._inputs: dict[int, np.ndarray] = {}
         self.shown = None
         return note
 
@@ -230,6 +259,29 @@ class Workbench:
         warning = collapse_warning(certificate)
         return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
 
+    # -- which image next ---------------------------------------------------------------------
+    def suggest(self) -> Suggestion:
+        """The unrefined images ranked by the shortcut refining them would remove, from the
+        current model and the coarse masks only (ranking.rank_images; worker thread)."""
+        from .ranking import rank_images
+        from .retain import band_width
+
+        model = self.current_model()
+        size = model.config.image_size
+        if size not in self._inputs:
+            self._inputs = {size: self.stack.to_model(size)}
+        coarse = self.stack.masks_to_model(self.refinement.coarse, size)
+        edited = np.flatnonzero(self.refinement.edited())
+        width = None
+        if len(edited):  # the refinements so far say how deep the band is
+            refined = self.stack.masks_to_model(self.refinement.refined, size)
+            split = masklib.split_pixels(coarse, {int(i): refined[i] for i in edited}, "clip")
+            width = band_width(coarse, split)
+        ranking = rank_images(model, self._inputs[size], coarse, exclude=edited, width=width)
+        bands = self.stack.from_model(ranking.bands.astype(np.uint8), labels=True)
+        why = {int(i): ranking.why(int(i)) for i in ranking.order}
+        return Suggestion([int(i) for i in ranking.order], why, bands.astype(bool))
+
     # -- a run --------------------------------------------------------------------------------
     def plan(self, spurious: np.ndarray | None = None) -> Plan:
         """Validate and snapshot a run (UI thread); raises with a message for the user."""
@@ -251,7 +303,21 @@ class Workbench:
     def execute(
         self, plan: Plan, cancel: Cancel | None = None
     ) -> Generator[Progress, None, RunRecord]:
-        """Unlearn the plan's forget set from the current model (worker thread)."""
+        """Unlearn the plan's forget set from the current model (worker thread). On the CPU
+        PyTorch leaves a core to the viewer's event loop; on CUDA the memory the run cached is
+        given back afterwards."""
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads - 1))
+        try:
+            return (yield from self._execute(plan, cancel))
+        finally:
+            torch.set_num_threads(threads)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _execute(self, plan: Plan, cancel: Cancel | None):
         from .unlearning import CertifiedOperator, UnlearnData
 
         clock = time.perf_counter()
@@ -260,7 +326,9 @@ class Workbench:
         model = self.current_model()
         start_name = self.models[-1][0]
         size = model.config.image_size
-        images = self.stack.to_model(size)
+        if size not in self._inputs:  # the stack at the model's size, made once per stack
+            self._inputs = {size: self.stack.to_model(size)}
+        images = self._inputs[size]
         coarse = self.stack.masks_to_model(plan.refinement.coarse, size)
         refined = self.stack.masks_to_model(plan.refinement.refined, size)
         edited = np.flatnonzero(plan.refinement.edited())
@@ -270,7 +338,7 @@ class Workbench:
             if plan.spurious is None
             else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
         )
-        measure = _Measure(self.stack, images, split, s_map, self.labels)
+        measure = _Measure(self.stack, images, split, s_map, self.labels, plan.parameters["seed"])
         certificate = (
             operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
         )
@@ -300,8 +368,36 @@ class Workbench:
 
     def show(self, record: RunRecord | None) -> None:
         """Put a finished run on display; a cancelled run, or None, shows nothing. The run on
-        display is replaced: an unaccepted one is dropped, the current model stays."""
+        display is replaced: an unaccepted one is dropped, the current model stays. Every
+        finished run joins the history of rounds."""
         self.shown = record if record is not None and record.after is not None else None
+        if self.shown is not None:
+            self.history.append(self._round(record))
+
+    def _round(self, record: RunRecord):
+        """The run as a round of sequential refinement (rounds.Round)."""
+        from .rounds import Round
+
+        before = {i for r in self.history if r.accepted for i in r.refined}
+        refined = [int(i) for i in record.refined_index]
+        certificate = record.certificate
+        return Round(
+            index=record.number,
+            images=[i for i in refined if i not in before],
+            refined=refined,
+            operator=record.method,
+            settings=asdict(record.plan.operator),
+            forget_pixels=int(record.plan.refinement.forget.sum()),
+            steps=record.result.steps,
+            accepted=False,
+            cancelled=record.result.cancelled,
+            collapsed=record.result.collapsed,
+            start_metrics=record.result.start_metrics,
+            end_metrics=record.result.history[-1].metrics if record.result.history else None,
+            certificate={**certificate.to_dict(), "summary": certificate.summary()}
+            if certificate
+            else None,
+        )
 
     def accept(self) -> None:
         record = self.shown
@@ -309,12 +405,17 @@ class Workbench:
             raise ValueError("there is no finished, working run to accept")
         self.models.append((f"run {record.number} ({record.method}), accepted", record.model))
         record.accepted = True
+        self._round_of(record).accepted = True
 
     def revert(self) -> None:
         """Go back to the model from before the run on display; the run leaves the screen."""
         if self.shown is not None and self.shown.accepted:
             self.models.pop()
+            self._round_of(self.shown).accepted = False
         self.shown = None
+
+    def _round_of(self, record: RunRecord):
+        return next(r for r in self.history if r.index == record.number)
 
     # -- export -------------------------------------------------------------------------------
     def export(self, folder: str | Path) -> Path:
@@ -325,9 +426,10 @@ class Workbench:
             raise ValueError("no run is shown: run Unlearn first (Revert and Cancel clear it)")
         base = Path(folder).expanduser().resolve()
         refuse_package_folder(base)
-        out = base / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}"
-        out.mkdir(parents=True, exist_ok=False)  # a new folder: nothing is overwritten
+        out = new_folder(base, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}")
         record.model.save(out / "model")
+        from .data.folders import write_masks
+
         write_masks(
             record.plan.refinement.refined,
             [self._id(i) for i in range(len(self.stack))],
@@ -342,34 +444,31 @@ class Workbench:
         return out
 
     def report(self, record: RunRecord) -> dict:
-        """metrics.json of a run, in the schema `shortcut-unlearning run` writes."""
-        result, certificate = record.result, record.certificate
+        """metrics.json of a run, in the schema `shortcut-unlearning run` writes, with the
+        history of rounds (every run of this session) and what their chain certifies."""
+        from .experiment import unlearning_report
+        from .rounds import chain_certificate
+
+        result = record.result
+        sections = unlearning_report(record.plan.operator, record.certificate, result)
+        sections["unlearning"] |= {"accepted": record.accepted, "start_model": record.start_name}
         return {
             "coarse": record.before.metrics,
             "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
             "config": record.plan.parameters,
             "seed": record.plan.parameters["seed"],
             "device": str(record.model.device),
-            "operator": {"name": record.plan.operator.name, **asdict(record.plan.operator)},
-            "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
-            if certificate
-            else None,
-            "unlearning": {
-                "collapsed": result.collapsed,
-                "kept_starting_model": result.rejected is not None,
-                "accepted": record.accepted,
-                "start_model": record.start_name,
-                "start_probe": result.start_metrics,
-                "trajectory": [
-                    {"step": e.step, "phase": e.phase, **e.losses, **(e.metrics or {})}
-                    for e in result.history
-                ],
-            },
+            **sections,
             "refined_ids": [self._id(i) for i in record.refined_index],
             "forget_pixels": int(record.plan.refinement.forget.sum()),
             "n_train": len(self.stack),
-            "n_test": len(self.stack),  # the plugin measures on the images being refined
+            # The plugin measures on the images being refined (a sample of them when many).
+            "n_test": len(record.before.metrics["measured_images"]),
             "timings": {"run_s": record.seconds},
+            "rounds": {
+                "rounds": [r.to_dict() for r in self.history],
+                "certificate": chain_certificate(self.history),
+            },
         }
 
     def _id(self, index: int) -> str:
@@ -379,7 +478,7 @@ class Workbench:
     def _picture(self, record: RunRecord, out: Path) -> None:
         from .figures import saliency_grid
 
-        picks = record.refined_index[:6] if len(record.refined_index) else np.arange(1)
+        picks = record.refined_index[:6]
         scores = zip(record.before.scores[picks], record.after.scores[picks], strict=True)
         captions = [
             f"{self._id(i)}\nmalignancy {a:.2f} -> {b:.2f}"
@@ -397,35 +496,63 @@ class Workbench:
 
 class _Measure:
     """Predictions, saliency and numbers of one model on the stack (worker thread), from the
-    project's one evaluator: the record `run` writes per model state, on all the images (S_global,
-    AUROC where labels exist, scores, band reliance on the erased pixels), plus class-aware Dice
-    on the refined images, whose refined masks are the only truth the plugin has."""
+    project's one evaluator: the record `run` writes per model state (S_global, AUROC where
+    labels exist, scores, band reliance on the erased pixels), plus class-aware Dice on the
+    refined images, whose refined masks are the only truth the plugin has.
 
-    def __init__(self, stack, images, split, s_map, labels):
+    A big stack is measured on the refined images and a seeded sample of the others, at most
+    MEASURED images in all; the others' planes stay empty and their scores nan."""
+
+    def __init__(self, stack, images, split, s_map, labels, seed: int = 0):
+        from .evaluation import EvalSet
+
         self.stack = stack
-        self.all = EvalSet(images, split.targets, labels, s_map, band=split.forget)
-        self.refined_index = np.flatnonzero(split.refined)
-        self.refined = self.all.select(self.refined_index)
+        refined = np.flatnonzero(split.refined)
+        others = np.flatnonzero(~split.refined)
+        spare = max(0, MEASURED - len(refined))
+        others = np.random.default_rng(seed).permutation(others)[:spare]
+        self.index = np.union1d(refined, others)
+        at = self.index
+        labels = None if labels is None else labels[at]
+        self.measured = EvalSet(
+            images[at], split.targets[at], labels, s_map[at], band=split.forget[at]
+        )
+        self.refined = self.measured.select(np.searchsorted(at, refined))
 
     def probe(self, model) -> dict:
-        return evaluation.probe(model, self.refined)
+        from .evaluation import probe
+
+        return probe(model, self.refined)
 
     def views(self, model, start: dict | None = None) -> Views:
-        from . import saliency
+        from . import evaluation, saliency
 
-        record = evaluation.evaluate(model, self.all, seed=0, start=start, n_boot=200)
+        record = evaluation.evaluate(model, self.measured, seed=0, start=start, n_boot=200)
         refined = evaluation.probe(model, self.refined)
         record["refined"] = refined
         record["dice_refined"] = refined["dice"]
-        probs = model.probabilities(self.all.images)
-        maps = self.stack.from_model(saliency.saliency_maps(model, self.all.images))
+        record["measured_images"] = self.index.tolist()
+        images = self.measured.images
+        predictions = model.probabilities(images).argmax(1).astype(np.uint8)
+        maps = saliency.saliency_maps(model, images).astype(np.float32)
+        scores = np.full(len(self.stack), np.nan)
+        scores[self.index] = record["image_scores"]
         return Views(
-            predictions=self.stack.from_model(probs.argmax(1).astype(np.uint8), labels=True),
-            saliency=maps.astype(np.float32),
+            predictions=self._planes(predictions, labels=True),
+            saliency=self._planes(maps),
             saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
-            scores=np.asarray(record["image_scores"]),
+            scores=scores,
             metrics=record,
         )
+
+    def _planes(self, maps: np.ndarray, labels: bool = False) -> np.ndarray:
+        """Model-size maps of the measured images on the stack's canvas, zero elsewhere."""
+        back = self.stack.from_model(maps, self.index, labels=labels)
+        if len(self.index) == len(self.stack):
+            return back
+        out = np.zeros((len(self.stack), *back.shape[1:]), back.dtype)
+        out[self.index] = back
+        return out
 
 
 def change(before: float, after: float, numbers: bool = True) -> str:

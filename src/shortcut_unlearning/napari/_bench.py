@@ -45,7 +45,7 @@ def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=Non
         launched = time.perf_counter()
         _process_until(lambda: widget.worker is None, 1800)
         finished = time.perf_counter()
-        _process_until(lambda: not widget.displaying, 600)
+        _process_until(lambda: not widget.busy, 600)
         shown = time.perf_counter()
         phases += [
             ("launch", run, start, launched),
@@ -116,3 +116,50 @@ def overlay_update(images: int = 8, size: int = 1024, edits: int = 20, viewer=No
         "edits": edits,
         "stack": [images, size, size],
     }
+
+
+DOCK_SCRIPT = """
+import json, sys, time
+start = time.perf_counter()
+import napari
+from qtpy.QtWidgets import QApplication
+viewer = napari.Viewer()
+for _ in range(20):
+    QApplication.processEvents()
+menu = viewer.window.plugins_menu
+action = next(a for a in menu.actions() if a.text().startswith("Shortcut Unlearning"))
+clicked = time.perf_counter()
+action.trigger()
+widget = viewer.window.dock_widgets["Shortcut Unlearning (Shortcut Unlearning)"]
+torch_then = "torch" in sys.modules  # the dock is built; PyTorch must not be loading yet
+QApplication.processEvents()
+shown = time.perf_counter()
+while not widget._ready and time.perf_counter() - shown < 600:
+    QApplication.processEvents()
+    time.sleep(0.01)
+ready = time.perf_counter()
+print("DOCK " + json.dumps({
+    "napari_start_s": clicked - start,
+    "menu_to_dock_ms": (shown - clicked) * 1000,
+    "torch_imported_when_shown": torch_then,
+    "dock_to_model_loaded_s": ready - shown,
+}))
+viewer.close()
+"""
+
+
+def dock_open() -> dict:
+    """In a fresh process, as a user starts it: napari first, then the widget from the Plugins
+    menu. How long until the dock is on screen, and until PyTorch and the model are loaded in
+    the background."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", DOCK_SCRIPT], capture_output=True, text=True, timeout=900
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("DOCK ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"the dock measurement failed: {done.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])

@@ -80,15 +80,15 @@ def scripted(
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
     widget.steps.setValue(steps)
     widget.run.click()
-    process_until(lambda: widget.worker is None and not widget.displaying, timeout_s)
+    process_until(lambda: not widget.busy, timeout_s)
     if widget.bench.shown is None:
         raise RuntimeError("the demo's unlearning run did not finish")
     viewer.layers["forget set"].visible = False
     viewer.dims.set_point(0, 0)
     process_until(lambda: False, 0.3)
     viewer.screenshot(str(shots["result"]), canvas_only=False)
-    exported = widget.export_run(out / "exports") if export else None
-    text = widget.result.text()
+    exported = widget.results.export_run(out / "exports") if export else None
+    text = widget.results.result.text()
     viewer.close()
     return {"screenshots": shots, "export": exported, "result": text}
 

@@ -56,12 +56,19 @@ def get_reader(path):
     return read_dataset
 
 
-def read_dataset(path, working_size: int | str | None = "env", lazy: bool | str | None = "env"):
+def read_dataset(
+    path,
+    working_size: int | str | None = "env",
+    lazy: bool | str | None = "env",
+    labels=None,
+):
     """The folder's images, coarse and reference masks at the working resolution (the
-    environment's choice unless given: see the module)."""
+    environment's choice unless given: see the module). `labels`: the labels CSVs to use
+    (default: the folder's own *.csv)."""
     path = Path(path[0] if isinstance(path, list) else path)
     longest = working_size_from_env() if working_size == "env" else working_size
-    opened = open_working(path, longest, lazy=lazy_from_env() if lazy == "env" else lazy)
+    lazy = lazy_from_env() if lazy == "env" else lazy
+    opened = open_working(path, longest, labels=labels, lazy=lazy)
     return layers(opened.images, opened.coarse, opened.fine, opened.metadata(), path.name)
 
 

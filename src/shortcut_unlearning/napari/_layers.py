@@ -27,6 +27,12 @@ def forget_colormap():
     return Colormap([[0, 0, 0, 0], [1, 0.83, 0, 1]], name="forget set", interpolation="zero")
 
 
+def band_colormap():
+    from napari.utils.colormaps import Colormap
+
+    return Colormap([[0, 0, 0, 0], [0, 0.9, 1, 0.45]], name="band", interpolation="zero")
+
+
 def saliency_colormap():
     """inferno, transparent where attribution is weak: the image stays readable under it."""
     from matplotlib import colormaps
@@ -37,21 +43,9 @@ def saliency_colormap():
     return Colormap(colours, name="saliency")
 
 
-def legend_html() -> str:
-    """The dock's legend, in the layers' colours."""
-
-    def swatch(colour: str, text: str) -> str:
-        return f"<span style='color:{colour}'>&#9632;</span>&nbsp;{text}"
-
-    return (
-        f"{swatch(BENIGN, 'benign lesion')} &nbsp; {swatch(MALIGNANT, 'malignant lesion')}"
-        f"<br>{swatch(FORGET, 'forget set: erased from a coarse mask')}"
-        "<br>Outlines: the model's predicted lesion. Heat: saliency of the malignant score "
-        "(colour bars show its scale). Left: before, right: after unlearning."
-    )
-
-
 SALIENCY_LAYER, PREDICTION_LAYER, AFTER_IMAGES = "saliency", "predicted lesion", "images (after)"
+SUGGESTED_BAND = "band to refine"
+BAND = "#00e5ff"  # cyan: the band of the image suggested next
 
 
 def after_offset(width: int) -> int:

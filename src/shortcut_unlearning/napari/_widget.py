@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import napari
 import numpy as np
@@ -27,71 +26,23 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
-    QHeaderView,
-    QLabel,
     QLineEdit,
     QProgressBar,
-    QPushButton,
     QScrollArea,
-    QSizePolicy,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from ..masks import MaskError
 from ..progress import Cancel
-from ..settings import DEFAULTS, autosave_folder, exports_folder, load_settings, save_settings
-from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench, change
+from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
+from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench
 from . import _layers
 from ._edits import edited_planes
-
-FORGET_AS_S = "the forget set"
-# Plain words on the controls; the technical term and a line of explanation in the tooltip.
-METHODS = {
-    "neggrad-seg": (
-        "Erase and relearn",
-        "NegGrad-Seg: learn the corrected masks while pushing the forget set away from its "
-        "coarse label. Not certified; keeps the model working.",
-    ),
-    "finetune": (
-        "Relearn only",
-        "Fine-tune on the corrected masks only, with no push on the forget set.",
-    ),
-    "gradient-clipping": (
-        "Certified, gradient clip",
-        "Koloskova et al.'s gradient clipping: noisy, clipped steps give an (epsilon, delta) "
-        "certificate, then noise-free relearning.",
-    ),
-    "model-clipping": (
-        "Certified, model clip",
-        "Koloskova et al.'s model clipping: the weights are clipped and noised until the "
-        "(epsilon, delta) certificate holds, then noise-free relearning.",
-    ),
-}
-SCOPES = {
-    "decoder": "Decoder (default)",
-    "head": "Last layer only",
-    "all": "Whole network",
-}
-TIPS = {
-    "artefacts": "S in S_global: the pixels that hold artefacts. Paint them on a Labels layer "
-    "and pick it here, or use the forget set (what the coarse masks wrongly call lesion).",
-    "scope": "Scope: which parameters unlearning may change; the rest stays frozen. The "
-    "certificate covers the scope only.",
-    "epsilon": "epsilon: the privacy budget of the certificate. Smaller is a stronger "
-    "guarantee and more noise.",
-    "delta": "delta: the probability the guarantee may fail. 1e-5 is usual.",
-    "steps": "Optimiser steps (for the certified methods: the noise-free relearning steps "
-    "after the noisy phase, whose length the certificate fixes).",
-    "forget": "Forget set: the pixels the coarse masks call lesion and your refinement erased. "
-    "Unlearning removes what the model learned from them.",
-    "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
-    "Separate: each on its own scale (where does each model look?).",
-}
+from ._qt import button, duration, row, section, text
+from ._results import ResultsView
+from ._texts import FORGET_AS_S, METHODS, SCOPES, TIPS
 
 
 class ShortcutUnlearningWidget(QWidget):
@@ -101,6 +52,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.bench = Workbench(parameters=load_settings())
         self.refined_layer = self.forget_layer = self.coarse_layer = None
         self._touched: set[int] = set()  # images edited since Refine: undo may change them
+        self._suggestion = None  # the ranking of unrefined images, made when first asked for
         self._pending: set[int] | None = set()  # images to check at the next sync
         self.worker = self.cancel = None
         self._ready = False  # PyTorch and the model are loaded
@@ -110,8 +62,10 @@ class ShortcutUnlearningWidget(QWidget):
         self._refresh_choices()
         self.viewer.layers.events.inserted.connect(self._refresh_choices)
         self.viewer.layers.events.removed.connect(self._refresh_choices)
-        self.viewer.dims.events.current_step.connect(self._show_current_image)
-        self._warm_up()
+        # PyTorch loads once the dock is on screen: importing it competes with drawing the dock.
+        self._start_loading = QTimer(self, singleShot=True, interval=300)
+        self._start_loading.timeout.connect(self._warm_up)
+        self._start_loading.start()
 
     # -- layout ------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -120,31 +74,47 @@ class ShortcutUnlearningWidget(QWidget):
         self.artefacts = QComboBox(toolTip=TIPS["artefacts"])
         self.model_path = QLineEdit(str(self.bench.model_path))
         self.model_path.setToolTip("The model to unlearn from: a .safetensors checkpoint")
-        browse = _button("…", self._choose_model, "Choose a checkpoint")
+        browse = button("…", self._choose_model, "Choose a checkpoint")
         browse.setMaximumWidth(32)
-        data = _section(
+        self.open_folder = button(
+            "Open a dataset folder…",
+            self.open_dataset,
+            "An ISIC 2018 or project folder, with the labels CSVs you choose (for example one "
+            "fold of Bissoto's trap sets); File > Open uses the folder's own CSVs",
+        )
+        data = section(
             "Data",
             [
+                ("", self.open_folder),
                 ("Images", self.image),
                 ("Coarse masks", self.coarse),
                 ("Artefacts (S)", self.artefacts),
-                ("Model", _row(self.model_path, browse)),
+                ("Model", row(self.model_path, browse)),
             ],
         )
-        self.refine = _button(
+        self.refine = button(
             "Refine masks",
             self.start_refinement,
             "Copy the coarse masks into a 'refined' layer and pick the eraser: erase what the "
             "coarse masks wrongly call lesion",
         )
-        self.stats = _text("Press Refine masks, then erase with the mouse.", TIPS["forget"])
-        self.clip = _button(
+        self.stats = text("Press Refine masks, then erase with the mouse.", TIPS["forget"])
+        self.clip = button(
             "Remove pixels painted outside the coarse masks",
             self.clip_added,
             "A refinement may only erase; painting outside the coarse mask is not unlearning",
         )
         self.clip.setVisible(False)
-        refine = _section("Refine", [self.refine, self.stats, self.clip])
+        self.suggest = button(
+            "Go to the image to refine next",
+            self.suggest_next,
+            "Ranks the unrefined images by how much of the model's malignant evidence lies in "
+            "their coarse mask's band (no label you have not given is used), and shows the best",
+        )
+        self.suggestion = text("")
+        refine = section(
+            "Refine", [self.refine, self.stats, self.clip, self.suggest, self.suggestion]
+        )
 
         self.method = QComboBox()
         self.scope = QComboBox(toolTip=TIPS["scope"])
@@ -157,8 +127,8 @@ class ShortcutUnlearningWidget(QWidget):
         self.device = QComboBox()
         self.device.addItems(["auto", "cuda", "mps", "cpu"])
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1)
-        self.preview = _text("Loading PyTorch and the model…")
-        defaults = _button("Restore defaults", self.restore_defaults)
+        self.preview = text("Loading PyTorch and the model…")
+        defaults = button("Restore defaults", self.restore_defaults)
         self.form = QFormLayout()
         for label, widget in (
             ("Method", self.method),
@@ -170,55 +140,28 @@ class ShortcutUnlearningWidget(QWidget):
             ("Seed", self.seed),
         ):
             self.form.addRow(label, widget)
-        self.run = _button("Unlearn", self.start_unlearning, "Run in the background")
-        self.stop = _button("Cancel", self.cancel_run, "Stop before the next step")
+        self.run = button("Unlearn", self.start_unlearning, "Run in the background")
+        self.stop = button("Cancel", self.cancel_run, "Stop before the next step")
         self.stop.setEnabled(False)
         self.progress = QProgressBar(textVisible=False, maximumHeight=10)
-        self.progress_text = _text("")
+        self.progress_text = text("")
         self._curve_canvas = None  # the live curve, made on the first run (matplotlib)
         self.curve_box = QVBoxLayout()
         settings = QGroupBox("Unlearning")
         column = QVBoxLayout(settings)
         column.addLayout(self.form)
-        for part in (self.preview, defaults, _row(self.run, self.stop), self.progress):
+        for part in (self.preview, defaults, row(self.run, self.stop), self.progress):
             column.addWidget(part)
         column.addWidget(self.progress_text)
         column.addLayout(self.curve_box)
 
-        self.current = _text(self.bench.status())
-        self.current.setStyleSheet("font-weight: bold")
-        self.result = _text("")
-        self.scale = QComboBox(toolTip=TIPS["scale"])
-        self.scale.addItems(["shared", "separate"])
-        self.scale.currentTextChanged.connect(self._apply_scale)
-        self.scores = QTableWidget(0, 4)
-        self.scores.setHorizontalHeaderLabels(["image", "label", "before", "after"])
-        header = self.scores.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.scores.verticalHeader().setVisible(False)
-        self.scores.setMaximumHeight(160)
-        self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
-        self.scores.cellClicked.connect(lambda row, _: self.viewer.dims.set_point(0, row))
-        self.legend = _text(_layers.legend_html())
-        self.accept = _button("Accept", self.accept_model, "Make the unlearned model current")
-        self.revert = _button("Revert", self.revert_model, "Go back to the model before the run")
-        self.export = _button("Export…", self.export_run, "Save this run into a folder you pick")
-        self.results = results = _section(
-            "Results",
-            [
-                self.current,
-                self.result,
-                _row(QLabel("Saliency scale"), self.scale),
-                self.scores,
-                self.legend,
-                _row(self.accept, self.revert, self.export),
-            ],
+        self.results = ResultsView(
+            self.viewer, self.bench, self.image.currentText, lambda: self.refined_layer
         )
 
         content = QWidget()
         column = QVBoxLayout(content)
-        for part in (data, refine, settings, results):
+        for part in (data, refine, settings, self.results):
             column.addWidget(part)
         column.addStretch()
         self.scroll = scroll = QScrollArea(widgetResizable=True)
@@ -231,7 +174,6 @@ class ShortcutUnlearningWidget(QWidget):
         self._run_controls += (self.device, self.seed, defaults, self.run)
         for control in self._run_controls:
             control.setEnabled(False)
-        self._show_results(None)
         self.model_path.editingFinished.connect(self._model_changed)
         for combo in (self.method, self.scope, self.device):
             combo.currentIndexChanged.connect(self._parameters_changed)
@@ -273,7 +215,7 @@ class ShortcutUnlearningWidget(QWidget):
         for control in self._run_controls:
             control.setEnabled(True)
         self._set_parameters(self.bench.parameters)
-        self.current.setText(self.bench.status())
+        self.results.current.setText(self.bench.status())
         if problem:
             self.preview.setText(f"Could not load the model: {problem}")
 
@@ -348,6 +290,26 @@ class ShortcutUnlearningWidget(QWidget):
             preview = str(error)
         self.preview.setText(f"Device in use: {device}\n{preview}")
         save_settings(self.bench.parameters)
+
+    def open_dataset(self) -> None:
+        """Open a folder with labels CSVs the user picks (none picked: the folder's own)."""
+        folder = QFileDialog.getExistingDirectory(self, "Open a dataset folder")
+        if not folder:
+            return
+        csvs, _ = QFileDialog.getOpenFileNames(
+            self, "Labels CSVs (cancel: the folder's own)", folder, "CSV (*.csv)"
+        )
+        from ._io import read_dataset
+
+        try:
+            opened = read_dataset(folder, labels=csvs or None)
+        except (ValueError, OSError) as error:
+            show_error(str(error))
+            return
+        for data, kwargs, kind in opened:
+            {"image": self.viewer.add_image, "labels": self.viewer.add_labels}[kind](data, **kwargs)
+        self.image.setCurrentText(opened[0][1]["name"])
+        self.coarse.setCurrentText(opened[1][1]["name"])
 
     def _choose_model(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -487,6 +449,56 @@ class ShortcutUnlearningWidget(QWidget):
         self.stats.setText(text)
         self.clip.setVisible(bool(s["added_pixels"]))
 
+    # -- which image next ----------------------------------------------------------------------
+    def suggest_next(self) -> None:
+        """Move to the best-ranked unrefined image and show its band; the ranking is made in a
+        worker the first time and again after each run."""
+        if self.bench.refinement is None:
+            show_warning("Press Refine masks first.")
+            return
+        if self._suggestion is None:
+            self._rank(then_show=True)
+            return
+        i = self._suggestion.next(self.bench.refinement.edited())
+        if i is None:
+            self.suggestion.setText("Every ranked image is refined; run Unlearn to rank again.")
+            return
+        self.viewer.dims.set_point(0, i)
+        band = np.zeros_like(self._suggestion.bands)
+        band[i] = self._suggestion.bands[i]
+        _layers.set_result_layer(
+            self.viewer,
+            _layers.SUGGESTED_BAND,
+            band.view(np.uint8),
+            "image",
+            colormap=_layers.band_colormap(),
+            blending="translucent",
+            contrast_limits=(0, 1),
+        )
+        ids = self.bench.meta.get("ids")
+        name = ids[i] if ids else f"image {i}"
+        self.suggestion.setText(f"{name}, {self._suggestion.why[i]}. Its band is shaded cyan.")
+        self._pick_eraser()
+
+    def _rank(self, then_show: bool = False) -> None:
+        if not self._ready:
+            self.suggestion.setText("Ranking once PyTorch and the model are loaded…")
+            return
+        self.suggestion.setText("Ranking the unrefined images…")
+        self.suggest.setEnabled(False)
+        worker = create_worker(self.bench.suggest)
+        worker.returned.connect(lambda ranked: self._ranked(ranked, then_show))
+        worker.errored.connect(lambda error: show_error(f"Ranking failed: {error}"))
+        worker.finished.connect(lambda: self.suggest.setEnabled(True))
+        worker.start()
+        self._rank_worker = worker
+
+    def _ranked(self, suggestion, then_show: bool) -> None:
+        self._suggestion = suggestion
+        self.suggestion.setText("Ranking ready: press the button to go to the next image.")
+        if then_show:
+            self.suggest_next()
+
     def clip_added(self) -> None:
         count = self.bench.refinement.clip_added()
         self.bench.refinement.sync(None, autosave_folder())
@@ -506,7 +518,7 @@ class ShortcutUnlearningWidget(QWidget):
         except (ValueError, FileNotFoundError, KeyError) as error:
             show_error(str(error))
             return
-        self._clear_results(remove=False)
+        self.results.clear(remove=False)
         self.bench.show(None)  # a new run replaces the one on display
         self.cancel = Cancel()
         self._curve = {"step": [], "loss": [], "probe_step": [], "s_global": []}
@@ -530,8 +542,7 @@ class ShortcutUnlearningWidget(QWidget):
     def _set_running(self, running: bool) -> None:
         self.run.setEnabled(not running)
         self.stop.setEnabled(running)
-        for button in (self.accept, self.revert, self.export):
-            button.setEnabled(False)
+        self.results.enable_actions(running)
 
     def cancel_run(self) -> None:
         if self.cancel is not None:
@@ -549,10 +560,10 @@ class ShortcutUnlearningWidget(QWidget):
         t0, s0 = self._first_step
         done = event.step - s0
         left = (now - t0) / done * (event.total - event.step) if done else float("nan")
-        eta = f", about {_duration(left)} left" if np.isfinite(left) else ""
+        eta = f", about {duration(left)} left" if np.isfinite(left) else ""
         self.progress_text.setText(
             f"Step {event.step} of {event.total} ({event.phase}){eta}; "
-            f"{_duration(now - self._started)} so far"
+            f"{duration(now - self._started)} so far"
         )
         self._curve["step"].append(event.step)
         self._curve["loss"].append(event.losses.get("total", np.nan))
@@ -605,162 +616,23 @@ class ShortcutUnlearningWidget(QWidget):
         self.worker = None
         self._set_running(False)
         record = self.bench.shown
-        self.accept.setEnabled(bool(record and record.usable and not record.accepted))
-        self.revert.setEnabled(record is not None)
-        self.export.setEnabled(record is not None)
+        self.results.enable_actions()
+        if self._suggestion is not None:  # the model changed: rank again in the background
+            self._suggestion = None
+            self._rank()
         self.progress_text.setText(
-            ""
-            if record is None
-            else f"Finished run {record.number} in {_duration(record.seconds)}."
+            "" if record is None else f"Finished run {record.number} in {duration(record.seconds)}."
         )
-
-    # -- results ---------------------------------------------------------------------------------
-    def _clear_results(self, remove: bool = True) -> None:
-        """Take the shown run off the screen: its layers go (or hide, when a new run will
-        reuse them), with the canvas text and the dock's numbers."""
-        if remove:
-            _layers.remove_result_layers(self.viewer, keep=("forget set",))
-        for layer in self.viewer.layers:
-            if layer.metadata.get(_layers.RESULT) and layer.name != "forget set":
-                layer.visible = False
-        _layers.text_overlay(self.viewer).visible = False
-        self.result.setText("")
-        self.scores.setRowCount(0)
-
-    def _show_results(self, record) -> None:
-        """The run on display, or nothing; the current model is named in both cases."""
-        self.current.setText(self.bench.status())
-        if record is None:
-            self._clear_results()
-            self.result.setText("No run on display.")
-            for widget in (self.scale, self.scores, self.accept, self.revert, self.export):
-                widget.setEnabled(False)
-            return
-        self._show_layers(record)
-        self.result.setText(record.summary(METHODS.get(record.method, (record.method,))[0]))
-        self._fill_scores(record)
-        self.scale.setEnabled(True)
-        self.scores.setEnabled(True)
-        self._show_current_image()
-        self.scroll.ensureWidgetVisible(self.results)
-
-    def _show_layers(self, record) -> None:
-        """Before over the images, after over a copy to their right. Layers already on the
-        canvas are updated in place; new ones are added one per turn of the event loop, since
-        each costs napari a few hundred milliseconds."""
-        images = self.viewer.layers[self.image.currentText()]
-        offset = _layers.after_offset(images.data.shape[2])
-        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
-        predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
-        heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
-        steps = [
-            (
-                _layers.AFTER_IMAGES,
-                images.data,
-                "image",
-                {"rgb": images.rgb, "translate": (0, 0, offset)},
-            ),
-            (
-                _layers.SALIENCY_LAYER,
-                panels,
-                "image",
-                {"contrast_limits": limits, "colorbar": "bottom_right", **heat},
-            ),
-            (_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
-        ]
-        self._display_steps = [
-            (lambda step=step: _layers.set_result_layer(self.viewer, *step[:3], **step[3]))
-            for step in steps
-        ]
-        self._display_steps.append(self._displayed)
-        self._display_next()
 
     @property
-    def displaying(self) -> bool:
-        """Results are still being put on the canvas."""
-        return bool(getattr(self, "_display_steps", None))
+    def busy(self) -> bool:
+        """A run is going, or its results are still being drawn."""
+        return self.worker is not None or self.results.displaying
 
-    def _display_next(self) -> None:
-        if self._display_steps:
-            self._display_steps.pop(0)()
-            QTimer.singleShot(0, self._display_next)
-
-    def _displayed(self) -> None:
-        self.viewer.reset_view()
-        if self.refined_layer in self.viewer.layers:  # the eraser stays at hand
-            self.viewer.layers.selection.active = self.refined_layer
-
-    def _apply_scale(self, *_) -> None:
-        record = self.bench.shown
-        if record is None or _layers.SALIENCY_LAYER not in self.viewer.layers:
-            return
-        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
-        layer = self.viewer.layers[_layers.SALIENCY_LAYER]
-        layer.data, layer.contrast_limits = panels, limits
-
-    def _fill_scores(self, record) -> None:
-        ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(record.before.scores))]
-        labels = self.bench.labels
-        self.scores.setRowCount(len(ids))
-        for row, name in enumerate(ids):
-            label = "" if labels is None else ("malignant" if labels[row] else "benign")
-            cells = (
-                str(name),
-                label,
-                f"{record.before.scores[row]:.3f}",
-                f"{record.after.scores[row]:.3f}",
-            )
-            for column, text in enumerate(cells):
-                self.scores.setItem(row, column, QTableWidgetItem(text))
-
-    def _show_current_image(self, *_) -> None:
-        record = self.bench.shown
-        overlay = _layers.text_overlay(self.viewer)
-        if record is None:
-            overlay.visible = False
-            return
-        i = int(self.viewer.dims.current_step[0]) if self.viewer.dims.ndim > 2 else 0
-        if not 0 <= i < len(record.before.scores):
-            return
-        label = self.bench.labels
-        truth = "" if label is None else f" ({'malignant' if label[i] else 'benign'})"
-        sb, sa = (
-            record.before.metrics["s_global"]["value"],
-            record.after.metrics["s_global"]["value"],
-        )
-        overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
-        overlay.text = (
-            f"Left: before, right: after run {record.number}; S_global {change(sb, sa, False)}\n"
-            f"This image{truth}: malignancy {record.before.scores[i]:.2f} -> "
-            f"{record.after.scores[i]:.2f}"
-        )
-
-    def accept_model(self) -> None:
-        self.bench.accept()
-        self.accept.setEnabled(False)
-        self.current.setText(self.bench.status())
-        show_info("The unlearned model is now the current model.")
-
-    def revert_model(self) -> None:
-        self.bench.revert()
-        self._show_results(None)
-        show_info("Reverted: the model from before the run is current.")
-
-    def export_run(self, folder: str | Path | None = None) -> Path | None:
-        """Export the run on display into a new folder inside `folder` (asked for if None)."""
-        if folder is None:
-            default = exports_folder()
-            default.mkdir(parents=True, exist_ok=True)
-            folder = QFileDialog.getExistingDirectory(self, "Export the run into", str(default))
-            if not folder:
-                return None
-        try:
-            out = self.bench.export(folder)
-        except (ValueError, OSError) as error:
-            show_error(str(error))
-            return None
-        show_info(f"Exported run {self.bench.shown.number} to {out}")
-        return out
+    def _show_results(self, record) -> None:
+        self.results.display(record)
+        if record is not None:
+            self.scroll.ensureWidgetVisible(self.results)
 
 
 # -- helpers (no state) ------------------------------------------------------------------------
@@ -780,51 +652,11 @@ def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, bool], str | None
     return operators, None
 
 
-def _section(title: str, rows) -> QGroupBox:
-    box = QGroupBox(title)
-    layout = QFormLayout(box) if rows and isinstance(rows[0], tuple) else QVBoxLayout(box)
-    for row in rows:
-        if isinstance(row, tuple):
-            layout.addRow(*row)
-        else:
-            layout.addWidget(row)
-    return box
-
-
-def _row(*widgets) -> QWidget:
-    holder = QWidget()
-    layout = QHBoxLayout(holder)
-    layout.setContentsMargins(0, 0, 0, 0)
-    for widget in widgets:
-        layout.addWidget(widget)
-    return holder
-
-
-def _button(text: str, slot, tip: str = "") -> QPushButton:
-    button = QPushButton(text, toolTip=tip)
-    button.clicked.connect(lambda *_: slot())
-    return button
-
-
-def _text(text: str, tip: str = "") -> QLabel:
-    label = QLabel(text, toolTip=tip, wordWrap=True)
-    label.setTextFormat(Qt.TextFormat.AutoText)
-    # Wrapped text takes the dock's width and the height it needs, never a wider dock.
-    label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
-    label.setMinimumWidth(40)
-    return label
-
-
 def _float(text: str) -> float | None:
     try:
         return float(text)
     except (TypeError, ValueError):
         return None
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _device_in_use(name: str) -> str:

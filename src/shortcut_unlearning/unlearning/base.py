@@ -17,10 +17,12 @@ import torch.nn.functional as F
 
 from .. import evaluation
 from ..masks import PixelSplit
-from ..model import FrozenInputs, Model
-from ..progress import Cancel, Progress
+from ..model import FrozenInputs, Model, to_device
+from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
-from ..training import check_finite
+from ..training import Divergence
+
+_TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
 @dataclass
@@ -175,6 +177,8 @@ class Operator:
         other_rows = self.hold_out(inputs, targets, other_rows)
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
         forget = torch.as_tensor(split.forget[used], device=device)
+        forget_pixels = split.forget[used].sum(axis=(1, 2))  # on the host: no device count
+        divergence = Divergence(device, f"{self.name} loss")
         rng = np.random.default_rng(self.seed)
         noise_rng = self.noise_generator(device)
         start_metrics = data.probe(start) if data.probe else None
@@ -189,17 +193,21 @@ class Operator:
             work.train_mode(self.batch_statistics_in(phase))
             rows = rng.choice(forget_rows, self.batch_size)
             logits = self._logits(work, inputs, rows)
-            at = torch.as_tensor(rows, device=device)
-            forget_ce = F.cross_entropy(logits, coarse[at], reduction="none")[forget[at]]
+            at = to_device(rows, device)
+            forget_ce = _masked(
+                F.cross_entropy(logits, coarse[at], reduction="none"),
+                forget[at],
+                int(forget_pixels[rows].sum()),
+            )
             retain_targets = targets[at]
             if len(other_rows):  # the refined images' batch, and one of the others
                 rows = rng.choice(other_rows, self.batch_size)
-                at = torch.as_tensor(rows, device=device)
+                at = to_device(rows, device)
                 logits = torch.cat([logits, self._logits(work, inputs, rows)])
                 retain_targets = torch.cat([retain_targets, targets[at]])
             retain_ce = F.cross_entropy(logits, retain_targets, ignore_index=IGNORE)
             terms = self.loss(retain_ce, forget_ce)
-            check_finite(terms["total"], step, f"{self.name} loss")
+            divergence.watch(terms["total"], step)
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
             self.on_gradients(work, step)
@@ -209,10 +217,11 @@ class Operator:
                 self.phase_end(work, phase, inputs, retain_rows)
             stopping = self.should_stop(work, step)
             metrics = None
-            if data.probe and (step % self.probe_every == 0 or step == self.steps or stopping):
-                metrics = data.probe(work)
-            losses = {k: v.item() for k, v in terms.items()}
-            history.append(Progress(step, self.steps, phase, losses, metrics))
+            # the host reads the device; the run's last step is probed, also an early stop
+            if step % self.probe_every == 0 or step == self.steps or stopping:
+                divergence.check()
+                metrics = data.probe(work) if data.probe else None
+            history.append(Progress(step, self.steps, phase, Losses(terms), metrics))
             yield history[-1]
             if stopping:
                 break
@@ -239,3 +248,12 @@ class Operator:
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:
         with model.autocast():
             return model.scoped_forward(inputs[rows]).float()
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """values[mask], in the same order, when the host already knows the mask's `count`: the
+    device is not asked for it, so the step does not wait."""
+    if mask.device.type == "cuda" and _TORCH < (2, 6):  # no nonzero_static on CUDA before 2.6
+        return values[mask]
+    index = torch.nonzero_static(mask.flatten(), size=count).squeeze(1)
+    return values.flatten()[index]

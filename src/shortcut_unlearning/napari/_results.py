@@ -1,0 +1,229 @@
+"""The dock's Results box and the result layers on the canvas.
+
+Before over the images, after over a copy to their right: saliency and the predicted lesion in
+one layer each (both halves side by side), numbers in the dock (the workbench's summary, a
+table of per-image malignancy scores) and on the canvas (the current image's score). Accept,
+Revert and Export act on the workbench; the box only shows what it holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QGroupBox,
+    QHeaderView,
+    QLabel,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+)
+
+from ..settings import exports_folder
+from ..workbench import MEASURED, Workbench, change
+from . import _layers
+from ._qt import button, row, text
+from ._texts import TIPS, legend_html, method_label
+
+
+class ResultsView(QGroupBox):
+    """Results of the run on display. `images()` names the image layer; `refined()` is the
+    layer the eraser works on (selected again once results are drawn)."""
+
+    def __init__(self, viewer, bench: Workbench, images, refined):
+        super().__init__("Results")
+        self.viewer, self.bench, self._images, self._refined = viewer, bench, images, refined
+        self._steps: list = []  # what is left to draw, one step per turn of the event loop
+        self.current = text(bench.status())
+        self.current.setStyleSheet("font-weight: bold")
+        self.result = text("")
+        self.scale = QComboBox(toolTip=TIPS["scale"])
+        self.scale.addItems(["shared", "separate"])
+        self.scale.currentTextChanged.connect(self.apply_scale)
+        self.scores = QTableWidget(0, 4)
+        self.scores.setHorizontalHeaderLabels(["image", "label", "before", "after"])
+        header = self.scores.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.scores.verticalHeader().setVisible(False)
+        self.scores.setMaximumHeight(160)
+        self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
+        self._rows = np.zeros(0, int)  # the image of each table row
+        self.scores.cellClicked.connect(lambda r, _: self.viewer.dims.set_point(0, self._rows[r]))
+        self.accept = button("Accept", self.accept_model, "Make the unlearned model current")
+        self.revert = button("Revert", self.revert_model, "Go back to the model before the run")
+        self.export = button("Export…", self.export_run, "Save this run into a folder you pick")
+        column = QVBoxLayout(self)
+        for part in (
+            self.current,
+            self.result,
+            row(QLabel("Saliency scale"), self.scale),
+            self.scores,
+            text(legend_html()),
+            row(self.accept, self.revert, self.export),
+        ):
+            column.addWidget(part)
+        self.viewer.dims.events.current_step.connect(self.show_current_image)
+        self.display(None)
+
+    # -- what is on display ------------------------------------------------------------------
+    def display(self, record) -> None:
+        """The run on display, or nothing; the current model is named in both cases."""
+        self.current.setText(self.bench.status())
+        if record is None:
+            self.clear()
+            self.result.setText("No run on display.")
+            for widget in (self.scale, self.scores):
+                widget.setEnabled(False)
+            self.enable_actions()
+            return
+        self._draw_layers(record)
+        self.result.setText(record.summary(method_label(record.method)))
+        self._fill_scores(record)
+        self.scale.setEnabled(True)
+        self.scores.setEnabled(True)
+        self.show_current_image()
+        self.enable_actions()
+
+    def enable_actions(self, running: bool = False) -> None:
+        record = None if running else self.bench.shown
+        self.accept.setEnabled(bool(record and record.usable and not record.accepted))
+        self.revert.setEnabled(record is not None)
+        self.export.setEnabled(record is not None)
+
+    def clear(self, remove: bool = True) -> None:
+        """Take the shown run off the screen: its layers go (or hide, when a new run will
+        reuse them), with the canvas text and the dock's numbers."""
+        if remove:
+            _layers.remove_result_layers(self.viewer, keep=("forget set",))
+        for layer in self.viewer.layers:
+            if layer.metadata.get(_layers.RESULT) and layer.name != "forget set":
+                layer.visible = False
+        _layers.text_overlay(self.viewer).visible = False
+        self.result.setText("")
+        self.scores.setRowCount(0)
+
+    @property
+    def displaying(self) -> bool:
+        """Results are still being put on the canvas."""
+        return bool(self._steps)
+
+    def _draw_layers(self, record) -> None:
+        """Layers already on the canvas are updated in place; new ones are added one per turn
+        of the event loop, since each costs napari a few hundred milliseconds."""
+        images = self.viewer.layers[self._images()]
+        offset = _layers.after_offset(images.data.shape[2])
+        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
+        predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
+        heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
+        layers = [
+            (
+                _layers.AFTER_IMAGES,
+                images.data,
+                "image",
+                {"rgb": images.rgb, "translate": (0, 0, offset)},
+            ),
+            (
+                _layers.SALIENCY_LAYER,
+                panels,
+                "image",
+                {"contrast_limits": limits, "colorbar": "bottom_right", **heat},
+            ),
+            (_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
+        ]
+        self._steps = [
+            (lambda spec=spec: _layers.set_result_layer(self.viewer, *spec[:3], **spec[3]))
+            for spec in layers
+        ]
+        self._steps.append(self._drawn)
+        self._draw_next()
+
+    def _draw_next(self) -> None:
+        if self._steps:
+            self._steps.pop(0)()
+            QTimer.singleShot(0, self._draw_next)
+
+    def _drawn(self) -> None:
+        self.viewer.reset_view()
+        refined = self._refined()
+        if refined is not None and refined in self.viewer.layers:  # the eraser stays at hand
+            self.viewer.layers.selection.active = refined
+
+    def apply_scale(self, *_) -> None:
+        record = self.bench.shown
+        if record is None or _layers.SALIENCY_LAYER not in self.viewer.layers:
+            return
+        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
+        layer = self.viewer.layers[_layers.SALIENCY_LAYER]
+        layer.data, layer.contrast_limits = panels, limits
+
+    def _fill_scores(self, record) -> None:
+        """One row per measured image; a click on it moves the viewer there."""
+        measured = np.flatnonzero(np.isfinite(record.before.scores))
+        ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(self.bench.stack))]
+        labels = self.bench.labels
+        self.scores.setRowCount(len(measured))
+        self._rows = measured
+        for r, i in enumerate(measured):
+            label = "" if labels is None else ("malignant" if labels[i] else "benign")
+            before, after = record.before.scores[i], record.after.scores[i]
+            for column, cell in enumerate((str(ids[i]), label, f"{before:.3f}", f"{after:.3f}")):
+                self.scores.setItem(r, column, QTableWidgetItem(cell))
+
+    def show_current_image(self, *_) -> None:
+        record = self.bench.shown
+        overlay = _layers.text_overlay(self.viewer)
+        if record is None:
+            overlay.visible = False
+            return
+        i = int(self.viewer.dims.current_step[0]) if self.viewer.dims.ndim > 2 else 0
+        if not 0 <= i < len(record.before.scores):
+            return
+        labels = self.bench.labels
+        truth = "" if labels is None else f" ({'malignant' if labels[i] else 'benign'})"
+        sb = record.before.metrics["s_global"]["value"]
+        sa = record.after.metrics["s_global"]["value"]
+        before, after = record.before.scores[i], record.after.scores[i]
+        this = (
+            f"This image{truth}: malignancy {before:.2f} -> {after:.2f}"
+            if np.isfinite(before)
+            else f"This image{truth} was not measured (a run measures {MEASURED} images)"
+        )
+        overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
+        overlay.text = (
+            f"Left: before, right: after run {record.number}; S_global {change(sb, sa, False)}\n"
+            + this
+        )
+
+    # -- actions -----------------------------------------------------------------------------
+    def accept_model(self) -> None:
+        self.bench.accept()
+        self.enable_actions()
+        self.current.setText(self.bench.status())
+        show_info("The unlearned model is now the current model.")
+
+    def revert_model(self) -> None:
+        self.bench.revert()
+        self.display(None)
+        show_info("Reverted: the model from before the run is current.")
+
+    def export_run(self, folder: str | Path | None = None) -> Path | None:
+        """Export the run on display into a new folder inside `folder` (asked for if None)."""
+        if folder is None:
+            default = exports_folder()
+            default.mkdir(parents=True, exist_ok=True)
+            folder = QFileDialog.getExistingDirectory(self, "Export the run into", str(default))
+            if not folder:
+                return None
+        try:
+            out = self.bench.export(folder)
+        except (ValueError, OSError) as error:
+            show_error(str(error))
+            return None
+        show_info(f"Exported run {self.bench.shown.number} to {out}")
+        return out

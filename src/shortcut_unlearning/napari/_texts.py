@@ -1,0 +1,69 @@
+"""The words the dock shows: plain words on the controls, the technical term and a line of
+explanation in the tooltips, and the legend of the layers' colours."""
+
+from __future__ import annotations
+
+from ._layers import BAND, BENIGN, FORGET, MALIGNANT
+
+FORGET_AS_S = "the forget set"
+# Plain words on the controls; the technical term and a line of explanation in the tooltip.
+METHODS = {
+    "neggrad-seg": (
+        "Erase and relearn",
+        "NegGrad-Seg: learn the corrected masks while pushing the forget set away from its "
+        "coarse label. Not certified; keeps the model working.",
+    ),
+    "finetune": (
+        "Relearn only",
+        "Fine-tune on the corrected masks only, with no push on the forget set.",
+    ),
+    "gradient-clipping": (
+        "Certified, gradient clip",
+        "Koloskova et al.'s gradient clipping: noisy, clipped steps give an (epsilon, delta) "
+        "certificate, then noise-free relearning.",
+    ),
+    "model-clipping": (
+        "Certified, model clip",
+        "Koloskova et al.'s model clipping: the weights are clipped and noised until the "
+        "(epsilon, delta) certificate holds, then noise-free relearning.",
+    ),
+}
+SCOPES = {
+    "decoder": "Decoder (default)",
+    "head": "Last layer only",
+    "all": "Whole network",
+}
+TIPS = {
+    "artefacts": "S in S_global: the pixels that hold artefacts. Paint them on a Labels layer "
+    "and pick it here, or use the forget set (what the coarse masks wrongly call lesion).",
+    "scope": "Scope: which parameters unlearning may change; the rest stays frozen. The "
+    "certificate covers the scope only.",
+    "epsilon": "epsilon: the privacy budget of the certificate. Smaller is a stronger "
+    "guarantee and more noise.",
+    "delta": "delta: the probability the guarantee may fail. 1e-5 is usual.",
+    "steps": "Optimiser steps (for the certified methods: the noise-free relearning steps "
+    "after the noisy phase, whose length the certificate fixes).",
+    "forget": "Forget set: the pixels the coarse masks call lesion and your refinement erased. "
+    "Unlearning removes what the model learned from them.",
+    "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
+    "Separate: each on its own scale (where does each model look?).",
+}
+
+
+def legend_html() -> str:
+    """The dock's legend, in the layers' colours."""
+
+    def swatch(colour: str, text: str) -> str:
+        return f"<span style='color:{colour}'>&#9632;</span>&nbsp;{text}"
+
+    return (
+        f"{swatch(BENIGN, 'benign lesion')} &nbsp; {swatch(MALIGNANT, 'malignant lesion')}"
+        f"<br>{swatch(FORGET, 'forget set: erased from a coarse mask')}"
+        f"<br>{swatch(BAND, 'band of the image to refine next')}"
+        "<br>Outlines: the model's predicted lesion. Heat: saliency of the malignant score "
+        "(the colour bar shows its scale). Left: before, right: after unlearning."
+    )
+
+
+def method_label(name: str) -> str:
+    return METHODS.get(name, (name, ""))[0]
