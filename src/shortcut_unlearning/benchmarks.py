@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import experiment, figures
+from . import distributed, experiment, figures
 from . import masks as masklib
 from .data.synthetic import generate
 from .experiment import RunConfig
@@ -164,8 +164,11 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
     with the baselines' records, the unlearned model, saliency.png), summary.json, summary.md
     and trajectory.png. A method may name its unlearning scope after a slash: "model-clipping/head",
     and a certified one its epsilon after an at sign: "gradient-clipping@3".
+
+    Under torchrun every rank trains and unlearns its part of each batch; rank 0 alone
+    evaluates, writes and returns the result, the others return {}.
     """
-    out = Path(out)
+    out, main = Path(out), distributed.is_main()
     device = resolve_device(base.device)
     operators = {}
     for method in methods:  # every setting checked before any training
@@ -179,6 +182,11 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
         start = experiment.train_or_load(config, prepared, device)
         prepared = experiment.refine_ranked(prepared, config, start.model)
         baselines = experiment.train_baselines(config, prepared, device)
+        for method in methods if not main else ():  # the other ranks: their part of unlearning
+            part = replace(operators[method], seed=seed)
+            experiment.unlearn(part, experiment.build_operator(part), start.model, prepared)
+        if not main:
+            continue
         states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
         evaluated = experiment.evaluate_states(states, prepared.evalset, seed)
         seconds = {"coarse": start.seconds, **{k: v.seconds for k, v in baselines.items()}}
@@ -205,6 +213,8 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
             rows.setdefault(method, []).append({**row, "steps": outcome.steps})
             if seed == seed_list[0]:
                 trajectories[method] = experiment.trajectory(outcome)
+    if not main:
+        return {}
     summary = {name: _mean_std(values) for name, values in rows.items()}
     figures.trajectory_plot(
         trajectories,
@@ -326,6 +336,8 @@ def privacy_utility(base: RunConfig, seed_list: list[int], epsilons, out: Path |
     recovery's steps (`steps`, in summary.json)."""
     out = Path(out)
     result = seeds(base, seed_list, curve_methods(epsilons), out)
+    if not result:  # a rank other than 0 under torchrun: rank 0 writes
+        return result
     result["epsilons"] = [float(e) for e in epsilons]
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     curve_plot(result["summary"], result["epsilons"], out / "curve.png")

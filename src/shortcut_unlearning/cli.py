@@ -196,9 +196,11 @@ def _run(args) -> None:
 
     config = _run_config(args)
     expectation = _expectation(config)
-    if expectation:
+    if expectation:  # other ranks under torchrun print nothing (_join_processes)
         print(f"expect: {expectation}")
     report = run(config)
+    if not report:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     print(table(report))
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
 
@@ -206,6 +208,7 @@ def _run(args) -> None:
 def _train(args) -> None:
     from . import masks as masklib
     from . import outputs
+    from .distributed import is_main
     from .experiment import load_data, train_model
     from .model import ModelConfig, resolve_device
 
@@ -221,6 +224,8 @@ def _train(args) -> None:
     else:
         targets, kind = train_set.masks, "fine"
     model = train_model(train_set.images, targets, config, args.device, kind)
+    if not is_main():  # under torchrun rank 0 alone writes the checkpoint
+        return
     weights = outputs.save_checkpoint(model, args.out)
     print(f"model: {weights} (trained on {len(train_set)} images, {kind} masks)")
 
@@ -256,6 +261,8 @@ def _bench(args) -> None:
         result = benchmarks.privacy_utility(
             _config(args, quiet=True), args.seeds, args.epsilons, args.out
         )
+        if not result:  # a rank other than 0 under torchrun
+            return
         print(benchmarks.markdown(result["summary"]))
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
@@ -306,6 +313,8 @@ def _bench(args) -> None:
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
         return
     result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
+    if not result:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     print(benchmarks.markdown(result["summary"]))
     print(f"written: {Path(args.out) / 'summary.md'}")
 
@@ -642,13 +651,48 @@ def _method_list(text: str) -> list[str]:
     return methods
 
 
+# What runs under torchrun with several processes (distributed.py); bench seeds composes the
+# stages of run. The other benchmarks time one process, and the rest have nothing to share.
+DISTRIBUTED = ("run", "train", "bench seeds")
+
+
+def _join_processes(args) -> bool:
+    """Under torchrun: join the process group (True when this call did); ranks other than 0
+    print nothing and keep their warnings (the same as rank 0's) to themselves."""
+    import os
+    import warnings
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    command = " ".join([args.command, *([args.what] if args.command == "bench" else [])])
+    if command not in DISTRIBUTED:
+        raise UsageError(
+            f"{command} runs in one process; under torchrun only {', '.join(DISTRIBUTED)} "
+            "do (see the README, Many GPUs)"
+        )
+    from . import distributed
+
+    joined = distributed.setup(args.device)
+    if not distributed.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+        warnings.simplefilter("ignore")
+    return joined
+
+
 def main(argv=None) -> int:
+    joined = False
     try:
         args = build_parser().parse_args(argv)
+        joined = _join_processes(args)
         args.func(args)
     except EXPECTED_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if joined:  # leave the process group this call joined
+            from . import distributed
+
+            distributed.teardown()
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluation, figures, metrics, outputs, ranking, retain, saliency
+from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
@@ -166,7 +166,10 @@ def refine_ranked(prepared: Prepared, config: RunConfig, model: Model) -> Prepar
     """For the ranked order: the refined images the starting model ranks first."""
     if prepared.split is not None:
         return prepared
-    refined = choose_refined(prepared.train, config, prepared.coarse, model)
+    # ranked on rank 0 and broadcast: a tie broken differently would split the ranks' data
+    refined = distributed.from_main(
+        lambda: choose_refined(prepared.train, config, prepared.coarse, model)
+    )
     split = refinement_split(prepared.train, prepared.coarse, refined)
     return replace(prepared, refined=refined, split=split)
 
@@ -539,6 +542,9 @@ def run(config: RunConfig) -> dict:
 
     The output is checked before any work and written through a staging folder that is moved
     to config.out only when the run completes (see outputs.staged_folder).
+
+    Under torchrun every rank trains and unlearns its part of each batch (distributed.py);
+    rank 0 alone evaluates, writes and returns the report, the others return {}.
     """
     operator = build_operator(config)
     model_config, checkpoints = ModelConfig(encoder=config.encoder), 2  # coarse and unlearned
@@ -550,20 +556,25 @@ def run(config: RunConfig) -> dict:
                 f"at {config.image_size} px; pass --image-size {model_config.image_size}"
             )
     needed = checkpoints * outputs.checkpoint_bytes(model_config)
+    if not distributed.is_main():
+        return _run(config, operator, None)
     with outputs.staged_folder(config.out, config.overwrite, needed) as out:
         return _run(config, operator, out)
 
 
-def _run(config: RunConfig, operator: Operator, out: Path) -> dict:
+def _run(config: RunConfig, operator: Operator, out: Path | None) -> dict:
     device = resolve_device(config.device)
     prepared = prepare_data(config)
     timings = {"data_s": prepared.seconds}
     start = train_or_load(config, prepared, device)
     timings["coarse_train_s"] = start.seconds
-    if not config.model:  # saved at once: a run stopped later keeps the trained model
+    if not config.model and out:  # saved at once: a run stopped later keeps the trained model
         start.model.save(out / "coarse_model")
     prepared = refine_ranked(prepared, config, start.model)
     baselines = train_baselines(config, prepared, device) if config.baselines else {}
+    if out is None:  # a rank other than 0: its part of the unlearning, nothing to report
+        unlearn(config, operator, start.model, prepared)
+        return {}
     for name, trained in baselines.items():
         timings[f"{name}_train_s"] = trained.seconds
     clock = time.perf_counter()

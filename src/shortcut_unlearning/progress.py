@@ -11,6 +11,7 @@ second, and a reader such as the napari widget pays the wait itself, off the loo
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
@@ -91,7 +92,12 @@ POSTFIX_EVERY = 0.5
 
 
 def drive(job: Generator[Progress, None, T], desc: str = "", quiet: bool = False) -> T:
-    """Run a job synchronously with a tqdm bar and return its result."""
+    """Run a job synchronously with a tqdm bar and return its result. Under torchrun only
+    rank 0 shows the bar."""
+    if not quiet and "torch.distributed" in sys.modules:  # never import torch just to ask
+        from .distributed import is_main
+
+        quiet = not is_main()
     bar, shown = None, 0.0
     try:
         while True:

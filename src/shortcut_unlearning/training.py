@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
+from . import distributed, metrics
 from .model import SCOPE_MODULES, FrozenInputs, Model, to_device
 from .progress import Cancel, Cancelled, Losses, Progress
 from .retain import IGNORE
@@ -44,16 +44,23 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
 
-def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pooled: bool = True
+) -> torch.Tensor:
     """1 - soft Dice of each lesion class the batch's labels hold, pooled over the batch and
-    averaged over those classes; pixels equal to IGNORE are left out (0 without lesions)."""
+    averaged over those classes; pixels equal to IGNORE are left out (0 without lesions).
+    pooled=False: this process's rows alone, no collective (e.g. on rank 0 alone)."""
     classes = logits.shape[1]
     valid = (targets != IGNORE).unsqueeze(1)
     probs = logits.softmax(1) * valid
     onehot = F.one_hot(targets.clamp(max=classes - 1), classes).permute(0, 3, 1, 2) * valid
     overlap = (probs * onehot).sum((0, 2, 3))[1:]
     sizes = (probs + onehot).sum((0, 2, 3))[1:]
-    present = (onehot.sum((0, 2, 3))[1:] > 0).float()
+    labelled = onehot.sum((0, 2, 3))[1:]
+    # under torchrun: the sums over the whole batch, whichever rank holds its rows
+    if pooled:
+        overlap, sizes, labelled = distributed.global_sums(overlap, sizes, labelled)
+    present = (labelled > 0).float()
     # the mean over the present classes, computed on the device without asking which they are
     return ((1 - (2 * overlap + 1) / (sizes + 1)) * present).sum() / present.sum().clamp(min=1)
 
@@ -63,9 +70,9 @@ def pixel_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy over the labelled pixels of a batch, plus dice_weight times the
     soft Dice loss of its lesion classes."""
-    with model.autocast():
+    with model.autocast(), distributed.pooled_batch_norms(model.net):
         logits = model.scoped_forward(inputs).float()
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+    loss = distributed.mean_cross_entropy(logits, targets, IGNORE)
     return loss + dice_weight * soft_dice_loss(logits, targets) if dice_weight else loss
 
 
@@ -142,6 +149,8 @@ def train(
     Yields a Progress event per step (its losses stay on the device until read) and returns
     the model. Raises Cancelled when `cancel` is set, FloatingPointError at the end of an
     epoch in which the loss stopped being finite. Targets equal to IGNORE carry no label.
+    Under torchrun each process computes its part of every batch (distributed.py): the same
+    steps as one process, up to floating point.
     """
     config = config or TrainConfig()
     if targets.shape != images.shape[:3]:
@@ -158,7 +167,9 @@ def train(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     inputs = FrozenInputs(model, images, cache=config.cache_features)
-    val_inputs = FrozenInputs(model, val[0], cache=config.cache_features) if val else None
+    # validation runs on rank 0 alone and its scores are broadcast (distributed.from_main)
+    validates = val and distributed.is_main()
+    val_inputs = FrozenInputs(model, val[0], cache=config.cache_features) if validates else None
     y = torch.as_tensor(targets, device=model.device).long()
     optimiser = torch.optim.Adam(model.scoped_parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -174,7 +185,7 @@ def train(
         for start in range(0, n, batch):
             if cancel:
                 raise Cancelled("training cancelled")
-            index = order[start : start + batch]
+            index = distributed.shard(order[start : start + batch])  # this rank's rows
             model.train_mode()
             loss = pixel_loss(
                 model, inputs[index], y[to_device(index, model.device)], config.dice_weight
@@ -183,11 +194,15 @@ def train(
             divergence.watch(loss, step)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(model.scoped_parameters())
             optimiser.step()
             scores = None
             if start + batch >= n:  # the epoch's last step: check, then validate
                 divergence.check()
-                scores = validation_scores(model, val_inputs, val[1]) if val else None
+                if val:
+                    scores = distributed.from_main(
+                        lambda: validation_scores(model, val_inputs, val[1])
+                    )
             yield Progress(step, total, "train", Losses({"loss": loss}), scores)
         if not val:
             continue

@@ -96,8 +96,13 @@ def scripted(
 def screenshots(out: Path, steps: int = 40) -> list[Path]:
     """The README's pictures: after the refinement and after a run, at 1280 x 800 and
     1600 x 1000."""
+    import os
+    import tempfile
+
     shots = []
     for size in ((1280, 800), (1600, 1000)):
+        # Each picture starts from nothing saved: no autosave restored, default settings.
+        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
         done = scripted(out, steps=steps, size=size, export=False)
         shots += list(done["screenshots"].values())
     return shots

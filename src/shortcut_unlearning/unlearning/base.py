@@ -3,7 +3,8 @@
 An operator is a dataclass of its settings with a `loss` (and optional hooks). `run` works on
 a copy of the model, yields a Progress event per step and returns an UnlearnResult. The model
 it started from is never changed: a cancelled run returns it as it was, and a failed run
-raises with it untouched.
+raises with it untouched. Under torchrun each process computes its part of every batch
+(distributed.py): the same steps as one process, up to floating point.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import evaluation
+from .. import distributed, evaluation
 from ..masks import PixelSplit
 from ..model import FrozenInputs, Model, to_device
 from ..progress import Cancel, Losses, Progress
@@ -181,7 +182,8 @@ class Operator:
         divergence = Divergence(device, f"{self.name} loss")
         rng = np.random.default_rng(self.seed)
         noise_rng = self.noise_generator(device)
-        start_metrics = data.probe(start) if data.probe else None
+        # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
+        start_metrics = distributed.from_main(lambda: data.probe(start)) if data.probe else None
         self.prepare(work)
         history, phase = [], None
         for step in range(1, self.steps + 1):
@@ -191,7 +193,9 @@ class Operator:
                 phase = self.phase(step)
                 optimiser = self.optimiser(work, phase)
             work.train_mode(self.batch_statistics_in(phase))
-            rows = rng.choice(forget_rows, self.batch_size)
+            # every rank draws the same rows and computes its part of them (distributed)
+            drawn = rng.choice(forget_rows, self.batch_size)
+            rows = distributed.shard(drawn)
             logits = self._logits(work, inputs, rows)
             at = to_device(rows, device)
             forget_ce = _masked(
@@ -199,17 +203,21 @@ class Operator:
                 forget[at],
                 int(forget_pixels[rows].sum()),
             )
+            forget_ce = distributed.gather_shares(
+                forget_ce, [int(forget_pixels[part].sum()) for part in distributed.shards(drawn)]
+            )
             retain_targets = targets[at]
             if len(other_rows):  # the refined images' batch, and one of the others
-                rows = rng.choice(other_rows, self.batch_size)
+                rows = distributed.shard(rng.choice(other_rows, self.batch_size))
                 at = to_device(rows, device)
                 logits = torch.cat([logits, self._logits(work, inputs, rows)])
                 retain_targets = torch.cat([retain_targets, targets[at]])
-            retain_ce = F.cross_entropy(logits, retain_targets, ignore_index=IGNORE)
+            retain_ce = distributed.mean_cross_entropy(logits, retain_targets, IGNORE)
             terms = self.loss(retain_ce, forget_ce)
             divergence.watch(terms["total"], step)
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
+            distributed.all_reduce_gradients(work.scoped_parameters())  # before clipping
             self.on_gradients(work, step)
             optimiser.step()
             self.after_step(work, step, noise_rng)
@@ -220,7 +228,7 @@ class Operator:
             # the host reads the device; the run's last step is probed, also an early stop
             if step % self.probe_every == 0 or step == self.steps or stopping:
                 divergence.check()
-                metrics = data.probe(work) if data.probe else None
+                metrics = distributed.from_main(lambda: data.probe(work)) if data.probe else None
             history.append(Progress(step, self.steps, phase, Losses(terms), metrics))
             yield history[-1]
             if stopping:
@@ -246,7 +254,7 @@ class Operator:
 
     @staticmethod
     def _logits(model: Model, inputs: FrozenInputs, rows: np.ndarray) -> torch.Tensor:
-        with model.autocast():
+        with model.autocast(), distributed.pooled_batch_norms(model.net):
             return model.scoped_forward(inputs[rows]).float()
 
 

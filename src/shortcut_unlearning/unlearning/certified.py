@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import certificate as cert
+from .. import distributed
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
 from ..retain import FORGETS, IGNORE, RETAINS
@@ -106,6 +107,7 @@ def rescale_to_initial_norms(model: Model) -> None:
     fresh decoder holds about 0.06, and Adam's steps are absolute, so training from the noisy
     scale is slow; rescaled, the noise is a random start of the usual scale."""
     with torch.random.fork_rng(devices=[]):  # the fresh model must not reseed the run
+        torch.manual_seed(0)  # and is the same on every rank under torchrun
         fresh = Model(replace(model.config, encoder_weights=None, provenance={}), "cpu")
     reference = dict(fresh.net.named_parameters())
     for name, p in model.scoped_named_parameters().items():
@@ -173,12 +175,13 @@ class ValidationProbe:
         logits = torch.cat(logits).float()
         targets = self.targets[torch.as_tensor(self.rows, device=logits.device)]
         ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
-        return float(ce + soft_dice_loss(logits, targets))
+        # rank 0 alone measures (measure): no collective in here
+        return float(ce + soft_dice_loss(logits, targets, pooled=False))
 
     def measure(self, model: Model, step: int, min_gain: float = 1e-3) -> None:
         """Measure at `step`; keep the weights when the loss fell by more than min_gain
         (relative) below the best so far."""
-        loss = self.loss(model)
+        loss = distributed.from_main(lambda: self.loss(model))  # every rank stops together
         self.curve.append((step, loss))
         if loss < self.best * (1 - min_gain) or self.best_state is None:
             self.best, self.best_step, self.stale = loss, step, 0
@@ -256,7 +259,13 @@ class CertifiedOperator(Operator):
 
     # -- the noise is secret --------------------------------------------------------------
     def noise_generator(self, device: torch.device) -> torch.Generator:
-        seed = secrets.randbits(63) if self.noise_seed is None else self.noise_seed
+        # Under torchrun every rank adds the same noise to its replica: rank 0 draws the seed
+        # and hands it to the others in memory (it is never written anywhere).
+        seed = (
+            distributed.from_main(lambda: secrets.randbits(63))
+            if self.noise_seed is None
+            else self.noise_seed
+        )
         return torch.Generator(device=device).manual_seed(seed)
 
     def noise_source(self) -> str:
