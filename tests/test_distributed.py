@@ -72,7 +72,10 @@ def _jobs(wrong: bool = False) -> dict[str, dict]:
         # the context term's losses are means over every rank's part of the batch too
         "neggrad-seg+context": replace(neggrad, context="blind+consistent"),
         # the noisy phase alone (plain SGD): clipping, projection, noise, batch statistics
-        "gradient-clipping": GradientClipping(c0=0.02, finetune_steps=0, batch_size=1),
+        # noise_seed: the same noise in both runs (by default it comes from fresh entropy)
+        "gradient-clipping": GradientClipping(
+            c0=0.02, finetune_steps=0, batch_size=1, noise_seed=0
+        ),
     }
     if wrong:
         operators["neggrad-seg-wrong"] = neggrad

@@ -139,7 +139,7 @@ def _overlay_per_edit(coarse: np.ndarray, edits: int) -> dict:
     }
 
 
-STATES = ("coarse", "retrain", "fine_oracle")
+STATES = ("coarse", "retrain", "retrain_band_ignored", "fine_oracle")
 COLUMNS = (
     "worst_group_auroc",
     "conflicting_auroc",
@@ -162,7 +162,8 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
     coarse model and the baselines trained and evaluated once, then each method unlearns
     from the same coarse model. Files: seed<N>/coarse_model, seed<N>/<method>/ (metrics.json
     with the baselines' records, the unlearned model, saliency.png), summary.json, summary.md
-    and trajectory.png. A method may name its unlearning scope after a slash: "model-clipping/head".
+    and trajectory.png. A method may name its unlearning scope after a slash: "model-clipping/head",
+    and a certified one its epsilon after an at sign: "gradient-clipping@3".
 
     Under torchrun every rank trains and unlearns its part of each batch; rank 0 alone
     evaluates, writes and returns the result, the others return {}.
@@ -171,8 +172,7 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
     device = resolve_device(base.device)
     operators = {}
     for method in methods:  # every setting checked before any training
-        name, _, scope = method.partition("/")
-        operators[method] = replace(base, method=name, scope=scope or None)
+        operators[method] = _method_config(base, method)
         experiment.build_operator(operators[method])
     rows: dict[str, list[dict]] = {}
     trajectories = {}
@@ -209,7 +209,8 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
                 timings,
             )
             experiment.write_run(method_config.out, report, saved, picture)
-            rows.setdefault(method, []).append(_row(report["unlearned"], timings["unlearn_s"]))
+            row = _row(report["unlearned"], timings["unlearn_s"])
+            rows.setdefault(method, []).append({**row, "steps": outcome.steps})
             if seed == seed_list[0]:
                 trajectories[method] = experiment.trajectory(outcome)
     if not main:
@@ -232,7 +233,15 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
 
 
 def _folder(method: str) -> str:
-    return method.replace("/", "-")
+    return method.replace("/", "-").replace("@", "-eps")
+
+
+def _method_config(base: RunConfig, method: str) -> RunConfig:
+    """The run settings of "name", "name/scope", "name@eps" or "name/scope@eps"."""
+    spec, _, epsilon = method.partition("@")
+    name, _, scope = spec.partition("/")
+    options = {**base.operator_options, **({"epsilon": float(epsilon)} if epsilon else {})}
+    return replace(base, method=name, scope=scope or None, operator_options=options)
 
 
 def _row(state: dict, seconds: float) -> dict:
@@ -304,6 +313,91 @@ def markdown(summary: dict) -> str:
         cells.append(f"{stats['collapsed']['mean']:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --- the privacy-utility curve -----------------------------------------------------------------
+CURVE_REFERENCES = ("neggrad-seg",)  # unlearning without a certificate, beside the curve
+CURVE_KEYS = ("worst_group_auroc", "conflicting_auroc", "dice", "s_global", "band_reliance")
+
+
+def curve_methods(epsilons) -> list[str]:
+    from .unlearning import CERTIFIED
+
+    return [*CURVE_REFERENCES, *(f"{n}@{e:g}" for n in CERTIFIED for e in epsilons)]
+
+
+def privacy_utility(base: RunConfig, seed_list: list[int], epsilons, out: Path | str) -> dict:
+    """The privacy-utility curve: each certified operator at each epsilon (delta from the
+    operator options, else its default 1e-5), beside NegGrad-Seg, the coarse model and the
+    baselines (retrain, retrain with the band ignored, fine oracle), over seeds.
+
+    `seeds` runs it: one coarse model and one set of baselines per seed, shared by every
+    method. Adds curve.png (mean and spread over seeds against epsilon) and per run the
+    recovery's steps (`steps`, in summary.json)."""
+    out = Path(out)
+    result = seeds(base, seed_list, curve_methods(epsilons), out)
+    if not result:  # a rank other than 0 under torchrun: rank 0 writes
+        return result
+    result["epsilons"] = [float(e) for e in epsilons]
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    curve_plot(result["summary"], result["epsilons"], out / "curve.png")
+    return result
+
+
+def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
+    """Mean ± std over seeds against epsilon, one line per certified operator; the coarse
+    model, NegGrad-Seg and the baselines as horizontal lines (their spread shaded)."""
+    from matplotlib.figure import Figure
+
+    from .unlearning import CERTIFIED
+
+    titles = {
+        "worst_group_auroc": "worst-group AUROC",
+        "conflicting_auroc": "conflicting-group AUROC",
+        "dice": "Dice (fine masks)",
+        "s_global": "S_global (nats/px)",
+        "band_reliance": "band reliance",
+    }
+    fig = Figure(figsize=(15, 3.4))
+    axes = fig.subplots(1, len(CURVE_KEYS))
+    references = [m for m in (*STATES, *CURVE_REFERENCES) if m in summary]
+    colours = _palette(len(CERTIFIED) + len(references))
+    for ax, key in zip(axes, CURVE_KEYS, strict=True):
+        for name, colour in zip(CERTIFIED, colours, strict=False):
+            stats = [summary.get(f"{name}@{e:g}", {}).get(key) for e in epsilons]
+            if not all(stats):
+                continue
+            ax.errorbar(
+                epsilons,
+                [v["mean"] for v in stats],
+                yerr=[v["std"] for v in stats],
+                fmt="o-",
+                color=colour,
+                label=name,
+                capsize=3,
+                markersize=4,
+            )
+        for name, colour in zip(references, colours[len(CERTIFIED) :], strict=True):
+            mean, std = summary[name][key]["mean"], summary[name][key]["std"]
+            ax.axhline(mean, color=colour, linestyle="--", linewidth=1, label=name)
+            if np.isfinite(std):
+                ax.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
+        ax.set_xscale("log")
+        ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+        ax.set_xlabel("epsilon (delta 1e-5)")
+        ax.set_title(titles[key], fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Privacy-utility curve: mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _palette(n: int) -> list:
+    from matplotlib import colormaps
+
+    return [colormaps["tab10"](i % 10) for i in range(n)]
 
 
 # --- Which image to refine next (issue 13) ---------------------------------------------------

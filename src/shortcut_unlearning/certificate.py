@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import brentq, minimize_scalar
@@ -28,7 +28,8 @@ ASSUMPTIONS = (
     "the retain loss trains on the corrected labels: the refined images' forget pixels count "
     "in it as background, so the guarantee is relative to a model trained on the corrected "
     "labels (the retrain baseline), not on the other pixels alone",
-    "the noise is secret: whoever knows the run's seed can regenerate and subtract it",
+    "the noise is secret (see noise_source): whoever knows the seed of its generator can "
+    "regenerate and subtract it; the generator (torch's) is not a cryptographic one",
     "it covers the released weights, not the run's curves: losses and probes taken during the "
     "noisy phase read intermediate iterates, which still depend on the forget set",
 )
@@ -264,6 +265,31 @@ def model_clipping_snr(c2: float, sigma: float) -> float:
 # How the release covers each tensor of the scope.
 NOISED = "projected and noised"
 REESTIMATED = "reset before the noisy phase, re-estimated on retain images after it"
+# Where the noise came from.
+NOISE_FROM_ENTROPY = (
+    "drawn from a generator seeded with 63 bits of fresh OS entropy, never recorded"
+)
+
+
+def noise_from_seed(seed: int) -> str:
+    return (
+        f"drawn from a generator seeded with noise_seed = {seed}, which the run records: "
+        "whoever knows it can regenerate and subtract the noise, and against them the "
+        "guarantee does not hold"
+    )
+
+
+def expectation(
+    snr_bound: float, target_snr: float, epsilon_for_target: float | None, sigma_for_target: float
+) -> str:
+    """What to expect of the noisy phase, in one line: the read-out signal-to-noise bound and
+    the eps (or sigma) that would keep a target ratio."""
+    target, sigma = f"{target_snr:g}", f"sigma {sigma_for_target:.3g}"
+    if epsilon_for_target is None:
+        keep = f"eps does not set it; {sigma} keeps {target} (a smaller eps: more noisy steps)"
+    else:
+        keep = f"eps {epsilon_for_target:.3g} ({sigma}) would keep {target}"
+    return f"signal-to-noise of any linear read-out of the scope <= {snr_bound:.3g}; {keep}"
 
 
 @dataclass(frozen=True)
@@ -284,6 +310,10 @@ class Certificate:
     scoped_parameters: int
     coverage: dict[str, str]  # every tensor of the scope (parameters, buffers) -> its treatment
     forgets: str  # which pixels the certificate forgets (the forget set and its retain set)
+    noise_source: str  # where the noise came from (a recorded seed voids the guarantee)
+    # What the noise-free recovery after the noisy phase does (before a run) or did (after
+    # it: Certificate.after_recovery): post-processing on retain data only.
+    recovery: str
     frozen: list[str]
     frozen_saw_coarse_labels: bool | None  # None: unknown (e.g. a checkpoint from elsewhere)
     noise_norm: float  # expected norm of all the noise added, sigma * sqrt(d * T)
@@ -304,13 +334,9 @@ class Certificate:
 
     def expectation(self) -> str:
         """What to expect of the noisy phase, before a run."""
-        target, sigma = f"{self.target_snr:g}", f"sigma {self.sigma_for_target_snr:.3g}"
-        if self.epsilon_for_target_snr is None:
-            keep = f"eps does not set it; {sigma} keeps {target} (a smaller eps: more noisy steps)"
-        else:
-            keep = f"eps {self.epsilon_for_target_snr:.3g} ({sigma}) would keep {target}"
-        bound = f"signal-to-noise of any linear read-out of the scope <= {self.snr_bound:.3g}"
-        return f"{bound}; {keep}"
+        return expectation(
+            self.snr_bound, self.target_snr, self.epsilon_for_target_snr, self.sigma_for_target_snr
+        )
 
     def summary(self) -> str:
         saw = {
@@ -332,5 +358,28 @@ class Certificate:
             f"sigma {self.sigma:.3g} per step over {self.noisy_steps} noisy steps; noise added "
             f"{self.noise_norm:.3g} against parameter norm {self.parameter_norm:.3g} "
             f"(x{self.noise_to_parameters:.2g}); {self.expectation()}. It forgets "
-            f"{self.forgets}."
+            f"{self.forgets}. Noise {self.noise_source}. Recovery: {self.recovery}."
         )
+
+    def after_recovery(self, stopping: dict | None) -> Certificate:
+        """This certificate, saying what the recovery did (the run's `stopping` record)."""
+        if not stopping:
+            return self
+        return replace(self, recovery=f"{self.recovery}; {recovery_done(stopping)}")
+
+
+def recovery_done(stopping: dict) -> str:
+    """What a run's recovery did, from its `stopping` record, in one clause."""
+    done, most = stopping["recovery_steps"], stopping["max_recovery_steps"]
+    if not most:
+        return "this run had none: the noisy phase's last iterate was released"
+    held = stopping["validation_images"]
+    loss = stopping["validation_loss"]
+    best = stopping["best_step"] - stopping["noisy_steps"]
+    measured = (
+        f"; the released weights are those of recovery step {best}, whose retain loss on the "
+        f"{held} held-out retain images was {loss:.3g} (the lowest measured)"
+        if held and loss is not None
+        else "; no retain image was held out, so the last weights were released"
+    )
+    return f"this run took {done} of at most {most} recovery steps ({stopping['reason']}){measured}"

@@ -175,11 +175,30 @@ def _config(args, **overrides):
     return RunConfig(**{**given, "out": str(args.out), **overrides})
 
 
+def _run_config(args):
+    """The RunConfig of `run`: the flags, epsilon and delta among the operator's options."""
+    privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
+    return _config(args, operator_options=privacy)
+
+
+def _expectation(config) -> str | None:
+    """What a certified run should expect (the read-out signal-to-noise bound and the eps that
+    would keep a chosen ratio), before any training; None for the other operators."""
+    from .experiment import build_operator
+    from .unlearning import CertifiedOperator
+
+    operator = build_operator(config)
+    return operator.expectation() if isinstance(operator, CertifiedOperator) else None
+
+
 def _run(args) -> None:
     from .experiment import run, table
 
-    privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
-    report = run(_config(args, operator_options=privacy))
+    config = _run_config(args)
+    expectation = _expectation(config)
+    if expectation:  # other ranks under torchrun print nothing (_join_processes)
+        print(f"expect: {expectation}")
+    report = run(config)
     if not report:  # a rank other than 0 under torchrun: rank 0 reports
         return
     print(table(report))
@@ -266,6 +285,15 @@ def _bench(args) -> None:
             args.data, args.working_size, args.edits, tuple(args.overlay_images)
         )
         print(json.dumps(result, indent=2))
+        return
+    if args.what == "curve":
+        result = benchmarks.privacy_utility(
+            _config(args, quiet=True), args.seeds, args.epsilons, args.out
+        )
+        if not result:  # a rank other than 0 under torchrun
+            return
+        print(benchmarks.markdown(result["summary"]))
+        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
     if args.what == "gpu":
         from .gpu_check import CheckConfig, markdown, run_check
@@ -493,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--baselines",
         action="store_true",
-        help="also train retrain-from-scratch and the fine-mask oracle",
+        help="also train retrain-from-scratch (corrected masks; coarse masks with the band "
+        "ignored) and the fine-mask oracle",
     )
     run.add_argument(
         "--out",
@@ -542,8 +571,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "what",
-        choices=("cache", "seeds", "ranking", "stall", "overlay", "dock", "open", "gpu", "removal"),
-        help="ranking: refinement orders against the share of refined images; stall, overlay "
+        choices=(
+            "cache",
+            "seeds",
+            "curve",
+            "ranking",
+            "stall",
+            "overlay",
+            "dock",
+            "open",
+            "gpu",
+            "removal",
+        ),
+        help="ranking: refinement orders against the share of refined images; curve: the "
+        "certified operators at each --epsilons beside NegGrad-Seg and the baselines (the "
+        "privacy-utility curve); stall, overlay "
         "and dock measure the napari widget (need a display); open times opening --data DIR "
         "at --working-size, cold and cached, and the overlay per edit; gpu runs every CUDA path "
         "and the loops' speed ratios (benchmarks/gpu.sh); removal times NegGrad-Seg to "
@@ -573,6 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=_whole(1), default=32, help="bench gpu: batch size")
     bench.add_argument("--repeats", type=_whole(1), default=3, help="bench gpu: timed runs")
     bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    bench.add_argument(
+        "--epsilons",
+        type=_epsilon_list,
+        default=[1.0, 3.0, 10.0, 30.0],
+        help="bench curve: the epsilons, e.g. 1,3,10,30 (delta 1e-5)",
+    )
     bench.add_argument(
         "--methods",
         type=_method_list,
@@ -627,6 +675,11 @@ def _working_size(text: str) -> int | None:
 
 def _seed_list(text: str) -> list[int]:
     parse = _whole(0)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
+def _epsilon_list(text: str) -> list[float]:
+    parse = _number(0, float("inf"), low_open=True, high_open=True)
     return [parse(part.strip()) for part in text.split(",")]
 
 

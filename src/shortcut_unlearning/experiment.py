@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import distributed, evaluation, figures, metrics, outputs, ranking, saliency
+from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
@@ -276,13 +276,24 @@ def train_or_load(config: RunConfig, prepared: Prepared, device) -> Trained:
 
 
 def train_baselines(config: RunConfig, prepared: Prepared, device) -> dict[str, Trained]:
-    """Retrain-from-scratch on the corrected masks and the fine-mask oracle (METHOD 5.5)."""
+    """Retrain-from-scratch on the corrected masks, on every coarse mask with its uncertain
+    band ignored (no refined mask used as a label), and the fine-mask oracle (METHOD 5.5)."""
     val = prepared.val
-    # The val split is unrefined: its coarse masks check retrain, its fine masks the oracle.
+    # The val split is unrefined: its coarse masks check both retrains, its fine masks the
+    # oracle (validation Dice reads an ignored band as lesion, so coarse masks it is).
     val_coarse = None if val is None else (val.images, prepared.coarse_of(val, config))
     val_fine = None if val is None else (val.images, val.masks)
+    # The band width the retain set uses, read off the refinements' depth.
+    width = retain.band_width(prepared.coarse, prepared.split)
+    band_ignored = retain.certain_targets(prepared.coarse, width)
     baselines = (
         ("retrain", prepared.split.targets, "corrected (refined where refined)", val_coarse),
+        (
+            "retrain_band_ignored",
+            band_ignored,
+            f"coarse, the uncertain band ({width} px) ignored",
+            val_coarse,
+        ),
         ("fine_oracle", prepared.train.masks, "fine", val_fine),
     )
     out = {}
@@ -412,6 +423,7 @@ def unlearning_report(operator: Operator, certificate, outcome: UnlearnResult) -
         "unlearning": {
             "collapsed": outcome.collapsed,
             "kept_starting_model": outcome.rejected is not None,
+            "stopping": outcome.stopping,  # why the run ended where it did (the recovery's probe)
             "start_probe": outcome.start_metrics,
             "trajectory": trajectory(outcome)[1:],
         },
@@ -514,6 +526,8 @@ def unlearn_and_report(
     certified = isinstance(operator, CertifiedOperator)
     certificate = operator.certificate(start.model) if certified else None
     outcome, timings["unlearn_s"] = unlearn(config, operator, start.model, prepared)
+    if certificate is not None:  # it says what the recovery did
+        certificate = certificate.after_recovery(outcome.stopping)
     clock = time.perf_counter()
     if outcome.model is start.model:  # kept back after a collapse: the same numbers
         unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
@@ -615,7 +629,7 @@ def _plain(value):
     return str(value)
 
 
-STATES = ("coarse", "unlearned", "retrain", "fine_oracle")
+STATES = ("coarse", "unlearned", "retrain", "retrain_band_ignored", "fine_oracle")
 
 
 def _cell(value, spec: str, width: int) -> str:
@@ -627,7 +641,7 @@ def _cell(value, spec: str, width: int) -> str:
 def table(report: dict) -> str:
     """The printed summary: one row per model state, class-aware, then the warnings."""
     head = (
-        f"{'model':<12} {'AUROC [95% CI]':>21} {'worst':>6} {'confl.':>6} {'Dice':>6} "
+        f"{'model':<20} {'AUROC [95% CI]':>21} {'worst':>6} {'confl.':>6} {'Dice':>6} "
         f"{'benign':>6} {'malig.':>6} {'malig%':>6} {'band':>7} {'S_global':>9} {'excess':>9}"
     )
     rows = [head]
@@ -645,7 +659,7 @@ def table(report: dict) -> str:
         s_global = r.get("s_global") or {}
         band = r.get("band_reliance") or {}
         rows.append(
-            f"{name:<12} {_cell(r['auroc'], '.3f', 6)} {interval:>14} "
+            f"{name:<20} {_cell(r['auroc'], '.3f', 6)} {interval:>14} "
             f"{_cell(r['worst_group_auroc'], '.3f', 6)} "
             f"{_cell(r.get('conflicting_auroc'), '.3f', 6)} {_cell(r['dice'], '.3f', 6)} "
             f"{_cell(by_class.get('benign'), '.3f', 6)} "

@@ -23,6 +23,13 @@ from .masks import DEFAULT_COARSE_MARGIN, PixelSplit, radius_pixels
 
 IGNORE = 255  # target value of pixels that carry no label
 RETAIN_SETS = ("refined+certain", "refined", "all")
+# The pixels each retain set trains on (and a certified operator's recovery with it).
+RETAINS = {
+    "refined+certain": "the refined images' corrected masks and the other images' certain "
+    "pixels, their uncertain band left out",
+    "refined": "the refined images' corrected masks",
+    "all": "the refined images' corrected masks and the other images' whole coarse masks",
+}
 FORGETS = {
     "refined": "the pixels erased from the refined coarse masks",
     "refined+certain": "the pixels erased from the refined coarse masks, and the uncertain "

@@ -44,9 +44,12 @@ class TrainConfig:
             raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
 
 
-def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, pooled: bool = True
+) -> torch.Tensor:
     """1 - soft Dice of each lesion class the batch's labels hold, pooled over the batch and
-    averaged over those classes; pixels equal to IGNORE are left out (0 without lesions)."""
+    averaged over those classes; pixels equal to IGNORE are left out (0 without lesions).
+    pooled=False: this process's rows alone, no collective (e.g. on rank 0 alone)."""
     classes = logits.shape[1]
     valid = (targets != IGNORE).unsqueeze(1)
     probs = logits.softmax(1) * valid
@@ -55,7 +58,8 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     sizes = (probs + onehot).sum((0, 2, 3))[1:]
     labelled = onehot.sum((0, 2, 3))[1:]
     # under torchrun: the sums over the whole batch, whichever rank holds its rows
-    overlap, sizes, labelled = distributed.global_sums(overlap, sizes, labelled)
+    if pooled:
+        overlap, sizes, labelled = distributed.global_sums(overlap, sizes, labelled)
     present = (labelled > 0).float()
     # the mean over the present classes, computed on the device without asking which they are
     return ((1 - (2 * overlap + 1) / (sizes + 1)) * present).sum() / present.sum().clamp(min=1)

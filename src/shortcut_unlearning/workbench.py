@@ -253,8 +253,8 @@ class Workbench:
             return str(error)
         if not isinstance(operator, CertifiedOperator):
             return f"{operator.steps} steps; not certified (no formal guarantee)."
-        if not self.loaded:
-            return "Certificate: shown once the model is loaded."
+        if not self.loaded:  # what to expect needs no model
+            return f"{operator.expectation()}.\nCertificate: shown once the model is loaded."
         certificate = operator.certificate(self.current_model())
         warning = collapse_warning(certificate)
         return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
@@ -361,7 +361,7 @@ class Workbench:
             result=result,
             before=before,
             after=after,
-            certificate=certificate,
+            certificate=certificate.after_recovery(result.stopping) if certificate else None,
             seconds=time.perf_counter() - clock,
             refined_index=edited,
         )

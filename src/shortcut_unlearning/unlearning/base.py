@@ -56,6 +56,9 @@ class UnlearnResult:
     history: list[Progress] = field(default_factory=list)
     start_metrics: dict | None = None  # the probe on the starting model
     rejected: Model | None = None  # the collapsed model, kept for inspection
+    # Why the run ended where it did, when an operator decides it (should_stop), e.g. the
+    # certified operators' recovery: its steps, best step and validation probe.
+    stopping: dict | None = None
 
 
 @dataclass
@@ -125,6 +128,23 @@ class Operator:
         """Called after a phase's last step with the retain images' inputs (e.g. to
         re-estimate batch-norm statistics)."""
 
+    def hold_out(
+        self, inputs: FrozenInputs, targets: torch.Tensor, train_rows: np.ndarray
+    ) -> np.ndarray:
+        """Called once before the first step with the cached inputs, the retain targets and
+        the rows of the unrefined retain images; returns the rows to train on (an operator
+        may keep some back to validate on)."""
+        return train_rows
+
+    def should_stop(self, model: Model, step: int) -> dict | None:
+        """Called after each step: a record of why the run ends here (key 'reason'), or None.
+        An operator that stops may first load the weights it releases."""
+        return None
+
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """The generator after_step draws noise from."""
+        return torch.Generator(device=device).manual_seed(self.seed)
+
     def phase(self, step: int) -> str:
         return self.name
 
@@ -177,12 +197,13 @@ class Operator:
             )
         device = work.device
         targets = torch.as_tensor(retained.targets[used], device=device).long()
+        other_rows = self.hold_out(inputs, targets, other_rows)
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
         forget = torch.as_tensor(split.forget[used], device=device)
         forget_pixels = split.forget[used].sum(axis=(1, 2))  # on the host: no device count
         divergence = Divergence(device, f"{self.name} loss")
         rng = np.random.default_rng(self.seed)
-        noise_rng = torch.Generator(device=device).manual_seed(self.seed)
+        noise_rng = self.noise_generator(device)
         # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
         start_metrics = distributed.from_main(lambda: data.probe(start)) if data.probe else None
         self.prepare(work)
@@ -228,15 +249,23 @@ class Operator:
             self.after_step(work, step, noise_rng)
             if step == self.steps or self.phase(step + 1) != phase:
                 self.phase_end(work, phase, inputs, retain_rows)
+            stopping = self.should_stop(work, step)
             metrics = None
-            if step % self.probe_every == 0 or step == self.steps:  # the host reads the device
+            # the host reads the device; the run's last step is probed, also an early stop
+            if step % self.probe_every == 0 or step == self.steps or stopping:
                 divergence.check()
                 metrics = distributed.from_main(lambda: data.probe(work)) if data.probe else None
             history.append(Progress(step, self.steps, phase, Losses(terms), metrics))
             yield history[-1]
+            if stopping:
+                break
         work.net.eval()
         result = UnlearnResult(
-            model=work, steps=self.steps, history=history, start_metrics=start_metrics
+            model=work,
+            steps=len(history),
+            history=history,
+            start_metrics=start_metrics,
+            stopping=stopping,
         )
         if self.collapsed(work, start_metrics, history[-1].metrics):
             result.collapsed = True

@@ -1,27 +1,41 @@
 """What the two certified operators share: global projections, calibrated noise, two phases.
 
 Both run plain SGD (no momentum, constant step gamma) on the minibatch-mean retain gradient for
-a noisy phase, adding Gaussian noise to the scoped parameters after each step, then fine-tune
-without noise on the retain set; fine-tuning is post-processing and keeps the certificate.
+a noisy phase, adding Gaussian noise to the scoped parameters after each step, then recover
+without noise on the retain set; recovery is post-processing and keeps the certificate.
+
+The noisy phase erases the scope (its read-out signal-to-noise bound is about 0.1 at eps 1),
+so the recovery is what makes the model useful: training on the retain images, stopped by a
+validation probe on a seeded share of them held out (their retain loss, the uncertain band
+ignored) that keeps the best weights, up to a maximum number of steps.
 
 The release carries the scope's batch-norm statistics too, and the coarse model's were computed
 while it learned the forget set. They are reset before the noisy phase and re-estimated on the
 retain images from the noisy phase's last iterate, which is post-processing as well.
+
+The noise is drawn from a generator seeded with fresh OS entropy that is never recorded: a
+seed in the report would let its reader regenerate the noise and subtract it. `noise_seed`
+makes it reproducible (for tests), and the certificate then says the guarantee does not hold
+against whoever knows that seed.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import certificate as cert
+from .. import distributed
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
-from ..retain import FORGETS
+from ..retain import FORGETS, IGNORE, RETAINS
+from ..training import _scope_state, soft_dice_loss
 from .base import Operator
 
 
@@ -84,6 +98,23 @@ def estimate_batch_statistics(
     model.net.eval()
 
 
+@torch.no_grad()
+def rescale_to_initial_norms(model: Model) -> None:
+    """Scale each scoped parameter tensor to the norm a fresh initialisation of the same
+    architecture gives it (zero where that is zero): no data, only the architecture.
+
+    The noisy phase leaves per-coordinate noise of std sigma sqrt(T) (1.6 at eps 1) where a
+    fresh decoder holds about 0.06, and Adam's steps are absolute, so training from the noisy
+    scale is slow; rescaled, the noise is a random start of the usual scale."""
+    with torch.random.fork_rng(devices=[]):  # the fresh model must not reseed the run
+        torch.manual_seed(0)  # and is the same on every rank under torchrun
+        fresh = Model(replace(model.config, encoder_weights=None, provenance={}), "cpu")
+    reference = dict(fresh.net.named_parameters())
+    for name, p in model.scoped_named_parameters().items():
+        target = float(reference[name].detach().norm())
+        p.mul_(target / max(float(p.detach().norm()), 1e-12))
+
+
 def scope_coverage(model: Model, scope: str) -> dict[str, str]:
     """How the release covers each tensor of the scope; raises if one is not covered."""
     blocks = SCOPE_MODULES[scope]
@@ -118,22 +149,73 @@ def collapse_warning(certificate: Certificate) -> str | None:
         f"{certificate.operator}: one step's noise has expected norm {per_step:.3g}, more than "
         f"the {certificate.scope} scope's parameter norm {norm:.3g} "
         f"(x{per_step / norm if norm else math.inf:.2g}; {certificate.noise_norm:.3g} over the "
-        f"{certificate.noisy_steps} noisy steps); the noisy phase will erase what the scope "
-        f"learned and only fine-tuning can bring it back. {remedy}"
+        f"{certificate.noisy_steps} noisy steps): the noisy phase erases what the scope "
+        "learned, and only the noise-free recovery on the retain images (which the "
+        f"certificate allows) rebuilds it. {remedy}"
     )
+
+
+class ValidationProbe:
+    """The recovery's stopping rule: the retain loss (cross-entropy plus soft Dice, the
+    uncertain band ignored) of retain images held out of training, measured every few steps;
+    it remembers the best weights and counts the measurements since they were found."""
+
+    def __init__(self, inputs: FrozenInputs, targets: torch.Tensor, rows: np.ndarray):
+        self.inputs, self.targets, self.rows = inputs, targets, rows
+        self.best, self.best_step, self.best_state, self.stale = math.inf, 0, None, 0
+        self.curve: list[tuple[int, float]] = []
+
+    @torch.no_grad()
+    def loss(self, model: Model) -> float:
+        model.net.eval()  # the loop sets the mode again before its next step
+        logits = []
+        for start in range(0, len(self.rows), 32):
+            with model.autocast():
+                logits.append(model.scoped_forward(self.inputs[self.rows[start : start + 32]]))
+        logits = torch.cat(logits).float()
+        targets = self.targets[torch.as_tensor(self.rows, device=logits.device)]
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
+        # rank 0 alone measures (measure): no collective in here
+        return float(ce + soft_dice_loss(logits, targets, pooled=False))
+
+    def measure(self, model: Model, step: int, min_gain: float = 1e-3) -> None:
+        """Measure at `step`; keep the weights when the loss fell by more than min_gain
+        (relative) below the best so far."""
+        loss = distributed.from_main(lambda: self.loss(model))  # every rank stops together
+        self.curve.append((step, loss))
+        if loss < self.best * (1 - min_gain) or self.best_state is None:
+            self.best, self.best_step, self.stale = loss, step, 0
+            self.best_state = _scope_state(model)
+        else:
+            self.stale += 1
+
+    def restore(self, model: Model) -> None:
+        if self.best_state is not None:
+            model.net.load_state_dict(self.best_state, strict=False)
 
 
 @dataclass
 class CertifiedOperator(Operator):
-    """An operator with an (eps, delta) certificate: a noisy phase, then noise-free fine-tuning."""
+    """An operator with an (eps, delta) certificate: a noisy phase, then noise-free recovery."""
 
     epsilon: float = 1.0
     delta: float = 1e-5
     lam: float = 0.0  # weight decay inside the noisy phase
-    # After the noise the scope is as good as re-initialised, so post-processing is training:
-    # Adam at training's lr. Any post-processing keeps the certificate.
+    # Recovery (post-processing; it keeps the certificate). After the noise the scope is as
+    # good as re-initialised, so recovery is training: Adam at training's lr, for at most
+    # finetune_steps, stopped when the held-out retain loss has not improved over `patience`
+    # measurements taken every validate_every steps; the best weights are released.
     finetune_steps: int = 100
     finetune_lr: float = 1e-3
+    validation_share: float = 0.15  # of the unrefined retain images, seeded by `seed`
+    # Recovery starts by scaling each scoped tensor to a fresh initialisation's norm
+    # (rescale_to_initial_norms): the noise becomes a random start of the usual scale.
+    rescale: bool = True
+    validate_every: int = 25
+    patience: int = 4
+    # None: the noise comes from fresh OS entropy and is never recorded. A number makes the
+    # noise reproducible, and voids the guarantee against whoever knows it.
+    noise_seed: int | None = None
     # The signal-to-noise ratio the certificate says how to keep (eps or sigma that gives it).
     target_snr: float = 1.0
 
@@ -168,7 +250,66 @@ class CertifiedOperator(Operator):
         super().__post_init__()
         if not self.target_snr > 0:
             raise ValueError(f"target_snr must be positive, got {self.target_snr}")
+        if self.finetune_steps < 0 or self.validate_every < 1 or self.patience < 1:
+            raise ValueError("finetune_steps must be >= 0, validate_every and patience at least 1")
+        if not 0 <= self.validation_share < 1:
+            raise ValueError(f"validation_share must lie in [0, 1), got {self.validation_share}")
         self.steps = self.noisy_steps() + self.finetune_steps
+        self._probe: ValidationProbe | None = None
+
+    # -- the noise is secret --------------------------------------------------------------
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        # Under torchrun every rank adds the same noise to its replica: rank 0 draws the seed
+        # and hands it to the others in memory (it is never written anywhere).
+        seed = (
+            distributed.from_main(lambda: secrets.randbits(63))
+            if self.noise_seed is None
+            else self.noise_seed
+        )
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def noise_source(self) -> str:
+        if self.noise_seed is None:
+            return cert.NOISE_FROM_ENTROPY
+        return cert.noise_from_seed(self.noise_seed)
+
+    # -- recovery ---------------------------------------------------------------------------
+    def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
+        """Keep a seeded share of the unrefined retain images back for the validation probe."""
+        count = round(self.validation_share * len(train_rows))
+        if count < 1 or count >= len(train_rows):
+            self._probe = ValidationProbe(inputs, targets, np.zeros(0, int))
+            return train_rows
+        held = np.random.default_rng([self.seed, len(train_rows)]).permutation(train_rows)[:count]
+        self._probe = ValidationProbe(inputs, targets, np.sort(held))
+        return np.setdiff1d(train_rows, held)
+
+    def should_stop(self, model: Model, step: int) -> dict | None:
+        noisy, probe = self.noisy_steps(), self._probe
+        if step < noisy or probe is None:
+            return None
+        last = step == self.steps
+        since = step - noisy  # recovery steps taken; 0: the noisy phase's released iterate
+        if len(probe.rows) and (since % self.validate_every == 0 or last):
+            probe.measure(model, step)
+        if last:
+            reason = "recovery reached its maximum steps" if self.finetune_steps else "no recovery"
+        elif since and probe.stale >= self.patience:
+            reason = "the validation probe stopped improving"
+        else:
+            return None
+        probe.restore(model)
+        return {
+            "reason": reason,
+            "steps": step,
+            "noisy_steps": noisy,
+            "recovery_steps": since,
+            "max_recovery_steps": self.finetune_steps,
+            "best_step": probe.best_step if probe.best_state is not None else step,
+            "validation_images": len(probe.rows),
+            "validation_loss": probe.best if probe.best_state is not None else None,
+            "validation_curve": [[s, v] for s, v in probe.curve],
+        }
 
     def phase(self, step: int) -> str:
         return "noisy" if step <= self.noisy_steps() else "fine-tune"
@@ -197,7 +338,51 @@ class CertifiedOperator(Operator):
 
     def phase_end(self, model: Model, phase: str, inputs, retain_rows) -> None:
         if phase == "noisy":
+            if self.rescale and self.finetune_steps:  # the recovery's start
+                rescale_to_initial_norms(model)
             estimate_batch_statistics(model, inputs, retain_rows, self.batch_size)
+
+    def expectation(self) -> str:
+        """What to expect, before a run and before any model exists: the read-out bound and
+        the eps (or sigma) that keeps target_snr (Certificate.expectation, model-free)."""
+        line = cert.expectation(
+            self.snr_bound(),
+            self.target_snr,
+            self.epsilon_for_snr(self.target_snr),
+            self.sigma_for_snr(self.target_snr),
+        )
+        t = self.noisy_steps()
+        return (
+            f"{self.name} at ({self.epsilon:g}, {self.delta:.0e}): {t} noisy "
+            f"step{'s' * (t != 1)} of sigma {self.sigma:.3g}; {line}; then up to "
+            f"{self.finetune_steps} recovery steps on the retain images"
+        )
+
+    def recovery_plan(self) -> str:
+        """What the recovery does, for the certificate: it reads the noisy phase's last iterate
+        and the retain set only and adds no noise, so it is post-processing."""
+        if not self.finetune_steps:
+            return "none (the noisy phase's last iterate is released)"
+        rescale = (
+            "each scoped tensor scaled to a fresh initialisation's norm, then "
+            if self.rescale
+            else ""
+        )
+        stop = (
+            f"stopped once the retain loss of {self.validation_share:.0%} of the unrefined "
+            f"retain images, held out of training and measured every {self.validate_every} "
+            f"steps, has not improved {self.patience} times, the best weights measured released"
+            if self.validation_share and self.retain_images != "refined"
+            else "no validation probe (no unrefined retain image to hold out), the last "
+            "weights released"
+        )
+        return (
+            f"noise-free, on the retain set only ({RETAINS[self.retain_images]}): "
+            f"{rescale}batch-norm statistics re-estimated on the retain images, then up to "
+            f"{self.finetune_steps} Adam steps at lr {self.finetune_lr:g}, {stop}; it reads "
+            "the noisy iterate and retain data only, so it is post-processing and the "
+            "guarantee holds for what it releases"
+        )
 
     def certificate(self, model: Model) -> Certificate:
         """The certificate this operator gives, starting from `model`."""
@@ -226,6 +411,8 @@ class CertifiedOperator(Operator):
             scoped_parameters=d,
             coverage=scope_coverage(model, scope),
             forgets=FORGETS[self.retain_images],
+            noise_source=self.noise_source(),
+            recovery=self.recovery_plan(),
             frozen=frozen,
             frozen_saw_coarse_labels=saw,
             noise_norm=self.sigma * math.sqrt(d * t),
