@@ -321,20 +321,28 @@ def save_encoder(model: Model, path: str | Path, provenance: dict, half: bool = 
     return weights
 
 
-def read_encoder_info(path: str | Path) -> dict:
-    """The JSON sidecar of an encoder checkpoint, checked: format, version, a known encoder
-    and a provenance that says whether it saw coarse labels. ValueError names the file."""
+def _sidecar(path: str | Path, what: str, restore: str) -> tuple[Path, object]:
+    """A checkpoint's JSON sidecar and its parsed content, once both files are there;
+    FileNotFoundError says `what` a checkpoint is, ValueError how to `restore` it."""
     weights, sidecar = checkpoint_paths(path)
     for needed in (weights, sidecar):
         if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed} is missing; an encoder checkpoint is a .safetensors file with its "
-                ".json beside it, as written by `shortcut-unlearning pretrain-encoder`"
-            )
+            raise FileNotFoundError(f"{needed} is missing; {what}")
     try:
-        info = json.loads(sidecar.read_text())
+        return sidecar, json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{sidecar} is not valid JSON ({err}); restore the encoder") from err
+        raise ValueError(f"{sidecar} is not valid JSON ({err}); {restore}") from err
+
+
+def read_encoder_info(path: str | Path) -> dict:
+    """The JSON sidecar of an encoder checkpoint, checked: format, version, a known encoder
+    and a provenance that says whether it saw coarse labels. ValueError names the file."""
+    sidecar, info = _sidecar(
+        path,
+        "an encoder checkpoint is a .safetensors file with its .json beside it, as written by "
+        "`shortcut-unlearning pretrain-encoder`",
+        "restore the encoder",
+    )
     if not isinstance(info, dict) or info.get("format") != ENCODER_FORMAT:
         hint = (
             "; that is a whole model: pass it with --model"
@@ -443,17 +451,12 @@ def read_config(path: str | Path) -> ModelConfig:
     A sidecar that is not an object, misses or adds keys, names an unknown encoder or holds a
     normalisation that cannot be used raises ValueError naming the file.
     """
-    weights, sidecar = checkpoint_paths(path)
-    for needed in (weights, sidecar):
-        if not needed.is_file():
-            raise FileNotFoundError(
-                f"{needed} is missing; a checkpoint is a .safetensors file with its .json "
-                "config beside it, as written by Model.save"
-            )
-    try:
-        info = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{sidecar} is not valid JSON ({err}); restore it from the model") from err
+    sidecar, info = _sidecar(
+        path,
+        "a checkpoint is a .safetensors file with its .json config beside it, as written by "
+        "Model.save",
+        "restore it from the model",
+    )
     if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{sidecar} is not a shortcut-unlearning model config (it should be a JSON object "
