@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY, refinement
+from safetensors.numpy import load_file, save_file
 
 from shortcut_unlearning import distributed, masks
 from shortcut_unlearning.data.synthetic import generate
@@ -105,6 +106,20 @@ def _recorded(job):
         yield event
 
 
+def _save(jobs: dict[str, dict], path) -> None:
+    """A rank's results as safetensors (no pickle), one "job/key" array each."""
+    flat = {f"{job}/{k}": np.ascontiguousarray(v) for job, d in jobs.items() for k, v in d.items()}
+    save_file(flat, str(path))
+
+
+def _load(path) -> dict[str, dict]:
+    jobs: dict[str, dict] = {}
+    for name, value in load_file(str(path)).items():
+        job, key = name.split("/", 1)
+        jobs.setdefault(job, {})[key] = value
+    return jobs
+
+
 def _worker(rank: int, store: str, folder: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):  # a container's hostname may not resolve
@@ -119,7 +134,7 @@ def _worker(rank: int, store: str, folder: str) -> None:
     )
     try:
         assert distributed.world() == WORLD and distributed.rank() == rank
-        torch.save(_jobs(wrong=True), f"{folder}/rank{rank}.pt")
+        _save(_jobs(wrong=True), f"{folder}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -140,7 +155,7 @@ def runs(tmp_path_factory):
     alone = _jobs()
     while not context.join():
         pass
-    ranks = [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [_load(folder / f"rank{r}.safetensors") for r in range(WORLD)]
     return ranks, alone
 
 
