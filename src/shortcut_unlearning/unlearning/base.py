@@ -287,7 +287,9 @@ class Operator:
 def _masked(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
     """values[mask], in the same order, when the host already knows the mask's `count`: the
     device is not asked for it, so the step does not wait."""
-    if mask.device.type == "cuda" and _TORCH < (2, 6):  # no nonzero_static on CUDA before 2.6
+    # nonzero_static runs on the CPU, and on CUDA from torch 2.6; elsewhere (Apple's mps)
+    # the plain mask, which waits for the device
+    if not (mask.device.type == "cpu" or (mask.device.type == "cuda" and _TORCH >= (2, 6))):
         return values[mask]
     index = torch.nonzero_static(mask.flatten(), size=count).squeeze(1)
     return values.flatten()[index]

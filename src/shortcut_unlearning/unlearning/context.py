@@ -77,7 +77,8 @@ class ContextTerm:
     ) -> dict[str, torch.Tensor]:
         """`terms` with the context term added to "total" and reported as "context";
         `logits` are the model's on the original images at `rows`."""
-        with model.autocast():
+        # batch norm in train mode pools its statistics across ranks here too (distributed)
+        with model.autocast(), distributed.pooled_batch_norms(model.net):
             cf_logits = model.scoped_forward(self.inputs[rows]).float()
         term = logits.new_zeros(())
         if "blind" in self.mode:
