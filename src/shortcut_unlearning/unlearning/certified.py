@@ -371,7 +371,8 @@ class CertifiedOperator(Operator):
         stop = (
             f"stopped once the retain loss of {self.validation_share:.0%} of the unrefined "
             f"retain images, held out of training and measured every {self.validate_every} "
-            f"steps, has not improved {self.patience} times, the best weights measured released"
+            f"steps, has not improved {self.patience} times, the best weights measured released "
+            "(with too few unrefined images to hold one out: no probe, the last weights)"
             if self.validation_share and self.retain_images != "refined"
             else "no validation probe (no unrefined retain image to hold out), the last "
             "weights released"
