@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut_unlearning import evaluation, experiment
+from shortcut_unlearning import benchmarks, evaluation, experiment
 from shortcut_unlearning import masks as masklib
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.experiment import RunConfig
@@ -260,7 +260,7 @@ def _mean_sd(values) -> tuple[float, float]:
 def table(rows: dict) -> str:
     """Mean ± sd over seeds, with the mean of the per-seed 95 % bootstrap intervals."""
     head = ["model", *(title for _, title in COLUMNS), "collapsed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = benchmarks.table_head(head)
     for name, per_seed in rows.items():
         cells = [name]
         for key, _ in COLUMNS:
@@ -346,7 +346,7 @@ def fraction_table(results: list[dict], split: str) -> tuple[str, dict]:
         "band reliance",
         "Dice",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = benchmarks.table_head(head)
     for method, by_fraction in curves.items():
         for fraction, stats in by_fraction.items():
             images = "/".join(map(str, stats["images"]))

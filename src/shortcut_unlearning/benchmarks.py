@@ -299,7 +299,7 @@ def markdown(summary: dict) -> str:
         "wall s",
         "collapsed",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(head)
     for name, stats in summary.items():
         cells = [name]
         for key in (*COLUMNS, "wall_s"):
@@ -655,6 +655,11 @@ def _ranking_summary(runs, orders, fractions, reference) -> dict:
     return {"cells": summary, "paired": paired, "ratios": ratios}
 
 
+def table_head(columns) -> list[str]:
+    """The first two lines of a markdown table with these column names."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _write_summary(out: Path, result: dict, table: str) -> dict:
     """summary.json and summary.md of a benchmark in `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -710,7 +715,7 @@ def ranking_markdown(result: dict) -> str:
         "Dice",
         "picks with artefact",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(head)
     for cell in result["cells"].values():
         picks = fmt(cell["picks_with_artefact"], 2) if "picks_with_artefact" in cell else ""
         share = f"{cell['fraction']:.0%}" if cell["fraction"] else "none"
@@ -721,7 +726,7 @@ def ranking_markdown(result: dict) -> str:
         )
     lines += ["", "Paired difference against random order (same seed, same coarse model):", ""]
     head = ["difference", *(c.replace("_", " ") for c in cols)]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += table_head(head)
     for name, diff in result["paired"].items():
         lines.append(f"| {name} | " + " | ".join(fmt(diff[c]) for c in cols) + " |")
     reference = result["reference"]
@@ -749,7 +754,7 @@ def ranking_markdown(result: dict) -> str:
         "",
     ]
     head = ["method", *(f"{f:.0%}" for f in fractions), f"covered at {reference:.0%}", "seconds"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += table_head(head)
     methods = dict.fromkeys(r["method"] for r in result["precision"])
     for method in methods:
         rows = [r for r in result["precision"] if r["method"] == method]
