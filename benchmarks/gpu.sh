@@ -3,7 +3,8 @@
 # the repository's root: installs this project and the packages the machine lacks from the
 # wheels in .whl/ (made by benchmarks/gpu_wheels.sh), then runs every CUDA path and the
 # speed table; about 4 minutes on one H200 is the plan, under 8 the limit.
-#   bash benchmarks/gpu.sh [OUT_DIR]      (default: $OUT/gpu, else out/gpu)
+#   bash benchmarks/gpu.sh [OUT_DIR [FLAG ...]]   (default: $OUT/gpu, else out/gpu; flags such
+#                                                 as --epochs 12 override the sizes below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-out}/gpu}
@@ -14,4 +15,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv |
 python3 -c "import torch, shortcut_unlearning as s; print(torch.__version__, s.__file__)"
 mkdir -p "$out"
 python3 -m shortcut_unlearning.cli bench gpu --device cuda --n 512 --image-size 256 \
-  --batch-size 32 --epochs 3 --steps 60 --repeats 3 --out "$out" 2>&1 | tee "$out/log.txt"
+  --batch-size 32 --epochs 3 --steps 60 --repeats 3 --out "$out" "${@:2}" 2>&1 |
+  tee "$out/log.txt"

@@ -34,6 +34,9 @@ def test_the_gpu_check_runs_every_path_on_the_cpu(tmp_path, capsys, monkeypatch)
             row["images_per_cpu_s"] / cpu_base
         )
         assert row["fast_paths_apply"] == (row["variant"] == BASELINE)  # no bf16 on a CPU
+    bare = report["bare"]  # the anchor model has no cached variant (nothing frozen)
+    assert len(bare) == 2 * (2 * len(VARIANTS) - 1) and all(r["images_per_s"] > 0 for r in bare)
+    assert [r["ratio_to_plain_fp32"] for r in bare[:1] + bare[4:5]] == [1.0, 1.0]
     operators = {row["operator"]: row for row in report["operators"]}
     assert set(operators) == set(OPERATORS)
     assert all(row["finite"] and row["model_device"] == "cpu" for row in operators.values())

@@ -3,6 +3,10 @@
 Runs on whatever device it is given: on a GPU machine through `benchmarks/gpu.sh`, on a CPU at
 small sizes (a test does). Writes gpu_check.json and gpu_check.md into its output folder.
 
+- bare: the anchor's loop stripped of ours (Adam steps on tensors already on the device, no
+  data movement, validation or metrics), for the issue's anchor model (smp's default U-Net,
+  every layer trained) and for our default model (small decoder, decoder scope), each variant
+  with cuDNN's autotuner off and on: what a loop can gain from bf16 and the cache on this card;
 - speed: training (`training.train`) and unlearning (NegGrad-Seg through `Operator.run`) as
   users run them, from uint8 arrays in host memory (moving them to the device, the feature
   cache, validation or the probe included), each in three variants: plain fp32 (no autocast,
@@ -87,6 +91,7 @@ def run_check(config: CheckConfig, out: Path | str) -> dict:
         "refined_images": len(prepared.refined),
     }
     sections = {
+        "bare": lambda: bare_steps(config, device, config.steps, max(2, config.steps // 4)),
         "speed": lambda: speed_table(config, device, prepared),
         "host_waits": lambda: host_waits(config, device, prepared, model),
         "operators": lambda: operator_runs(config, device, prepared, model),
@@ -163,11 +168,77 @@ class _Clock:
         self.wall, self.cpu = _finish(self.device) - self.wall, time.process_time() - self.cpu
 
 
-def _model(config: CheckConfig, device, fast: bool) -> Model:
-    model_config = ModelConfig(encoder=config.encoder, image_size=config.size, seed=config.seed)
-    model = Model(model_config, device)
+def _model(config: CheckConfig, device, fast: bool, base: ModelConfig | None = None) -> Model:
+    base = base or ModelConfig()
+    model = Model(
+        replace(base, encoder=config.encoder, image_size=config.size, seed=config.seed), device
+    )
     model.use_fast_paths(fast)
     return model
+
+
+BARE_MODELS = {
+    "anchor (smp default decoder, all layers trained)": ModelConfig(
+        decoder_channels=(256, 128, 64, 32, 16), scope="all"
+    ),
+    "ours (small decoder, decoder scope)": ModelConfig(),
+}
+
+
+def bare_steps(config: CheckConfig, device, steps: int, warmup: int) -> list[dict]:
+    """Images per second of bare Adam steps on random device tensors, per model, variant and
+    cuDNN autotuner setting; the ratio is to the same model's plain fp32 without autotuning."""
+    batch, size = config.batch_size, config.size
+    generator = torch.Generator(device).manual_seed(config.seed)
+    shape = (batch, size, size, 3)
+    images = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
+    targets = torch.randint(0, 3, (batch, size, size), generator=generator, device=device)
+    rows = []
+    for label, base in BARE_MODELS.items():
+        plain = None
+        for name, (fast, cache) in VARIANTS.items():
+            if cache and base.scope == "all":
+                continue  # nothing frozen to cache
+            for autotune in (False, True):
+                model = _model(config, device, fast, base)
+                torch.backends.cudnn.benchmark = autotune
+                seconds = _bare_seconds(model, images, targets, cache, steps, warmup)
+                rate = steps * batch / seconds
+                plain = plain or rate
+                rows.append(
+                    {
+                        "model": label,
+                        "variant": name,
+                        "cudnn_autotune": autotune,
+                        "images_per_s": rate,
+                        "ratio_to_plain_fp32": rate / plain,
+                    }
+                )
+    torch.backends.cudnn.benchmark = False
+    return rows
+
+
+def _bare_seconds(model: Model, images, targets, cache: bool, steps: int, warmup: int) -> float:
+    optimiser = torch.optim.Adam(model.scoped_parameters(), lr=1e-3)
+    x = model.to_input(images)
+    with torch.no_grad(), model.autocast():
+        cached = model.frozen_features(x) if cache else None
+
+    def step():
+        model.train_mode()
+        with model.autocast():
+            frozen = cached if cache else model.frozen_features(x)
+            loss = torch.nn.functional.cross_entropy(model.scoped_forward(frozen).float(), targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    for _ in range(warmup):
+        step()
+    with _Clock(model.device) as clock:
+        for _ in range(steps):
+            step()
+    return clock.wall
 
 
 def _train(config, device, prepared, fast, cache, images=None) -> tuple[Model, _Clock, int]:
@@ -482,6 +553,7 @@ def markdown(report: dict) -> str:
         "",
     ]
     for name, lines_of in (
+        ("bare", _bare_lines),
         ("speed", _speed_lines),
         ("host_waits", _waits_lines),
         ("operators", lambda rows: [_operator_line(row) for row in rows]),
@@ -511,6 +583,21 @@ def _speed_lines(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {row['loop']} | {row['variant']}{note} | {row['images_per_s']:.1f} | "
             f"{row['ratio_to_plain_fp32']:.2f} | {row['cpu_time_ratio_to_plain_fp32']:.2f} |"
+        )
+    return [*lines, ""]
+
+
+def _bare_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "Bare steps on device tensors (no data movement, validation or metrics):",
+        "",
+        "| model | variant | cuDNN autotuner | images/s | ratio to plain fp32 |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['variant']} | {'on' if row['cudnn_autotune'] else 'off'} "
+            f"| {row['images_per_s']:.1f} | {row['ratio_to_plain_fp32']:.2f} |"
         )
     return [*lines, ""]
 
