@@ -109,6 +109,7 @@ def run_seed(
     balanced: int = 240,
     fractions: tuple[float, ...] = FRACTIONS,
     methods: tuple[str, ...] = tuple(METHODS),
+    device: str = "cpu",
 ) -> dict:
     """Everything of one seed: data (`n` training and reversed-test images, `balanced`
     balanced-test images), the shared models, every method at every fraction."""
@@ -125,8 +126,9 @@ def run_seed(
         seed=seed,
         epochs=epochs,
         quiet=True,
+        device=device,
     )
-    device = resolve_device("cpu")
+    device = resolve_device(device)
     prepared = experiment.prepare_data(config)
     sets = evalsets(folder, size, tuple(card["generator"]["spurious"]), prepared)
     order = np.random.default_rng(seed).permutation(len(prepared.train))
@@ -178,6 +180,7 @@ def run_seed(
             "balanced": balanced,
             "fractions": list(fractions),
             "methods": list(methods),
+            "device": str(device),
         },
         "data": card,
         "n_train": len(prepared.train),
@@ -526,6 +529,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="where the data folders go (OUT/data)"
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, auto ...: where models train and unlearn"
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     fractions = tuple(float(f) for f in args.fractions.split(","))
@@ -550,6 +556,7 @@ def main(argv=None) -> int:
                 args.balanced,
                 fractions,
                 methods,
+                args.device,
             )
             path.write_text(json.dumps(result, indent=1, default=float) + "\n")
             print(f"seed {seed} done in {result['seconds']:.0f} s", flush=True)
