@@ -120,6 +120,17 @@ def _load(path) -> dict[str, dict]:
     return jobs
 
 
+def _raised_by_failing_main() -> int:
+    """1: this rank raised rank 0's own error; 2: it raised the RuntimeError naming it."""
+    try:
+        distributed.from_main(lambda: 1 / 0)
+    except ZeroDivisionError:
+        return 1
+    except RuntimeError as error:
+        return 2 if "ZeroDivisionError" in str(error) else 3
+    return 0
+
+
 def _worker(rank: int, store: str, folder: str) -> None:
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):  # a container's hostname may not resolve
@@ -134,7 +145,9 @@ def _worker(rank: int, store: str, folder: str) -> None:
     )
     try:
         assert distributed.world() == WORLD and distributed.rank() == rank
-        _save(_jobs(wrong=True), f"{folder}/rank{rank}.safetensors")
+        jobs = _jobs(wrong=True)
+        jobs["rank 0 fails"] = {"raised": np.array([_raised_by_failing_main()])}
+        _save(jobs, f"{folder}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
 
@@ -187,6 +200,12 @@ def test_two_processes_equal_one(runs, job):
                 np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5, err_msg=key)
         # the probe ran on rank 0 and its metrics reached every rank
         assert [r[job]["probed_on"].tolist() for r in ranks] == [[0], [0]]
+
+
+def test_a_failure_on_rank_0_stops_every_rank_at_once(runs):
+    # Without the broadcast failure, rank 1 would wait until the 3-minute timeout and fail.
+    ranks, _ = runs
+    assert [r["rank 0 fails"]["raised"].tolist() for r in ranks] == [[1], [2]]
 
 
 def test_a_wrong_sharding_differs(runs):

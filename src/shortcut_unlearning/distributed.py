@@ -191,12 +191,25 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 
 def from_main(compute: Callable[[], T]) -> T:
     """`compute()` on rank 0, its (picklable) result broadcast to every rank; the others do
-    not compute it. In one process, just compute()."""
+    not compute it, and raise RuntimeError naming rank 0's exception when it fails. In one
+    process, just compute()."""
     if world() == 1:
         return compute()
-    box = [compute() if is_main() else None]
+    # A failure on rank 0 is broadcast too: the other ranks raise at once instead of waiting
+    # for a result until the collective times out.
+    box, error = [None], None
+    if is_main():
+        try:
+            box = [(compute(), None)]
+        except Exception as caught:
+            box, error = [(None, f"{type(caught).__name__}: {caught}")], caught
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if error is not None:
+        raise error
+    value, failure = box[0]
+    if failure is not None:
+        raise RuntimeError(f"rank 0 failed, so this rank stops too: {failure}")
+    return value
 
 
 # -- batch norm pooled over ranks --------------------------------------------------------------
