@@ -82,6 +82,18 @@ def test_a_context_setting_outside_the_list_is_refused():
         make_operator("finetune", context="blind", context_weight=-1)
 
 
+def test_run_takes_the_context_term_from_the_command_line():
+    from shortcut_unlearning.cli import UsageError, _run_config, build_parser
+    from shortcut_unlearning.experiment import build_operator
+
+    parser = build_parser()
+    for argv, expected in ((["run"], "off"), (["run", "--context", "blind"], "blind")):
+        config = _run_config(parser.parse_args(argv))
+        assert build_operator(config).context == expected
+    with pytest.raises(UsageError, match="invalid choice: 'inpaint'"):
+        parser.parse_args(["run", "--context", "inpaint"])
+
+
 def _counterfactual_gap(model, data) -> float:
     """Mean |malignancy score change| of the refined images when their forget pixels are
     inpainted: band reliance on the images unlearning saw."""

@@ -178,7 +178,7 @@ def _config(args, **overrides):
 def _run_config(args):
     """The RunConfig of `run`: the flags, epsilon and delta among the operator's options."""
     privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
-    return _config(args, operator_options=privacy)
+    return _config(args, operator_options={**privacy, "context": args.context})
 
 
 def _expectation(config) -> str | None:
@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiment import REFINE_ORDERS, RunConfig
     from .model import MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
+    from .unlearning.context import CONTEXT_TERMS
 
     parser = _Parser(prog="shortcut-unlearning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -511,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--scope",
         choices=SCOPES,
         help="parameters to unlearn in (default: the model's scope)",
+    )
+    run.add_argument(
+        "--context",
+        choices=CONTEXT_TERMS,
+        default="off",
+        help="the project's context term (docs/method.md section 10): the refined images' "
+        "retain loss also on copies with their forget pixels inpainted (blind), predictions "
+        "kept equal on both (consistent); off, the default, is the paper's method",
     )
     run.add_argument(
         "--accept-collapse",
