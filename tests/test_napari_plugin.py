@@ -144,10 +144,17 @@ def test_edits_come_back_in_a_new_viewer(make_napari_viewer, qtbot, small_model)
 def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, qtbot, small_model)
+    widget.steps.setValue(12)
     widget.method.setCurrentIndex(widget.method.findData("model-clipping"))
+    assert widget.steps.value() == 400  # the relearn steps are remembered apart
+    widget.steps.setValue(90)
     widget.seed.setValue(7)
     assert "certified by model-clipping" in widget.preview.text()
     assert not widget.epsilon.isHidden()
+    widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
+    assert widget.steps.value() == 12
+    widget.method.setCurrentIndex(widget.method.findData("model-clipping"))
+    assert widget.steps.value() == 90 and widget.bench.operator().finetune_steps == 90
     viewer2 = make_napari_viewer()
     second = open_widget(viewer2, qtbot, small_model)
     assert second.method.currentData() == "model-clipping" and second.seed.value() == 7

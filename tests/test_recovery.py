@@ -111,7 +111,7 @@ def test_the_noise_is_not_reproducible_from_the_run_seed(data, operator):
 def test_the_expectation_needs_no_model():
     line = GradientClipping().expectation()
     assert line.startswith("gradient-clipping at (1, 1e-05): 10 noisy steps of sigma 0.512")
-    assert "<= 0.124" in line and "eps 10.7" in line and "up to 100 recovery steps" in line
+    assert "<= 0.124" in line and "eps 10.7" in line and "up to 400 recovery steps" in line
     assert "1 noisy step of" in ModelClipping(epsilon=10).expectation()
 
 

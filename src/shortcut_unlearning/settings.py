@@ -20,6 +20,7 @@ DEFAULTS = {
     "epsilon": 1.0,
     "delta": 1e-5,
     "steps": 60,
+    "relearn_steps": 400,  # the certified methods' noise-free recovery (finetune_steps)
     "device": "auto",
     "seed": 0,
 }

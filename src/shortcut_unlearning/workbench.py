@@ -237,7 +237,7 @@ class Workbench:
         certified = p["method"] in CERTIFIED
         return make_operator(
             p["method"],
-            steps=p["steps"],
+            steps=p["relearn_steps"] if certified else p["steps"],
             seed=p["seed"],
             scope=p["scope"],
             **({"epsilon": p["epsilon"], "delta": p["delta"]} if certified else {}),

@@ -56,6 +56,8 @@ class ShortcutUnlearningWidget(QWidget):
         self._pending: set[int] | None = set()  # images to check at the next sync
         self.worker = self.cancel = None
         self._ready = False  # PyTorch and the model are loaded
+        self._certified: set[str] = set()  # the registry's certified methods, once loaded
+        self._steps_for = "steps"  # the parameter the Steps box shows (relearn_steps: certified)
         self._edit_timer = QTimer(self, singleShot=True, interval=0)
         self._edit_timer.timeout.connect(self.apply_edits)
         self._build()
@@ -216,6 +218,7 @@ class ShortcutUnlearningWidget(QWidget):
             control.setEnabled(True)
         self._set_parameters(self.bench.parameters)
         self.results.current.setText(self.bench.status())
+        self.results.warm_text()
         if problem:
             self.preview.setText(f"Could not load the model: {problem}")
 
@@ -251,7 +254,7 @@ class ShortcutUnlearningWidget(QWidget):
             "scope": self.scope.currentData(),
             "epsilon": float(self.epsilon.value()),
             "delta": self.bench.parameters["delta"] if delta is None else delta,
-            "steps": int(self.steps.value()),
+            self._steps_for: int(self.steps.value()),
             "device": self.device.currentText(),
             "seed": int(self.seed.value()),
         }
@@ -262,11 +265,15 @@ class ShortcutUnlearningWidget(QWidget):
         self.scope.setCurrentIndex(max(0, self.scope.findData(values["scope"])))
         self.epsilon.setValue(values["epsilon"])
         self.delta.setText(f"{values['delta']:g}")
-        self.steps.setValue(values["steps"])
+        self._steps_for = self._steps_key(values["method"])
+        self.steps.setValue(values[self._steps_for])
         self.device.setCurrentText(values["device"])
         self.seed.setValue(values["seed"])
         self._restoring = False
         self._parameters_changed()
+
+    def _steps_key(self, method: str) -> str:
+        return "relearn_steps" if method in self._certified else "steps"
 
     def restore_defaults(self) -> None:
         self._set_parameters(DEFAULTS)
@@ -282,6 +289,12 @@ class ShortcutUnlearningWidget(QWidget):
         for widget in (self.epsilon, self.delta):
             widget.setVisible(certified)
             self.form.labelForField(widget).setVisible(certified)
+        if self._steps_key(self.bench.parameters["method"]) != self._steps_for:
+            # Steps and relearn steps are remembered apart: show the chosen method's.
+            self._steps_for = self._steps_key(self.bench.parameters["method"])
+            self.steps.blockSignals(True)
+            self.steps.setValue(self.bench.parameters[self._steps_for])
+            self.steps.blockSignals(False)
         self.form.labelForField(self.steps).setText("Relearn steps" if certified else "Steps")
         device = _device_in_use(self.bench.parameters["device"])
         try:
@@ -647,6 +660,7 @@ _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortcut-unlearn
 def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, bool], str | None]:
     """In a worker: import PyTorch and load the model. Returns the registry's operators
     (name: certified) and what went wrong with the model, if anything."""
+    from .. import saliency  # noqa: F401  (captum and matplotlib: not on a run's first step)
     from ..unlearning import CERTIFIED, OPERATORS
 
     operators = {name: name in CERTIFIED for name in OPERATORS}
