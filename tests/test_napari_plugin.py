@@ -141,6 +141,24 @@ def test_edits_come_back_in_a_new_viewer(make_napari_viewer, qtbot, small_model)
     np.testing.assert_array_equal(widget.refined_layer.data, edited)
 
 
+def test_the_canvas_text_is_warmed_up_unseen_and_left_as_it_was(
+    make_napari_viewer, qtbot, small_model
+):
+    from shortcut_unlearning.napari._layers import text_overlay
+
+    viewer = make_napari_viewer()
+    overlay = text_overlay(viewer)
+    colour = overlay.color
+    widget = open_widget(viewer, qtbot, small_model)
+    seen = []  # while warming up: visible only in a transparent colour
+    overlay.events.text.connect(lambda e: seen.append((overlay.visible, overlay.color[3])))
+    qtbot.waitUntil(lambda: not overlay.visible and overlay.text == "", timeout=10_000)
+    qtbot.wait(200)
+    assert widget._ready and not overlay.visible and overlay.text == ""
+    np.testing.assert_array_equal(overlay.color, colour)
+    assert all(alpha == 0 for visible, alpha in seen if visible)
+
+
 def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, qtbot, small_model)

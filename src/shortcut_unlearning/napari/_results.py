@@ -40,6 +40,7 @@ class ResultsView(QGroupBox):
         super().__init__("Results")
         self.viewer, self.bench, self._images, self._refined = viewer, bench, images, refined
         self._steps: list = []  # what is left to draw, one step per turn of the event loop
+        self._warmed = False  # the canvas text's glyphs (warm_text)
         self.current = text(bench.status())
         self.current.setStyleSheet("font-weight: bold")
         self.result = text("")
@@ -75,7 +76,11 @@ class ResultsView(QGroupBox):
     def warm_text(self, chunk: int = 12) -> None:
         """Draw the canvas text's glyphs once, transparent, a few per turn of the event loop.
         vispy rasterises each glyph on its first draw (about 2.5 ms each), which froze the
-        first result display for about 250 ms; in chunks no turn takes more than about 30."""
+        first result display for about 250 ms; in chunks no turn takes more than about 30.
+        Once per view (the model may load again)."""
+        if self._warmed:
+            return
+        self._warmed = True
         overlay = _layers.text_overlay(self.viewer)
         glyphs = string.ascii_letters + string.digits + " :;,.%()->_"
         chunks = [glyphs[i : i + chunk] for i in range(0, len(glyphs), chunk)]
