@@ -31,6 +31,18 @@ from . import _layers
 from ._qt import button, row, text
 from ._texts import TIPS, legend_html, method_label
 
+# Every glyph show_current_image writes on the canvas (words, numbers, S_global's change).
+TEXT_GLYPHS = "".join(
+    sorted(
+        set(
+            "Left: before, right: after run ; S_global lower higher nats/px This image "
+            "(malignant benign): malignancy -> was not measured (a run measures images)"
+            + string.digits
+            + ".%e+-n/a"
+        )
+    )
+)
+
 
 class ResultsView(QGroupBox):
     """Results of the run on display. `images()` names the image layer; `refined()` is the
@@ -73,17 +85,16 @@ class ResultsView(QGroupBox):
         self.viewer.dims.events.current_step.connect(self.show_current_image)
         self.display(None)
 
-    def warm_text(self, chunk: int = 12) -> None:
+    def warm_text(self, chunk: int = 6) -> None:
         """Draw the canvas text's glyphs once, transparent, a few per turn of the event loop.
-        vispy rasterises each glyph on its first draw (about 2.5 ms each), which froze the
-        first result display for about 250 ms; in chunks no turn takes more than about 30.
-        Once per view (the model may load again)."""
+        vispy rasterises each glyph on its first draw, which froze the first result display
+        for about 250 ms. Measured under Xvfb: the first turn about 140 ms (the overlay is
+        made), later ones about 50. Once per view (the model may load again)."""
         if self._warmed:
             return
         self._warmed = True
         overlay = _layers.text_overlay(self.viewer)
-        glyphs = string.ascii_letters + string.digits + " :;,.%()->_"
-        chunks = [glyphs[i : i + chunk] for i in range(0, len(glyphs), chunk)]
+        chunks = [TEXT_GLYPHS[i : i + chunk] for i in range(0, len(TEXT_GLYPHS), chunk)]
         colour = overlay.color
 
         def next_chunk():
