@@ -189,3 +189,28 @@ def test_imagenet_on_the_command_line_and_names_smp_does_not_have(monkeypatch, t
     monkeypatch.setattr("shortcut_unlearning.experiment.train_model", train_model)
     with pytest.raises(Reached, match="imagenet"):  # the flag reaches training
         main(["run", *flags, "--encoder-weights", "imagenet", "--out", str(tmp_path / "r2")])
+
+
+def test_the_encoder_line_says_where_the_weights_came_from(encoder_file, tmp_path):
+    from shortcut_unlearning.model import encoder_origin
+
+    path, _ = encoder_file
+    pretrained = Model(ModelConfig(encoder="mobilenet_v2", **SMALL), encoder_checkpoint=path)
+    line = encoder_origin(pretrained.config)
+    assert line.startswith("Encoder (frozen): mobilenet_v2, pretrained (encoder.safetensors)")
+    assert line.endswith("never saw the coarse labels")
+    assert "random weights; never saw" in encoder_origin(Model(ModelConfig(**SMALL)).config)
+    whole = Model(ModelConfig(scope="all", **SMALL)).config
+    assert encoder_origin(whole) == "Encoder: resnet18, trained with the rest on this model's masks"
+    unknown = ModelConfig(**SMALL)  # a checkpoint from elsewhere: no provenance
+    assert encoder_origin(unknown).endswith("not known whether it saw the coarse labels")
+
+
+def test_the_plugin_preview_names_the_sample_models_pretrained_encoder():
+    from shortcut_unlearning.workbench import Workbench
+
+    bench = Workbench(parameters={"device": "cpu"})  # the shipped sample model
+    bench.current_model()
+    assert "mobilenet_v2, pretrained (encoder_mobilenet_v2.safetensors); never saw" in (
+        bench.preview()
+    )

@@ -69,6 +69,24 @@ class ModelConfig:
             raise ValueError("decoder_channels needs 5 entries, one per U-Net decoder block")
 
 
+def encoder_origin(config: ModelConfig) -> str:
+    """One line on the model's encoder: where its weights came from and whether they ever
+    saw the coarse labels (from the provenance its checkpoint carries)."""
+    if config.scope == "all":
+        return f"Encoder: {config.encoder}, trained with the rest on this model's masks"
+    record = config.provenance.get("encoder") or {}
+    weights = record.get("weights") or config.encoder_weights or "random"
+    source = {
+        "random": "random weights",
+        FROM_CHECKPOINT: f"pretrained ({record.get('checkpoint', 'an encoder checkpoint')})",
+    }.get(weights, f"{weights} weights")
+    seen = {
+        True: "saw the coarse labels",
+        False: "never saw the coarse labels",
+    }.get(record.get("saw_coarse_labels"), "not known whether it saw the coarse labels")
+    return f"Encoder (frozen): {config.encoder}, {source}; {seen}"
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; a named device must be available."""
     if name == "auto":

@@ -245,6 +245,7 @@ class Workbench:
 
     def preview(self) -> str:
         """What the chosen operator will do: the certificate and its warnings, before a run."""
+        from .model import encoder_origin
         from .unlearning.certified import CertifiedOperator, collapse_warning
 
         try:
@@ -252,7 +253,8 @@ class Workbench:
         except ValueError as error:
             return str(error)
         if not isinstance(operator, CertifiedOperator):
-            return f"{operator.steps} steps; not certified (no formal guarantee)."
+            encoder = f"\n{encoder_origin(self.current_model().config)}" if self.loaded else ""
+            return f"{operator.steps} steps; not certified (no formal guarantee).{encoder}"
         if not self.loaded:  # what to expect needs no model
             return f"{operator.expectation()}.\nCertificate: shown once the model is loaded."
         certificate = operator.certificate(self.current_model())
