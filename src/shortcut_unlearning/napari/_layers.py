@@ -90,17 +90,21 @@ def set_result_layer(viewer, name: str, data, kind: str, **style):
             layer.visible = True
             return layer
     contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
-    colorbar = style.pop("colorbar", None)
+    if kind == "labels":  # given when adding: set afterwards, the layer is drawn twice
+        style["colormap"] = class_colormap()
     add = viewer.add_image if kind == "image" else viewer.add_labels
     layer = add(data, name=name, metadata={RESULT: True}, **style)
     if contour:
         layer.contour = contour
-    if kind == "labels":
-        layer.colormap = class_colormap()
-    if colorbar:
-        layer.colorbar.visible = True
-        layer.colorbar.position = colorbar
     return layer
+
+
+def show_colorbar(viewer, name: str, position: str) -> None:
+    """The colour bar of this plugin's result layer `name` (its own step: napari takes about
+    100 ms to make one, as long as adding the layer)."""
+    layer = viewer.layers[name]
+    layer.colorbar.visible = True
+    layer.colorbar.position = position
 
 
 def remove_result_layers(viewer, keep=()) -> None:

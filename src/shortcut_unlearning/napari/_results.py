@@ -170,7 +170,7 @@ class ResultsView(QGroupBox):
                 _layers.SALIENCY_LAYER,
                 panels,
                 "image",
-                {"contrast_limits": limits, "colorbar": "bottom_right", **heat},
+                {"contrast_limits": limits, **heat},
             ),
             (_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
         ]
@@ -178,6 +178,9 @@ class ResultsView(QGroupBox):
             (lambda spec=spec: _layers.set_result_layer(self.viewer, *spec[:3], **spec[3]))
             for spec in layers
         ]
+        self._steps.insert(
+            2, lambda: _layers.show_colorbar(self.viewer, _layers.SALIENCY_LAYER, "bottom_right")
+        )
         self._steps.append(self._drawn)
         self._draw_next()
 
