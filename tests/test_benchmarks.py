@@ -48,3 +48,17 @@ def test_bench_command(tmp_path, capsys):
         == 0
     )
     assert '"speedup"' in capsys.readouterr().out
+
+
+def test_the_curve_plot_skips_what_a_test_split_cannot_measure(tmp_path):
+    # A test split without a conflicting group: that column is NaN for every model. The plot
+    # once failed on it (log x-axis with no data) after a 20-minute benchmark.
+    import math
+
+    epsilons = [1.0, 3.0]
+    names = [*benchmarks.STATES, "neggrad-seg"]
+    names += [f"{n}@{e:g}" for n in ("gradient-clipping", "model-clipping") for e in epsilons]
+    stats = {k: {"mean": 0.5, "std": 0.1} for k in benchmarks.CURVE_KEYS}
+    stats["conflicting_auroc"] = {"mean": math.nan, "std": math.nan}
+    path = benchmarks.curve_plot({n: stats for n in names}, epsilons, tmp_path / "curve.png")
+    assert path.stat().st_size > 0

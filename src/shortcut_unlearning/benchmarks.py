@@ -365,8 +365,8 @@ def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
     for ax, key in zip(axes, CURVE_KEYS, strict=True):
         for name, colour in zip(CERTIFIED, colours, strict=False):
             stats = [summary.get(f"{name}@{e:g}", {}).get(key) for e in epsilons]
-            if not all(stats):
-                continue
+            if not all(stats) or not np.isfinite([v["mean"] for v in stats]).any():
+                continue  # not measured (e.g. no conflicting group in this test split)
             ax.errorbar(
                 epsilons,
                 [v["mean"] for v in stats],
@@ -379,10 +379,13 @@ def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
             )
         for name, colour in zip(references, colours[len(CERTIFIED) :], strict=True):
             mean, std = summary[name][key]["mean"], summary[name][key]["std"]
+            if not np.isfinite(mean):
+                continue
             ax.axhline(mean, color=colour, linestyle="--", linewidth=1, label=name)
             if np.isfinite(std):
                 ax.axhspan(mean - std, mean + std, color=colour, alpha=0.08)
         ax.set_xscale("log")
+        ax.set_xlim(min(epsilons) / 1.5, max(epsilons) * 1.5)  # also when nothing was drawn
         ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
         ax.set_xlabel("epsilon (delta 1e-5)")
         ax.set_title(titles[key], fontsize=9)
