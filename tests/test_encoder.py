@@ -197,7 +197,7 @@ def test_the_encoder_line_says_where_the_weights_came_from(encoder_file, tmp_pat
     path, _ = encoder_file
     pretrained = Model(ModelConfig(encoder="mobilenet_v2", **SMALL), encoder_checkpoint=path)
     line = encoder_origin(pretrained.config)
-    assert line.startswith("Encoder (frozen): mobilenet_v2, pretrained (encoder.safetensors)")
+    assert line.startswith("Encoder: mobilenet_v2 (frozen), pretrained; never saw")
     assert line.endswith("never saw the coarse labels")
     assert "random weights; never saw" in encoder_origin(Model(ModelConfig(**SMALL)).config)
     whole = Model(ModelConfig(scope="all", **SMALL)).config
@@ -211,6 +211,4 @@ def test_the_plugin_preview_names_the_sample_models_pretrained_encoder():
 
     bench = Workbench(parameters={"device": "cpu"})  # the shipped sample model
     bench.current_model()
-    assert "mobilenet_v2, pretrained (encoder_mobilenet_v2.safetensors); never saw" in (
-        bench.preview()
-    )
+    assert "mobilenet_v2 (frozen), pretrained; never saw the coarse labels" in bench.preview()

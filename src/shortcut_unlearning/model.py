@@ -76,15 +76,14 @@ def encoder_origin(config: ModelConfig) -> str:
         return f"Encoder: {config.encoder}, trained with the rest on this model's masks"
     record = config.provenance.get("encoder") or {}
     weights = record.get("weights") or config.encoder_weights or "random"
-    source = {
-        "random": "random weights",
-        FROM_CHECKPOINT: f"pretrained ({record.get('checkpoint', 'an encoder checkpoint')})",
-    }.get(weights, f"{weights} weights")
+    source = {"random": "random weights", FROM_CHECKPOINT: "pretrained"}.get(
+        weights, f"{weights} weights"
+    )
     seen = {
         True: "saw the coarse labels",
         False: "never saw the coarse labels",
     }.get(record.get("saw_coarse_labels"), "not known whether it saw the coarse labels")
-    return f"Encoder (frozen): {config.encoder}, {source}; {seen}"
+    return f"Encoder: {config.encoder} (frozen), {source}; {seen}"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
