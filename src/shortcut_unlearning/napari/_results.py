@@ -9,6 +9,7 @@ Revert and Export act on the workbench; the box only shows what it holds.
 from __future__ import annotations
 
 import string
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -159,29 +160,37 @@ class ResultsView(QGroupBox):
         panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
         predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
         heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
-        layers = [
-            (
+        viewer = self.viewer
+        self._steps = [
+            partial(
+                _layers.set_result_layer,
+                viewer,
                 _layers.AFTER_IMAGES,
                 images.data,
                 "image",
-                {"rgb": images.rgb, "translate": (0, 0, offset)},
+                rgb=images.rgb,
+                translate=(0, 0, offset),
             ),
-            (
+            partial(
+                _layers.set_result_layer,
+                viewer,
                 _layers.SALIENCY_LAYER,
                 panels,
                 "image",
-                {"contrast_limits": limits, **heat},
+                contrast_limits=limits,
+                **heat,
             ),
-            (_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
+            partial(_layers.show_colorbar, viewer, _layers.SALIENCY_LAYER, "bottom_right"),
+            partial(
+                _layers.set_result_layer,
+                viewer,
+                _layers.PREDICTION_LAYER,
+                predictions,
+                "labels",
+                contour=1,
+            ),
+            self._drawn,
         ]
-        self._steps = [
-            (lambda spec=spec: _layers.set_result_layer(self.viewer, *spec[:3], **spec[3]))
-            for spec in layers
-        ]
-        self._steps.insert(
-            2, lambda: _layers.show_colorbar(self.viewer, _layers.SALIENCY_LAYER, "bottom_right")
-        )
-        self._steps.append(self._drawn)
         self._draw_next()
 
     def _draw_next(self) -> None:
