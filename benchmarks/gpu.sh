@@ -5,7 +5,7 @@
 # speed table: 6 minutes on one H200 (5.5 for the check, 0.5 to install), under 8 the limit.
 # 12 epochs and 150 steps per timed run: with 3 and 60 fixed costs weighed too much.
 #   bash benchmarks/gpu.sh [OUT_DIR [FLAG ...]]   (default: $OUT/gpu, else out/gpu; flags such
-#                                                 as --epochs 12 override the sizes below)
+#                                                 as --epochs 3 override the sizes below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-out}/gpu}
