@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-INPUT = "ISIC2018_Task1-2_Training_Input"
-TRUTH = "ISIC2018_Task1_Training_GroundTruth"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_isic_folder import INPUT, TRUTH, writable_folder  # the same layout and checks
+
 FLAGS = ("dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches")
 
 # Generator settings and rendering of each variant. The generator renders square images at
@@ -122,11 +122,7 @@ def write_folder(
     """Write the variant's folder and return it (see the module docstring)."""
     from shortcut_unlearning.data.synthetic import SynthConfig, generate
 
-    out = Path(out).resolve()
-    if out == REPOSITORY or REPOSITORY in out.parents:
-        raise SystemExit(f"{out} is inside the repository; write the folder under /tmp")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"{out} is not empty; choose an empty folder or pass --overwrite")
+    out = writable_folder(out, overwrite)
     style = VARIANTS[variant]
     config = SynthConfig(
         n=n,

@@ -48,6 +48,17 @@ def lesion_image(height: int, width: int, seed: int) -> tuple[np.ndarray, np.nda
     return np.clip(image, 0, 255).astype(np.uint8), lesion
 
 
+def writable_folder(out: Path | str, overwrite: bool) -> Path:
+    """`out` resolved; refused inside the repository, or holding something without
+    `overwrite` (benchmarks/make_dev_isic.py checks its folders here too)."""
+    out = Path(out).resolve()
+    if out == REPOSITORY or REPOSITORY in out.parents:
+        raise SystemExit(f"{out} is inside the repository; write the folder under /tmp")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"{out} is not empty; choose an empty folder or pass --overwrite")
+    return out
+
+
 def write_folder(
     out: Path | str,
     n: int = 2594,
@@ -57,11 +68,7 @@ def write_folder(
     overwrite: bool = False,
 ) -> Path:
     """Write the folder and return it; `size` is (height, width)."""
-    out = Path(out).resolve()
-    if out == REPOSITORY or REPOSITORY in out.parents:
-        raise SystemExit(f"{out} is inside the repository; write the folder under /tmp")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SystemExit(f"{out} is not empty; choose an empty folder or pass --overwrite")
+    out = writable_folder(out, overwrite)
     (out / INPUT).mkdir(parents=True, exist_ok=True)
     (out / TRUTH).mkdir(parents=True, exist_ok=True)
     labels = np.random.default_rng(seed).integers(0, 2, n)
