@@ -192,3 +192,31 @@ def test_run_and_the_plugin_say_what_to_expect_before_a_run(tmp_path):
     assert not bench.loaded
     preview = bench.preview()  # before the model is loaded
     assert bench.operator().expectation() in preview and "<= 0.335; eps 10.7" in preview
+
+
+def test_the_recovery_starts_from_a_fresh_initialisations_scale():
+    """After the noise, batch-norm scales and biases take the value a fresh model gives them
+    (1 and 0: scaled like the weights they came out with random signs and sizes, and some
+    draws then predicted one class for every lesion); every other tensor keeps its direction
+    at a fresh tensor's norm. The frozen encoder is untouched."""
+    model, fresh = Model(TINY, "cpu"), Model(TINY, "cpu")
+    encoder = {k: v.clone() for k, v in model.net.encoder.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.scoped_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 1.6)
+    noisy = {k: v.detach().clone() for k, v in model.scoped_named_parameters().items()}
+    certified.rescale_to_initial_norms(model)
+    reference = dict(fresh.net.named_parameters())
+    constants = 0
+    for name, p in model.scoped_named_parameters().items():
+        start = reference[name].detach()
+        if bool((start == start.flatten()[0]).all()):  # batch-norm scales, biases
+            constants += 1
+            assert torch.equal(p, start), name
+        else:
+            assert float(p.norm()) == pytest.approx(float(start.norm()), rel=1e-5), name
+            cosine = torch.nn.functional.cosine_similarity(p.flatten(), noisy[name].flatten(), 0)
+            assert float(cosine) == pytest.approx(1.0, abs=1e-5), name
+    assert constants >= 2 * len(certified.scope_batch_norms(model))
+    assert all(torch.equal(v, model.net.encoder.state_dict()[k]) for k, v in encoder.items())
