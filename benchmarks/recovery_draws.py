@@ -7,10 +7,10 @@ The data are those of BENCHMARKS section 12d: 480 generated images at 64 px, 10 
 balanced test split of 240 (artefacts independent of the label). A run passes when its Dice
 is within 0.05 of NegGrad-Seg's, its worst-group AUROC at most 0.02 below the coarse model's
 and it did not collapse. Draw k of seed s seeds the noise with 1000 s + k, so a rerun repeats
-it (a real run draws from OS entropy). `--rules` also runs the recovery's previous start
-("norms": every tensor scaled to a fresh initialisation's norm, batch-norm scales too) beside
-the current one ("current"). Writes OUT/rows-<seeds>.jsonl (a row per run, as it ends) and
-OUT/summary.md (of every rows file in OUT).
+it (a real run draws from OS entropy). `--variants` runs the operators with other recovery
+settings beside the defaults ("current"), e.g. "no-dice" (cross-entropy alone). Writes
+OUT/rows-<seeds>.jsonl (a row per run, as it ends) and OUT/summary.md (of every rows file in
+OUT).
 """
 
 from __future__ import annotations
@@ -20,41 +20,23 @@ import json
 import sys
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from shortcut_unlearning import evaluation, experiment
 from shortcut_unlearning.experiment import RunConfig
-from shortcut_unlearning.model import Model, resolve_device
-from shortcut_unlearning.unlearning import certified
+from shortcut_unlearning.model import resolve_device
 
 OPERATORS = ("gradient-clipping", "model-clipping")
 
 
-@torch.no_grad()
-def _norms_only(model: Model) -> None:
-    """The previous recovery start: every scoped tensor scaled to a fresh model's norm."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        fresh = Model(replace(model.config, encoder_weights=None, provenance={}), "cpu")
-    reference = dict(fresh.net.named_parameters())
-    for name, p in model.scoped_named_parameters().items():
-        p.mul_(float(reference[name].norm()) / max(float(p.norm()), 1e-12))
-
-
-@contextmanager
-def start_rule(rule: str):
-    current = certified.rescale_to_initial_norms
-    if rule == "norms":
-        certified.rescale_to_initial_norms = _norms_only
-    try:
-        yield
-    finally:
-        certified.rescale_to_initial_norms = current
+# Settings compared with --variants: the defaults, and each change the recovery has had.
+VARIANTS = {
+    "current": {},
+    "no-dice": {"finetune_dice_weight": 0.0},  # recovery on cross-entropy alone
+}
 
 
 def _values(record: dict, outcome=None) -> dict:
@@ -65,7 +47,7 @@ def _values(record: dict, outcome=None) -> dict:
     return out
 
 
-def run_seed(seed: int, draws: int, rules: list[str], device: str, sink: Path) -> list[dict]:
+def run_seed(seed: int, draws: int, variants: list[str], device: str, sink: Path) -> list[dict]:
     """The runs of one seed, each row appended to `sink` as it ends (a killed run keeps them)."""
     config = RunConfig(
         data="synthetic", synth_n=480, synth_balanced=240, test_split="test_balanced",
@@ -80,27 +62,26 @@ def run_seed(seed: int, draws: int, rules: list[str], device: str, sink: Path) -
     with sink.open("a") as f:
         f.write(json.dumps(rows[0]) + "\n")
 
-    def unlearn(setting, method, options, draw=None, rule=None):
+    def unlearn(setting, method, options, draw=None, variant=None):
         method_config = replace(config, method=method, operator_options=options)
         clock = time.perf_counter()
-        with start_rule(rule or "current"):
-            outcome, _ = experiment.unlearn(
-                method_config, experiment.build_operator(method_config), start.model, prepared
-            )
+        outcome, _ = experiment.unlearn(
+            method_config, experiment.build_operator(method_config), start.model, prepared
+        )
         record = evaluation.evaluate(outcome.model, evalset, seed)
         rows.append(
-            {"seed": seed, "setting": setting, "draw": draw, "rule": rule,
+            {"seed": seed, "setting": setting, "draw": draw, "variant": variant,
              "seconds": time.perf_counter() - clock, **_values(record, outcome)}
         )  # fmt: skip
         with sink.open("a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
 
     unlearn("neggrad-seg", "neggrad-seg", {})
-    for rule in rules:
+    for variant in variants:
         for method in OPERATORS:
             for draw in range(draws):
-                options = {"noise_seed": 1000 * seed + draw}
-                unlearn(method, method, options, draw, rule)
+                options = {"noise_seed": 1000 * seed + draw, **VARIANTS[variant]}
+                unlearn(method, method, options, draw, variant)
     return rows
 
 
@@ -123,19 +104,19 @@ def summary(rows: list[dict]) -> str:
     judged = verdicts(rows)
     seeds = sorted({r["seed"] for r in rows})
     lines = [
-        "| rule | operator | runs | meet the criterion | worst-group AUROC - coarse: mean "
+        "| variant | operator | runs | meet the criterion | worst-group AUROC - coarse: mean "
         "[min, max] | Dice - NegGrad-Seg: min | malignant share [min, max] | collapsed |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for rule in dict.fromkeys(r["rule"] for r in judged):
+    for variant in dict.fromkeys(r["variant"] for r in judged):
         for method in OPERATORS:
-            mine = [r for r in judged if r["rule"] == rule and r["setting"] == method]
+            mine = [r for r in judged if r["variant"] == variant and r["setting"] == method]
             if not mine:
                 continue
             gap = np.array([r["wga_vs_coarse"] for r in mine])
             share = np.array([r["malignant_share"] for r in mine])
             lines.append(
-                f"| {rule} | {method} | {len(mine)} | {sum(r['meets'] for r in mine)} | "
+                f"| {variant} | {method} | {len(mine)} | {sum(r['meets'] for r in mine)} | "
                 f"{gap.mean():+.3f} [{gap.min():+.3f}, {gap.max():+.3f}] | "
                 f"{min(r['dice_vs_neggrad'] for r in mine):+.3f} | "
                 f"[{share.min():.2f}, {share.max():.2f}] | {sum(r['collapsed'] for r in mine)} |"
@@ -156,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--draws", type=int, default=4)
-    parser.add_argument("--rules", default="current", help="current, norms or both: current,norms")
+    parser.add_argument("--variants", default="current", help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--summarise", action="store_true", help="only rewrite summary.md")
     args = parser.parse_args(argv)
@@ -169,7 +150,7 @@ def main(argv=None) -> int:
         sink.unlink(missing_ok=True)
         rows = []
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows += run_seed(seed, args.draws, args.rules.split(","), args.device, sink)
+            rows += run_seed(seed, args.draws, args.variants.split(","), args.device, sink)
     (args.out / "summary.md").write_text(summary(rows) + "\n")
     print(summary(rows))
     return 0

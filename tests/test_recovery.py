@@ -220,3 +220,26 @@ def test_the_recovery_starts_from_a_fresh_initialisations_scale():
             assert float(cosine) == pytest.approx(1.0, abs=1e-5), name
     assert constants >= 2 * len(certified.scope_batch_norms(model))
     assert all(torch.equal(v, model.net.encoder.state_dict()[k]) for k, v in encoder.items())
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.0])
+def test_the_recovery_trains_on_the_dice_term_the_noisy_phase_does_not(data, weight, monkeypatch):
+    """The recovery's loss is cross-entropy plus finetune_dice_weight x the retain batch's soft
+    Dice (as training's); the noisy phase's calibrated steps stay on cross-entropy."""
+    from shortcut_unlearning.unlearning import base
+
+    calls = []
+    real = base.soft_dice_loss
+    monkeypatch.setattr(base, "soft_dice_loss", lambda *a: calls.append(1) or real(*a))
+    op = fast(finetune_steps=4, validation_share=0.0, finetune_dice_weight=weight)
+    result = drive(op.run(Model(TINY), data), quiet=True)
+    for event in result.history:
+        total = event.losses["total"]
+        if event.phase == "noisy" or not weight:
+            assert "dice" not in event.losses and total == pytest.approx(event.losses["retain"])
+        else:
+            expected = event.losses["retain"] + weight * event.losses["dice"]
+            assert total == pytest.approx(expected, rel=1e-5) and event.losses["dice"] > 0
+    assert len(calls) == (4 if weight else 0)
+    with pytest.raises(ValueError, match="finetune_dice_weight"):
+        fast(finetune_dice_weight=-1.0)

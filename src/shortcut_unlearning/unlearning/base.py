@@ -21,7 +21,7 @@ from ..masks import PixelSplit
 from ..model import FrozenInputs, Model, to_device
 from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
-from ..training import Divergence
+from ..training import Divergence, soft_dice_loss
 from .context import CONTEXT_TERMS, ContextTerm
 
 _TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
@@ -152,6 +152,10 @@ class Operator:
         """Whether the scope's batch norms normalise with batch statistics in `phase`."""
         return self.batch_statistics
 
+    def dice_weight_in(self, phase: str) -> float:
+        """Weight of the retain batch's soft Dice loss beside its cross-entropy in `phase`."""
+        return 0.0
+
     def optimiser(self, model: Model, phase: str) -> torch.optim.Optimizer:
         """The optimiser of a phase; a new one is made whenever the phase changes."""
         if self.optimiser_name == "adam":
@@ -237,6 +241,10 @@ class Operator:
                 retain_targets = torch.cat([retain_targets, targets[at]])
             retain_ce = distributed.mean_cross_entropy(logits, retain_targets, IGNORE)
             terms = self.loss(retain_ce, forget_ce)
+            dice_weight = self.dice_weight_in(phase)
+            if dice_weight:  # as in training (training.pixel_loss)
+                dice = soft_dice_loss(logits, retain_targets)
+                terms = {**terms, "total": terms["total"] + dice_weight * dice, "dice": dice}
             if context is not None:
                 cf_rows = np.searchsorted(forget_rows, refined_rows)
                 terms = context.add(terms, work, cf_rows, logits[: len(refined_rows)])
