@@ -133,6 +133,28 @@ def test_frozen_inputs_cache_matches_computation(tiny_data):
         torch.testing.assert_close(a, b)
 
 
+def test_uncached_inputs_leave_the_scopes_mode_alone(tiny_data):
+    """Computing the frozen part per batch puts that part in eval mode and nothing else: an
+    evaluation's scope stays in eval mode (no batch statistics, no running-statistics update),
+    a loop's frozen batch norms stay frozen."""
+    data, _ = tiny_data
+    model = Model(TINY)
+    plain = FrozenInputs(model, data.images[:5], False)
+    scope_norms = [m for m in model.net.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert scope_norms
+    before = [m.running_mean.clone() for m in scope_norms]
+    model.net.train()  # the encoder too: the uncached inputs must put it in eval mode
+    model.net.decoder.eval()
+    model.net.segmentation_head.eval()
+    plain[np.array([0, 1])]
+    assert not model.net.encoder.training and not model.net.decoder.training
+    model.train_mode(batch_statistics=False)
+    with torch.no_grad():
+        model.scoped_forward(plain[np.array([2, 3])])
+    assert model.net.decoder.training and not any(m.training for m in scope_norms)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(scope_norms, before, strict=True))
+
+
 def test_training_stops_on_a_validation_plateau_and_says_it_did_not_converge(
     tiny_data, monkeypatch
 ):

@@ -557,7 +557,11 @@ class FrozenInputs:
             batch = self.images[to_device(index, self.model.device)]
         else:
             batch = self.images[index]
-        self.model.train_mode()  # the frozen part runs in eval mode, as during training
+        # The frozen part runs in eval mode, as during training; the scope keeps the mode its
+        # caller set (an evaluation's eval mode, a loop's frozen batch statistics).
+        for name, block in self.model.net.named_children():
+            if name not in SCOPE_MODULES[self.model.config.scope]:
+                block.eval()
         with self.model.autocast():
             return self.model.frozen_features(self.model.to_input(batch))
 
