@@ -70,7 +70,9 @@ def test_recovery_releases_the_weights_its_real_probe_found_best(data):
     assert op._probe.loss(result.model) == pytest.approx(stop["validation_loss"], rel=1e-5)
 
 
-def test_held_out_images_are_unrefined_retain_images_left_out_of_training(data, monkeypatch):
+def test_held_out_images_are_unrefined_retain_images_left_out_of_training_and_statistics(
+    data, monkeypatch
+):
     op = fast(finetune_steps=1, validation_share=0.25)
     trained_on = []
     original = GradientClipping._logits
@@ -79,12 +81,22 @@ def test_held_out_images_are_unrefined_retain_images_left_out_of_training(data, 
         trained_on.extend(np.asarray(rows).tolist())
         return original(model, inputs, rows)
 
+    estimated_on = []
+    estimate = certified.estimate_batch_statistics
+
+    def spy_estimate(model, inputs, rows, batch_size):
+        estimated_on.extend(np.asarray(rows).tolist())
+        return estimate(model, inputs, rows, batch_size)
+
     monkeypatch.setattr(GradientClipping, "_logits", staticmethod(spy))
+    monkeypatch.setattr(certified, "estimate_batch_statistics", spy_estimate)
     drive(op.run(Model(TINY), data), quiet=True)
     held = set(op._probe.rows.tolist())
     refined = 6  # the first six images are refined; rows follow the image order here
     assert len(held) == round(0.25 * (len(data.images) - refined))
     assert held.isdisjoint(trained_on) and held.isdisjoint(range(refined))
+    # nor do the batch-norm statistics see them
+    assert estimated_on and held.isdisjoint(estimated_on)
 
 
 @pytest.mark.parametrize("operator", [GradientClipping, ModelClipping])

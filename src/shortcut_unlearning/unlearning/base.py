@@ -186,7 +186,6 @@ class Operator:
             np.searchsorted(used, with_forget),
             np.searchsorted(used, retained.others),
         )
-        retain_rows = np.union1d(forget_rows, other_rows)
         inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
         context = None  # the refined images' inpainted copies, made once (context.py)
         if self.context != "off":
@@ -202,6 +201,7 @@ class Operator:
         device = work.device
         targets = torch.as_tensor(retained.targets[used], device=device).long()
         other_rows = self.hold_out(inputs, targets, other_rows)
+        retain_rows = np.union1d(forget_rows, other_rows)  # without the held-out images
         coarse = torch.as_tensor(data.coarse[used], device=device).long()
         forget = torch.as_tensor(split.forget[used], device=device)
         forget_pixels = split.forget[used].sum(axis=(1, 2))  # on the host: no device count
