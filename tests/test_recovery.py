@@ -248,10 +248,11 @@ def test_the_recovery_trains_on_the_dice_term_the_noisy_phase_does_not(data, wei
     for event in result.history:
         total = event.losses["total"]
         if event.phase == "noisy" or not weight:
-            assert "dice" not in event.losses and total == pytest.approx(event.losses["retain"])
+            assert "dice_loss" not in event.losses
+            assert total == pytest.approx(event.losses["retain"])
         else:
-            expected = event.losses["retain"] + weight * event.losses["dice"]
-            assert total == pytest.approx(expected, rel=1e-5) and event.losses["dice"] > 0
+            expected = event.losses["retain"] + weight * event.losses["dice_loss"]
+            assert total == pytest.approx(expected, rel=1e-5) and event.losses["dice_loss"] > 0
     assert len(calls) == (4 if weight else 0)
     with pytest.raises(ValueError, match="finetune_dice_weight"):
         fast(finetune_dice_weight=-1.0)

@@ -244,7 +244,7 @@ class Operator:
             dice_weight = self.dice_weight_in(phase)
             if dice_weight:  # as in training (training.pixel_loss)
                 dice = soft_dice_loss(logits, retain_targets)
-                terms = {**terms, "total": terms["total"] + dice_weight * dice, "dice": dice}
+                terms = {**terms, "total": terms["total"] + dice_weight * dice, "dice_loss": dice}
             if context is not None:
                 cf_rows = np.searchsorted(forget_rows, refined_rows)
                 terms = context.add(terms, work, cf_rows, logits[: len(refined_rows)])
