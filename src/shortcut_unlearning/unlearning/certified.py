@@ -291,8 +291,9 @@ class CertifiedOperator(Operator):
 
     # -- recovery ---------------------------------------------------------------------------
     def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
-        """Keep a seeded share of the unrefined retain images back for the validation probe."""
-        count = round(self.validation_share * len(train_rows))
+        """Keep a seeded share of the unrefined retain images back for the validation probe
+        (none without a recovery: nothing would be stopped)."""
+        count = round(self.validation_share * len(train_rows)) if self.finetune_steps else 0
         if count < 1 or count >= len(train_rows):
             self._probe = ValidationProbe(inputs, targets, np.zeros(0, int))
             return train_rows
