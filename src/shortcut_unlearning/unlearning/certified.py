@@ -220,7 +220,7 @@ class CertifiedOperator(Operator):
     # 0: cross-entropy alone.
     finetune_dice_weight: float = 1.0
     validation_share: float = 0.15  # of the unrefined retain images, seeded by `seed`
-    # Recovery starts by scaling each scoped tensor to a fresh initialisation's norm
+    # Recovery starts by giving each scoped tensor a fresh initialisation's scale
     # (rescale_to_initial_norms): the noise becomes a random start of the usual scale.
     rescale: bool = True
     validate_every: int = 25
