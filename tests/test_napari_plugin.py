@@ -9,7 +9,7 @@ from qtpy.QtCore import Qt
 
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.model import Model, ModelConfig
-from shortcut_unlearning.napari import _io
+from shortcut_unlearning.napari import _io, _layers
 from shortcut_unlearning.napari._demo import erase_band
 from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
 
@@ -97,6 +97,23 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     assert viewer.layers["saliency"].contrast_limits == [0, 1]
     click(qtbot, widget.results.revert)
     assert widget.bench.current_model() is start and "saliency" not in viewer.layers
+
+
+def test_revert_while_results_are_drawn_leaves_none_on_the_canvas(
+    make_napari_viewer, qtbot, small_model
+):
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0,))
+    widget.steps.setValue(2)
+    click(qtbot, widget.run)
+    qtbot.waitUntil(lambda: widget.bench.shown is not None, timeout=120_000)
+    assert widget.results.displaying  # the result layers come one per turn of the event loop
+    click(qtbot, widget.results.revert)
+    qtbot.wait(1000)  # the rest of the drawing would have run by now
+    owned = [layer.name for layer in viewer.layers if layer.metadata.get(_layers.RESULT)]
+    assert owned == ["forget set"] and not widget.results.displaying
+    assert not _layers.text_overlay(viewer).visible
 
 
 def test_pixels_added_outside_the_coarse_mask_are_flagged_and_clipped(

@@ -79,24 +79,45 @@ def saliency_panels(record, shared: bool) -> tuple[np.ndarray, tuple[float, floa
     )
 
 
-def set_result_layer(viewer, name: str, data, kind: str, **style):
-    """Update this plugin's own result layer `name`, or add it; never a layer the user made."""
-    for layer in viewer.layers:
-        if layer.name == name and layer.metadata.get(RESULT):
-            layer.data = data
-            for key in ("translate", "contrast_limits"):
-                if key in style:
-                    setattr(layer, key, style[key])
-            layer.visible = True
-            return layer
-    contour = style.pop("contour", 0)  # a Labels property, not an add_labels argument
-    if kind == "labels":  # given when adding: set afterwards, the layer is drawn twice
+def result_layer(viewer, name: str):
+    """This plugin's own result layer `name`, or None (never a layer the user made)."""
+    return next(
+        (layer for layer in viewer.layers if layer.name == name and layer.metadata.get(RESULT)),
+        None,
+    )
+
+
+def update_result_layer(layer, data, style: dict) -> None:
+    """Show new data in a result layer already on the canvas."""
+    layer.data = data
+    for key in ("translate", "contrast_limits"):
+        if key in style:
+            setattr(layer, key, style[key])
+    layer.visible = True
+
+
+def make_result_layer(name: str, data, kind: str, **style):
+    """A new result layer, not yet on the canvas: napari's layer model only, no Qt or vispy."""
+    from napari.layers import Image, Labels
+
+    contour = style.pop("contour", 0)  # a Labels property, not a constructor argument
+    if kind == "labels":  # given when made: set afterwards, the layer is drawn twice
         style["colormap"] = class_colormap()
-    add = viewer.add_image if kind == "image" else viewer.add_labels
-    layer = add(data, name=name, metadata={RESULT: True}, **style)
+    layer = (Image if kind == "image" else Labels)(
+        data, name=name, metadata={RESULT: True}, **style
+    )
     if contour:
         layer.contour = contour
     return layer
+
+
+def set_result_layer(viewer, name: str, data, kind: str, **style):
+    """Update this plugin's own result layer `name`, or add it."""
+    layer = result_layer(viewer, name)
+    if layer is None:
+        viewer.layers.append(make_result_layer(name, data, kind, **style))
+    else:
+        update_result_layer(layer, data, style)
 
 
 def show_colorbar(viewer, name: str, position: str) -> None:

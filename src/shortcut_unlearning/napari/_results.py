@@ -53,6 +53,7 @@ class ResultsView(QGroupBox):
         super().__init__("Results")
         self.viewer, self.bench, self._images, self._refined = viewer, bench, images, refined
         self._steps: list = []  # what is left to draw, one step per turn of the event loop
+        self._next_turn = False  # a turn of the event loop is booked for the next step
         self._warmed = False  # the canvas text's glyphs (warm_text)
         self.current = text(bench.status())
         self.current.setStyleSheet("font-weight: bold")
@@ -138,6 +139,7 @@ class ResultsView(QGroupBox):
     def clear(self, remove: bool = True) -> None:
         """Take the shown run off the screen: its layers go (or hide, when a new run will
         reuse them), with the canvas text and the dock's numbers."""
+        self._run_steps([])  # results still being drawn are not drawn
         if remove:
             _layers.remove_result_layers(self.viewer, keep=("forget set",))
         for layer in self.viewer.layers:
@@ -153,50 +155,53 @@ class ResultsView(QGroupBox):
         return bool(self._steps)
 
     def _draw_layers(self, record) -> None:
-        """Layers already on the canvas are updated in place; new ones are added one per turn
-        of the event loop, since each costs napari a few hundred milliseconds."""
+        """Layers already on the canvas are updated in place. A new layer is made in one turn
+        of the event loop and put on the canvas in the next: on our 2-core machine napari
+        takes 20-50 ms to make one and 90-130 ms to put it on the canvas."""
         images = self.viewer.layers[self._images()]
         offset = _layers.after_offset(images.data.shape[2])
         panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
-        predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
         heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
-        viewer = self.viewer
-        self._steps = [
-            partial(
-                _layers.set_result_layer,
-                viewer,
-                _layers.AFTER_IMAGES,
-                images.data,
-                "image",
-                rgb=images.rgb,
-                translate=(0, 0, offset),
-            ),
-            partial(
-                _layers.set_result_layer,
-                viewer,
-                _layers.SALIENCY_LAYER,
-                panels,
-                "image",
-                contrast_limits=limits,
-                **heat,
-            ),
-            partial(_layers.show_colorbar, viewer, _layers.SALIENCY_LAYER, "bottom_right"),
-            partial(
-                _layers.set_result_layer,
-                viewer,
-                _layers.PREDICTION_LAYER,
-                predictions,
-                "labels",
-                contour=1,
-            ),
-            self._drawn,
+        after = {"rgb": images.rgb, "translate": (0, 0, offset)}
+        predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
+        saliency = _layers.SALIENCY_LAYER
+        self._run_steps(
+            [
+                *self._layer_steps(_layers.AFTER_IMAGES, images.data, "image", after),
+                *self._layer_steps(saliency, panels, "image", {"contrast_limits": limits, **heat}),
+                partial(_layers.show_colorbar, self.viewer, saliency, "bottom_right"),
+                *self._layer_steps(_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
+                self._drawn,
+            ]
+        )
+
+    def _layer_steps(self, name: str, data, kind: str, style: dict) -> list:
+        """One step that updates the result layer `name`, or two that make and add it."""
+        layer = _layers.result_layer(self.viewer, name)
+        if layer is not None:
+            return [partial(_layers.update_result_layer, layer, data, style)]
+        made = []
+        return [
+            lambda: made.append(_layers.make_result_layer(name, data, kind, **style)),
+            lambda: self.viewer.layers.append(made.pop()),
         ]
-        self._draw_next()
+
+    def _run_steps(self, steps) -> None:
+        """Run `steps` one per turn of the event loop, from the next one on, in place of any
+        still waiting."""
+        self._steps = list(steps)
+        if self._steps and not self._next_turn:
+            self._next_turn = True
+            QTimer.singleShot(0, self._draw_next)
 
     def _draw_next(self) -> None:
-        if self._steps:
+        self._next_turn = False
+        if not self._steps:  # cleared meanwhile
+            return
+        try:
             self._steps.pop(0)()
-            QTimer.singleShot(0, self._draw_next)
+        finally:
+            self._run_steps(self._steps)
 
     def _drawn(self) -> None:
         self.viewer.reset_view()

@@ -239,6 +239,8 @@ class ShortcutUnlearningWidget(QWidget):
             (self.coarse, [n for n in self._layers("labels") if "reference" not in n]),
             (self.artefacts, [FORGET_AS_S, *self._layers("labels")]),
         ):
+            if choices == [combo.itemText(i) for i in range(combo.count())]:
+                continue  # unchanged (a result layer came or went): no relayout, no repaint
             current = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
