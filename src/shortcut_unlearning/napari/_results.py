@@ -157,7 +157,7 @@ class ResultsView(QGroupBox):
     def _draw_layers(self, record) -> None:
         """Layers already on the canvas are updated in place. A new layer is made in one turn
         of the event loop and put on the canvas in the next: on our 2-core machine napari
-        takes 20-50 ms to make one and 90-130 ms to put it on the canvas."""
+        takes 10-50 ms to make one and 90-130 ms to put it on the canvas."""
         images = self.viewer.layers[self._images()]
         offset = _layers.after_offset(images.data.shape[2])
         panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
