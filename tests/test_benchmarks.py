@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from shortcut_unlearning import benchmarks
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
@@ -38,6 +40,42 @@ def test_seed_benchmark_shares_the_coarse_model_across_methods(tmp_path):
     assert "| neggrad-seg |" in table and "±" in table
     assert "conflicting AUROC" in table and "band reliance" in table
     assert (tmp_path / "trajectory.png").is_file()
+
+
+def test_runs_made_apart_merge_into_one_summary_over_all_their_seeds(tmp_path, capsys):
+    base = RunConfig(
+        data="synthetic", synth_n=24, image_size=32, epochs=1, steps=2, quiet=True,
+        saliency_images=1, fine_fraction=0.25,
+    )  # fmt: skip
+    for seed in (0, 1):
+        benchmarks.seeds(base, [seed], ["neggrad-seg"], tmp_path / f"seed-{seed}")
+    args = [
+        "bench",
+        "merge",
+        "--runs",
+        str(tmp_path / "seed-0"),
+        "--runs",
+        str(tmp_path / "seed-1"),
+    ]
+    assert main([*args, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "summary.json").read_text())
+    apart = [json.loads((tmp_path / f"seed-{s}" / "summary.json").read_text()) for s in (0, 1)]
+    assert merged["seeds"] == [0, 1]
+    for name in ("coarse", "neggrad-seg"):
+        rows = [apart[0]["runs"][name][0], apart[1]["runs"][name][0]]
+        assert merged["runs"][name] == rows
+        dice = [row["dice"] for row in rows]
+        assert merged["summary"][name]["dice"]["mean"] == pytest.approx(sum(dice) / 2)
+        assert merged["summary"][name]["dice"]["std"] == pytest.approx(
+            abs(dice[0] - dice[1]) / 2**0.5
+        )
+    assert "| neggrad-seg |" in (tmp_path / "merged" / "summary.md").read_text()
+    # The same seed twice, or runs of other settings, are refused with a reason.
+    assert main([*args[:3], str(tmp_path / "seed-0"), "--runs", str(tmp_path / "seed-0")]) == 2
+    assert "share a seed" in capsys.readouterr().err
+    benchmarks.seeds(base, [2], ["finetune"], tmp_path / "other")
+    assert main([*args[:3], str(tmp_path / "seed-0"), "--runs", str(tmp_path / "other")]) == 2
+    assert "other methods or settings" in capsys.readouterr().err
 
 
 def test_bench_command(tmp_path, capsys):

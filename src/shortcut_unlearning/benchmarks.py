@@ -344,6 +344,44 @@ def privacy_utility(base: RunConfig, seed_list: list[int], epsilons, out: Path |
     return result
 
 
+def merge(folders: list[Path | str], out: Path | str) -> dict:
+    """One summary of `seeds` or `curve` runs made apart, each over seeds of its own (for
+    example two processes side by side): their per-seed rows pooled, mean and std taken again,
+    the curve drawn again when they are curves. Runs with other methods or settings (the device
+    aside), or sharing a seed, are refused."""
+    folders = [Path(f) for f in folders]
+    results = []
+    for folder in folders:
+        path = folder / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: give the --out folders of bench runs")
+        results.append(json.loads(path.read_text()))
+    first = results[0]
+
+    def settings(result):
+        config = {k: v for k, v in result["config"].items() if k not in ("device", "seed")}
+        return result["methods"], config, result.get("epsilons")
+
+    for folder, result in zip(folders[1:], results[1:], strict=True):
+        if settings(result) != settings(first):
+            raise ValueError(
+                f"{folder} was run with other methods or settings than {folders[0]}; "
+                "only runs of the same command over other seeds merge"
+            )
+    seed_list = [seed for result in results for seed in result["seeds"]]
+    if len(set(seed_list)) < len(seed_list):
+        raise ValueError(f"the runs share a seed ({seed_list}): each seed must come from one run")
+    runs = {name: [row for r in results for row in r["runs"][name]] for name in first["runs"]}
+    summary = {name: _mean_std(rows) for name, rows in runs.items()}
+    result = {**first, "seeds": seed_list, "summary": summary, "runs": runs}
+    result["merged_from"] = [str(folder) for folder in folders]
+    out = Path(out)
+    _write_summary(out, result, markdown(summary))
+    if "epsilons" in result:
+        curve_plot(summary, result["epsilons"], out / "curve.png")
+    return result
+
+
 def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
     """Mean ± std over seeds against epsilon, one line per certified operator; the coarse
     model, NegGrad-Seg and the baselines as horizontal lines (their spread shaded)."""

@@ -286,6 +286,13 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
+    if args.what == "merge":
+        if len(args.runs) < 2:
+            raise UsageError("bench merge needs two or more --runs DIR (the runs' --out folders)")
+        result = benchmarks.merge(args.runs, args.out)
+        print(benchmarks.markdown(result["summary"]))
+        print(f"written: {args.out / 'summary.json'}, {args.out / 'summary.md'}")
+        return
     if args.what == "curve":
         result = benchmarks.privacy_utility(
             _config(args, quiet=True), args.seeds, args.epsilons, args.out
@@ -591,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
             "open",
             "gpu",
             "removal",
+            "merge",
         ),
         help="ranking: refinement orders against the share of refined images; curve: the "
         "certified operators at each --epsilons beside NegGrad-Seg and the baselines (the "
@@ -598,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and dock measure the napari widget (need a display); open times opening --data DIR "
         "at --working-size, cold and cached, and the overlay per edit; gpu runs every CUDA path "
         "and the loops' speed ratios (benchmarks/gpu.sh); removal times NegGrad-Seg to "
-        "retraining's worst-group AUROC, and S_global on --n 256 px images",
+        "retraining's worst-group AUROC, and S_global on --n 256 px images; merge pools the "
+        "seeds of seeds or curve runs made apart (--runs DIR, once per run) into --out",
     )
     bench.add_argument(
         "--working-size",
@@ -650,6 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranking: random, ranked or ranked/METHOD[+alternate], comma-separated",
     )
     bench.add_argument("--out", type=Path, default=Path("out/bench"))
+    bench.add_argument(
+        "--runs",
+        type=Path,
+        action="append",
+        default=[],
+        help="bench merge: the --out folder of a seeds or curve run; give it once per run",
+    )
     bench.set_defaults(func=_bench, data="synthetic")
 
     demo = sub.add_parser(
