@@ -11,6 +11,7 @@ from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.napari import _io, _layers
 from shortcut_unlearning.napari._demo import erase_band
+from shortcut_unlearning.napari._texts import CONTEXTS
 from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
 
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
@@ -184,6 +185,8 @@ def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     assert widget.steps.value() == 400  # the relearn steps are remembered apart
     widget.steps.setValue(90)
     widget.seed.setValue(7)
+    widget.context.setCurrentIndex(widget.context.findData("blind+consistent"))
+    assert widget.bench.operator().context == "blind+consistent"
     assert "certified by model-clipping" in widget.preview.text()
     assert not widget.epsilon.isHidden()
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
@@ -193,9 +196,15 @@ def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     viewer2 = make_napari_viewer()
     second = open_widget(viewer2, qtbot, small_model)
     assert second.method.currentData() == "model-clipping" and second.seed.value() == 7
+    assert second.context.currentData() == "blind+consistent"
     defaults = [b for b in second.findChildren(type(second.run)) if b.text() == "Restore defaults"]
     click(qtbot, defaults[0])
     assert second.method.currentData() == "neggrad-seg" and second.seed.value() == 0
+    assert second.context.currentData() == "off" and second.bench.operator().context == "off"
+    # Every mode of the core's context term has its words in the dock.
+    from shortcut_unlearning.unlearning.context import CONTEXT_TERMS
+
+    assert list(CONTEXTS) == list(CONTEXT_TERMS)
 
 
 def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path):

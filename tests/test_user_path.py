@@ -33,6 +33,10 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert seen["erased_after_undo"] == 0
     assert seen["erased_after_redo"] == seen["erased_after_drag"]
     assert seen["refined_layers"] == 1
+    # At 1280 x 800 every control and line of the dock is within its width.
+    for state in ("dock_fits_after_refine", "dock_fits_after_run"):
+        needed, shown = seen[state]
+        assert needed <= shown, f"{state}: the dock's content needs {needed} px, shows {shown}"
     # The run, its results, and the export of exactly what the dock showed.
     assert seen["finished"]
     assert seen["result_layers"] == ["images (after)", "predicted lesion", "saliency"]

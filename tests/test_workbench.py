@@ -50,6 +50,18 @@ def test_a_run_shows_before_and_after_and_leaves_the_model(bench):
     assert bench.current_model() is start and bench.shown is None
 
 
+def test_the_context_term_chosen_in_the_dock_is_the_one_that_runs(bench):
+    assert bench.plan().operator.context == "off"  # the paper's method unless chosen
+    off = drive(bench.execute(bench.plan()), quiet=True)
+    assert "context" not in off.result.history[-1].losses
+    bench.parameters["context"] = "blind+consistent"
+    on = drive(bench.execute(bench.plan()), quiet=True)
+    assert all(np.isfinite(p.losses["context"]) for p in on.result.history)
+    bench.parameters["context"] = "everything"
+    with pytest.raises(ValueError, match="context must be one of"):
+        bench.plan()
+
+
 def test_the_plan_is_a_snapshot_and_edits_during_a_run_do_not_leak(bench):
     plan = bench.plan()
     bench.refinement.refined[5][...] = 0

@@ -69,6 +69,14 @@ def key(viewer, code, modifiers) -> None:
     wait(lambda: False, 0.2)
 
 
+def dock_fits(widget) -> list:
+    """The dock's content is no wider than what shows of it (the horizontal scroll bar is
+    off, so anything wider is cut off on the right): [content width, visible width]."""
+    wait(lambda: False, 0.3)  # let the layout settle
+    needed = widget.scroll.widget().minimumSizeHint().width()
+    return [needed, widget.scroll.viewport().width()]
+
+
 def main(export_to: str, steps: int) -> None:
     viewer = napari.Viewer()
     viewer.window.resize(1280, 800)
@@ -109,6 +117,7 @@ def main(export_to: str, steps: int) -> None:
     seen["erased_after_redo"] = int(viewer.layers["forget set"].data[0].sum())
     QTest.mouseClick(widget.refine, LEFT)  # pressed again: no second layer
     seen["refined_layers"] = sum(layer.name.startswith("refined") for layer in viewer.layers)
+    seen["dock_fits_after_refine"] = dock_fits(widget)
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
@@ -119,6 +128,7 @@ def main(export_to: str, steps: int) -> None:
     seen["result_text"] = widget.results.result.text()
     seen["current"] = widget.results.current.text()
     seen["export_enabled"] = widget.results.export.isEnabled()
+    seen["dock_fits_after_run"] = dock_fits(widget)
     QFileDialog.getExistingDirectory = staticmethod(lambda *a, **k: export_to)
     QTest.mouseClick(widget.results.export, LEFT)
     shown = widget.bench.shown

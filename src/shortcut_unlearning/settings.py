@@ -23,6 +23,7 @@ DEFAULTS = {
     "relearn_steps": 400,  # the certified methods' noise-free recovery (finetune_steps)
     "device": "auto",
     "seed": 0,
+    "context": "off",  # the project's context term (docs/method.md section 10); off: the paper's
 }
 
 

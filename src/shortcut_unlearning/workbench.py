@@ -240,6 +240,7 @@ class Workbench:
             steps=p["relearn_steps"] if certified else p["steps"],
             seed=p["seed"],
             scope=p["scope"],
+            context=p["context"],
             **({"epsilon": p["epsilon"], "delta": p["delta"]} if certified else {}),
         )
 

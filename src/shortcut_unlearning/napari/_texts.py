@@ -33,7 +33,18 @@ SCOPES = {
     "head": "Last layer only",
     "all": "Whole network",
 }
+# The context term's modes (unlearning/context.py CONTEXT_TERMS), in plain words.
+CONTEXTS = {
+    "off": "Off (default)",
+    "blind": "Learn filled-in copies",
+    "consistent": "Match filled-in copies",
+    "blind+consistent": "Both",
+}
 TIPS = {
+    "context": "Context term (this project's, docs/method.md section 10; off is the paper's "
+    "method): the refined images are also learnt with their erased pixels filled in from the "
+    "skin around them (blind), or their prediction is held to that of the filled-in copy "
+    "(consistent). It lowered band reliance in a benchmark, at some cost in Dice.",
     "artefacts": "S in S_global: the pixels that hold artefacts. Paint them on a Labels layer "
     "and pick it here, or use the forget set (what the coarse masks wrongly call lesion).",
     "scope": "Scope: which parameters unlearning may change; the rest stays frozen. The "

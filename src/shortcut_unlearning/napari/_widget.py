@@ -42,7 +42,7 @@ from . import _layers
 from ._edits import edited_planes
 from ._qt import button, duration, row, section, text
 from ._results import ResultsView
-from ._texts import FORGET_AS_S, METHODS, SCOPES, TIPS
+from ._texts import CONTEXTS, FORGET_AS_S, METHODS, SCOPES, TIPS
 
 
 class ShortcutUnlearningWidget(QWidget):
@@ -87,7 +87,7 @@ class ShortcutUnlearningWidget(QWidget):
         data = section(
             "Data",
             [
-                ("", self.open_folder),
+                (self.open_folder,),  # the whole width: beside a label it widened the dock
                 ("Images", self.image),
                 ("Coarse masks", self.coarse),
                 ("Artefacts (S)", self.artefacts),
@@ -122,6 +122,9 @@ class ShortcutUnlearningWidget(QWidget):
         self.scope = QComboBox(toolTip=TIPS["scope"])
         for name, label in SCOPES.items():
             self.scope.addItem(label, name)
+        self.context = QComboBox(toolTip=TIPS["context"])
+        for name, label in CONTEXTS.items():
+            self.context.addItem(label, name)
         self.steps = QSpinBox(minimum=1, maximum=100_000, toolTip=TIPS["steps"])
         self.epsilon = QDoubleSpinBox(minimum=0.01, maximum=1000, singleStep=0.5, decimals=2)
         self.epsilon.setToolTip(TIPS["epsilon"])
@@ -135,6 +138,7 @@ class ShortcutUnlearningWidget(QWidget):
         for label, widget in (
             ("Method", self.method),
             ("Update", self.scope),
+            ("Context", self.context),
             ("Steps", self.steps),
             ("Privacy ε", self.epsilon),
             ("Privacy δ", self.delta),
@@ -170,14 +174,24 @@ class ShortcutUnlearningWidget(QWidget):
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(content)
         QVBoxLayout(self).addWidget(scroll)
-        self.setMinimumWidth(300)
+        for combo in content.findChildren(QComboBox):  # a long choice never widens the dock
+            combo.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+            )
+            combo.setMinimumContentsLength(8)
+        # The dock is never narrower than its content: the horizontal scroll bar is off, so
+        # what did not fit was cut off on the right.
+        margins = self.layout().contentsMargins()
+        beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
+        beside += margins.left() + margins.right()
+        self.setMinimumWidth(max(300, content.minimumSizeHint().width() + beside))
 
-        self._run_controls = (self.method, self.scope, self.steps, self.epsilon, self.delta)
-        self._run_controls += (self.device, self.seed, defaults, self.run)
+        self._run_controls = (self.method, self.scope, self.context, self.steps, self.epsilon)
+        self._run_controls += (self.delta, self.device, self.seed, defaults, self.run)
         for control in self._run_controls:
             control.setEnabled(False)
         self.model_path.editingFinished.connect(self._model_changed)
-        for combo in (self.method, self.scope, self.device):
+        for combo in (self.method, self.scope, self.context, self.device):
             combo.currentIndexChanged.connect(self._parameters_changed)
         for spin in (self.steps, self.seed, self.epsilon):
             spin.valueChanged.connect(self._parameters_changed)
@@ -254,6 +268,7 @@ class ShortcutUnlearningWidget(QWidget):
         return {
             "method": self.method.currentData() or self.bench.parameters["method"],
             "scope": self.scope.currentData(),
+            "context": self.context.currentData(),
             "epsilon": float(self.epsilon.value()),
             "delta": self.bench.parameters["delta"] if delta is None else delta,
             self._steps_for: int(self.steps.value()),
@@ -265,6 +280,7 @@ class ShortcutUnlearningWidget(QWidget):
         self._restoring = True
         self.method.setCurrentIndex(max(0, self.method.findData(values["method"])))
         self.scope.setCurrentIndex(max(0, self.scope.findData(values["scope"])))
+        self.context.setCurrentIndex(max(0, self.context.findData(values["context"])))
         self.epsilon.setValue(values["epsilon"])
         self.delta.setText(f"{values['delta']:g}")
         self._steps_for = self._steps_key(values["method"])
