@@ -180,3 +180,50 @@ def test_privacy_flags_belong_to_certified_operators(tmp_path, capsys):
     args = tiny_run(str(tmp_path), 20, "--epsilon", "1")
     assert main(args) == 2
     assert "apply to gradient-clipping and model-clipping only" in capsys.readouterr().err
+
+
+def test_the_test_split_is_read_once_after_unlearning(tmp_path, monkeypatch):
+    """Every image a model sees goes through Model.to_input: before the unlearning has
+    finished (training, its validation, the probe and its collapse guard, the relearning's
+    stopping rule) none of them is a test image; afterwards the evaluation reads them."""
+    import hashlib
+
+    import numpy as np
+
+    from shortcut_unlearning import experiment
+    from shortcut_unlearning.model import Model
+
+    def digest(image):
+        return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+    seen, to_input, unlearn = [], Model.to_input, experiment.unlearn
+
+    def recording(self, images):
+        if isinstance(images, np.ndarray):
+            seen.append({digest(image) for image in images})
+        return to_input(self, images)
+
+    def marked(*args, **kwargs):
+        result = unlearn(*args, **kwargs)
+        seen.append("unlearned")
+        return result
+
+    monkeypatch.setattr(Model, "to_input", recording)
+    monkeypatch.setattr(experiment, "unlearn", marked)
+    config = RunConfig(
+        data="synthetic",
+        synth_n=40,
+        image_size=48,
+        epochs=2,
+        method="relearn",
+        steps=6,
+        baselines=True,
+        out=str(tmp_path / "run"),
+        quiet=True,
+        saliency_images=2,
+    )
+    run(config)
+    test = {digest(image) for image in experiment.load_data(config).split("test").images}
+    end = seen.index("unlearned")
+    assert seen[:end] and not any(batch & test for batch in seen[:end])
+    assert any(batch & test for batch in seen[end + 1 :])

@@ -14,6 +14,7 @@ from shortcut_unlearning.unlearning import (
     UnlearnData,
     make_operator,
 )
+from shortcut_unlearning.unlearning.relearn import Relearning
 
 # The certified operators warn that their noise dwarfs the tiny decoder; that is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
@@ -71,11 +72,14 @@ def test_a_run_leaves_the_start_logs_every_step_and_probes_on_schedule(name, sta
     assert len(calls) == 1 + len(schedule) and calls[0] is start  # the start, then the schedule
     assert result.start_metrics == {"dice": 0.8}
     assert all(torch.isfinite(p).all() for p in result.model.scoped_parameters())
-    # Only the certified operators decide where they end (their recovery's probe); here the
-    # two recovery steps are too few for it to stop early, so they run to their maximum.
+    # Only the operators that relearn decide where they end (their validation probe); here
+    # the relearning is too short for it to stop early, so they run to their maximum.
     if name in CERTIFIED:
         assert result.stopping["reason"] == "recovery reached its maximum steps"
         assert result.stopping["steps"] == op.steps and result.stopping["recovery_steps"] == 2
+    elif isinstance(op, Relearning):
+        assert result.stopping["reason"] == "relearning reached its maximum steps"
+        assert result.stopping["steps"] == op.steps == result.stopping["relearn_steps"]
     else:
         assert result.stopping is None
 

@@ -187,6 +187,18 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
             experiment.unlearn(part, experiment.build_operator(part), start.model, prepared)
         if not main:
             continue
+        configs = {
+            method: replace(
+                operators[method], seed=seed, out=str(out / f"seed{seed}" / _folder(method))
+            )
+            for method in methods
+        }
+        done = {  # every method unlearns before the test split is read
+            method: experiment.unlearn_stage(
+                configs[method], experiment.build_operator(configs[method]), prepared, start
+            )
+            for method in methods
+        }
         states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
         evaluated = experiment.evaluate_states(states, prepared.evalset, seed)
         seconds = {"coarse": start.seconds, **{k: v.seconds for k, v in baselines.items()}}
@@ -194,21 +206,21 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
             rows.setdefault(state, []).append(_row(evaluated[state], seconds[state]))
         start.model.save(out / f"seed{seed}" / "coarse_model")
         for method in methods:
-            method_config = replace(
-                operators[method], seed=seed, out=str(out / f"seed{seed}" / _folder(method))
-            )
+            method_config = configs[method]
             timings = {"data_s": prepared.seconds, "coarse_train_s": start.seconds}
             timings |= {f"{k}_train_s": v.seconds for k, v in baselines.items()}
-            report, saved, picture, outcome = experiment.unlearn_and_report(
+            report, saved, picture = experiment.report_run(
                 method_config,
                 experiment.build_operator(method_config),
                 prepared,
                 start,
+                done[method],
                 evaluated,
                 device,
                 timings,
             )
             experiment.write_run(method_config.out, report, saved, picture)
+            outcome = done[method].outcome
             row = _row(report["unlearned"], timings["unlearn_s"])
             rows.setdefault(method, []).append({**row, "steps": outcome.steps})
             if seed == seed_list[0]:
@@ -233,15 +245,34 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
 
 
 def _folder(method: str) -> str:
-    return method.replace("/", "-").replace("@", "-eps")
+    for old, new in (("/", "-"), ("@", "-eps"), (":", "-"), ("=", "-"), ("+", "-")):
+        method = method.replace(old, new)
+    return method
 
 
 def _method_config(base: RunConfig, method: str) -> RunConfig:
-    """The run settings of "name", "name/scope", "name@eps" or "name/scope@eps"."""
-    spec, _, epsilon = method.partition("@")
+    """The run settings of "name", "name/scope", "name@eps" or "name/scope@eps", each with
+    operator options after colons: "relearn:start=kept:retain_images=refined"."""
+    spec, *extra = method.split(":")
+    spec, _, epsilon = spec.partition("@")
     name, _, scope = spec.partition("/")
     options = {**base.operator_options, **({"epsilon": float(epsilon)} if epsilon else {})}
+    for item in extra:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"operator option {item!r} in {method!r} is not key=value")
+        options[key] = _option_value(text)
     return replace(base, method=name, scope=scope or None, operator_options=options)
+
+
+def _option_value(text: str):
+    """An operator option's value from its text: a number where it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _row(state: dict, seconds: float) -> dict:
@@ -854,9 +885,11 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
 
     The data are prepared and the coarse model trained as `run` does; retrain-from-scratch
     on the corrected masks (refined where refined) is trained and timed, and its worst-group
-    AUROC on the test split is the target. NegGrad-Seg then unlearns from the coarse model for
-    at most `steps` steps, the test split measured every `probe_every` steps; the time to
-    the target counts unlearning only (the measuring is subtracted) and the run stops there.
+    AUROC on the validation images (held out of training) is the target. NegGrad-Seg then
+    unlearns from the coarse model for at most `steps` steps, the validation images measured
+    every `probe_every` steps; the time to the target counts unlearning only (the measuring is
+    subtracted) and the run stops there. The test split is read once, at the end: the
+    worst-group AUROC of the coarse model, retraining and the stopped model.
     """
     from . import evaluation, metrics
     from .progress import Cancel
@@ -872,23 +905,25 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
         prepared.train.images, prepared.split.targets, base, device, "corrected", checked
     )
     retrain_s = time.perf_counter() - clock
-    evalset = prepared.evalset
+    if prepared.probe_set is None or prepared.probe_set.labels is None:
+        raise ValueError("time to removal needs labelled validation images; use more images")
 
-    def worst_group(model) -> float:
+    def worst_group(model, evalset) -> float:
         probs = model.probabilities(evalset.images)
         return metrics.worst_group_auroc(
             metrics.auroc_by_group(probs, evalset.labels, evalset.groups)
         )
 
-    target = worst_group(retrain)
-    cancel, probes = Cancel(), []  # (entered, seconds, worst-group AUROC)
+    target = worst_group(retrain, prepared.probe_set)
+    cancel, probes, stopped = Cancel(), [], []  # (entered, seconds, worst-group AUROC)
 
     def probe(model) -> dict:
         entered = time.perf_counter()
-        record = {"worst_group_auroc": worst_group(model)}
+        record = {"worst_group_auroc": worst_group(model, prepared.probe_set)}
         record |= evaluation.probe(model, prepared.probe_set)  # the collapse check's Dice
         probes.append((entered, time.perf_counter() - entered, record["worst_group_auroc"]))
         if len(probes) > 1 and record["worst_group_auroc"] >= target:
+            stopped.append(model.copy())
             cancel.set()
         return record
 
@@ -902,7 +937,13 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
         curve.append({"step": step, "unlearning_s": entered - begin - measuring, "wga": value})
         measuring += seconds
     reached = next((row for row in curve[1:] if row["wga"] >= target), None)
+    test = {
+        "coarse": coarse.model,
+        "retrain": retrain,
+        **({"stopped": stopped[0]} if stopped else {}),
+    }
     return {
+        "test_worst_group_auroc": {k: worst_group(m, prepared.evalset) for k, m in test.items()},
         "target_worst_group_auroc": target,
         "coarse_worst_group_auroc": curve[0]["wga"],
         "retrain_s": retrain_s,

@@ -643,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         type=_method_list,
         default=[defaults.method],
-        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; "
-        "NAME/head unlearns in the head scope",
+        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; NAME/head unlearns in "
+        "the head scope, NAME@3 at eps 3, NAME:start=kept sets an operator option",
     )
     bench.add_argument(
         "--fractions",
@@ -726,18 +726,19 @@ def _order_list(text: str) -> list[str]:
 
 
 def _method_list(text: str) -> list[str]:
-    """Comma-separated operator names, each optionally with /SCOPE."""
-    from .model import SCOPES
-    from .unlearning import OPERATORS
+    """Comma-separated operator names, each optionally with /SCOPE, @EPSILON and
+    :OPTION=VALUE settings (benchmarks._method_config)."""
+    from .benchmarks import _method_config
+    from .experiment import RunConfig, build_operator
 
     methods = [m.strip() for m in text.split(",")]
     for method in methods:
-        name, _, scope = method.partition("/")
-        if name not in OPERATORS or (scope and scope not in SCOPES):
+        try:
+            build_operator(_method_config(RunConfig(), method))
+        except (ValueError, TypeError) as error:
             raise argparse.ArgumentTypeError(
-                f"{method!r} is not a method: use {', '.join(sorted(OPERATORS))}, optionally "
-                f"with /{'|/'.join(SCOPES)}"
-            )
+                f"{method!r} is not a method setting: {error}"
+            ) from None
     return methods
 
 

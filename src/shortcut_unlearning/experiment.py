@@ -32,8 +32,9 @@ from .model import (
 )
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
-from .training import TrainConfig, train
+from .training import TrainConfig, train, validation_split
 from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult, make_operator
+from .unlearning.relearn import Exactness, Relearn
 
 
 @dataclass
@@ -63,7 +64,8 @@ class RunConfig:
     model: str | None = None  # start from this checkpoint instead of training
     baselines: bool = False  # also train retrain-from-scratch and the fine-mask oracle
     saliency_images: int = 4
-    probe_images: int = 32  # test images the unlearning loop probes (curves, collapse check)
+    # validation images (never test images) the unlearning loop probes: curves, collapse check
+    probe_images: int = 32
     test_split: str = "test"  # the split evaluated on ("test", "test_balanced", "val")
     synth_balanced: int = 0  # with data "synthetic": images in a balanced test split
     scope: str | None = None  # unlearning scope (None: the model's)
@@ -152,16 +154,20 @@ def evaluation_groups(test: LesionSet, train_set: LesionSet) -> dict[str, np.nda
 
 @dataclass
 class Prepared:
-    """The data of a run, split and masked once: what every later stage reads."""
+    """The data of a run, split and masked once: what every later stage reads.
+
+    The test split is read once, by the final evaluation (evaluate_states): every decision
+    before it (training's early stopping, the unlearning probe and its collapse guard, an
+    operator's stopping rule) runs on training images or on `val`, which is held out of them."""
 
     train: LesionSet
-    val: LesionSet | None  # the data's own validation split; None: training holds images out
+    val: LesionSet | None  # the data's own validation split, or images held out of train
     test: LesionSet  # the split evaluated on
     coarse: np.ndarray  # (N, H, W) coarse masks of the training images
     refined: np.ndarray  # indices of the training images with refined masks
     split: masklib.PixelSplit | None  # their forget/retain pixels; None until ranked
     evalset: EvalSet  # the test split with its truth, S map, band and groups
-    probe_set: EvalSet | None  # the first probe_images test images, or None
+    probe_set: EvalSet | None  # the first probe_images validation images, or None
     seconds: float = 0.0
 
     def coarse_of(self, data: LesionSet, config: RunConfig) -> np.ndarray:
@@ -204,7 +210,12 @@ def prepare_data(config: RunConfig) -> Prepared:
     data = load_data(config)
     train_set = data.split("train")
     test = evaluation_split(data, config.test_split)
-    has_val = (data.splits == "val").any() and test.splits[0] != "val"
+    if (data.splits == "val").any() and test.splits[0] != "val":
+        val = data.split("val")
+    else:  # as training would hold them out (the same images for the same seed)
+        fit, held = validation_split(len(train_set), TrainConfig.val_fraction, config.seed)
+        val = train_set.select(held) if len(held) else None
+        train_set = train_set.select(fit)
     coarse = masklib.coarse_masks(train_set.masks, config.coarse, config.coarse_margin)
     # The ranked order is chosen once the starting model exists (refine_ranked).
     ranked = config.order == "ranked"
@@ -213,16 +224,20 @@ def prepare_data(config: RunConfig) -> Prepared:
     evalset = EvalSet.from_lesion_set(
         test, config.coarse, config.coarse_margin, evaluation_groups(test, train_set)
     )
-    count = min(config.probe_images, len(evalset))
+    probe_set = None
+    if val is not None and config.probe_images:
+        probe_set = EvalSet.from_lesion_set(
+            val, config.coarse, config.coarse_margin, evaluation_groups(val, train_set)
+        ).select(np.arange(min(config.probe_images, len(val))))
     return Prepared(
         train=train_set,
-        val=data.split("val") if has_val else None,
+        val=val,
         test=test,
         coarse=coarse,
         refined=refined,
         split=split,
         evalset=evalset,
-        probe_set=evalset.select(np.arange(count)) if count else None,
+        probe_set=probe_set,
         seconds=time.perf_counter() - clock,
     )
 
@@ -412,14 +427,17 @@ def trajectory(outcome: UnlearnResult) -> list[dict]:
     return [start, *rows]
 
 
-def unlearning_report(operator: Operator, certificate, outcome: UnlearnResult) -> dict:
-    """metrics.json's operator, certificate and unlearning sections (`run` and the plugin's
-    export write the same)."""
+def unlearning_report(
+    operator: Operator, certificate, outcome: UnlearnResult, exactness: Exactness | None = None
+) -> dict:
+    """metrics.json's operator, certificate (or exactness) and unlearning sections (`run` and
+    the plugin's export write the same)."""
     return {
         "operator": {"name": operator.name, **asdict(operator)},
         "certificate": {**certificate.to_dict(), "summary": certificate.summary()}
         if certificate
         else None,
+        "exactness": exactness.to_dict() if exactness else None,
         "unlearning": {
             "collapsed": outcome.collapsed,
             "kept_starting_model": outcome.rejected is not None,
@@ -456,19 +474,19 @@ def build_report(
     operator: Operator,
     prepared: Prepared,
     records: dict[str, dict],
-    outcome: UnlearnResult,
-    certificate,
+    done: Unlearned,
     device,
     timings: dict,
 ) -> dict:
     """metrics.json's content: one record per model state, the run's settings and history."""
+    outcome = done.outcome
     records["unlearned"]["collapsed"] = outcome.collapsed
     return {
         **records,
         "config": asdict(config),
         "seed": config.seed,
         "device": str(device),
-        **unlearning_report(operator, certificate, outcome),
+        **unlearning_report(operator, done.certificate, outcome, done.exactness),
         "warnings": run_warnings(records, outcome),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,
@@ -511,23 +529,43 @@ def write_run(
     return out
 
 
-def unlearn_and_report(
+@dataclass
+class Unlearned:
+    """An unlearning run before any test image is read: its outcome, its guarantee and time."""
+
+    outcome: UnlearnResult
+    certificate: object | None  # certificate.Certificate of a certified operator
+    seconds: float
+    exactness: Exactness | None = None  # what erase-and-relearn guarantees
+
+
+def unlearn_stage(
+    config: RunConfig, operator: Operator, prepared: Prepared, start: Trained
+) -> Unlearned:
+    """Unlearn from `start`; a certified operator's certificate says what its recovery did."""
+    certified = isinstance(operator, CertifiedOperator)
+    certificate = operator.certificate(start.model) if certified else None
+    outcome, seconds = unlearn(config, operator, start.model, prepared)
+    if certificate is not None:
+        certificate = certificate.after_recovery(outcome.stopping)
+    exact = operator.exactness(start.model) if isinstance(operator, Relearn) else None
+    return Unlearned(outcome, certificate, seconds, exact)
+
+
+def report_run(
     config: RunConfig,
     operator: Operator,
     prepared: Prepared,
     start: Trained,
+    done: Unlearned,
     evaluated: dict[str, dict],
     device,
     timings: dict,
-) -> tuple[dict, dict[str, Model], SaliencyPicture | None, UnlearnResult]:
-    """Unlearn from `start` and evaluate the result beside the states already `evaluated`
-    (coarse, and the baselines where trained); returns the report, the model to save, the saliency
-    picture and the unlearning result."""
-    certified = isinstance(operator, CertifiedOperator)
-    certificate = operator.certificate(start.model) if certified else None
-    outcome, timings["unlearn_s"] = unlearn(config, operator, start.model, prepared)
-    if certificate is not None:  # it says what the recovery did
-        certificate = certificate.after_recovery(outcome.stopping)
+) -> tuple[dict, dict[str, Model], SaliencyPicture | None]:
+    """Evaluate the unlearned model beside the states already `evaluated` (coarse, and the
+    baselines where trained); returns the report, the model to save and the saliency picture."""
+    outcome = done.outcome
+    timings["unlearn_s"] = done.seconds
     clock = time.perf_counter()
     if outcome.model is start.model:  # kept back after a collapse: the same numbers
         unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
@@ -542,11 +580,9 @@ def unlearn_and_report(
         for name, share in picture.shares.items():
             records[name] = {**records[name], "saliency_on_artefacts": share}
     timings["evaluate_s"] = timings.get("evaluate_s", 0.0) + time.perf_counter() - clock
-    report = build_report(
-        config, operator, prepared, records, outcome, certificate, device, timings
-    )
+    report = build_report(config, operator, prepared, records, done, device, timings)
     saved = {"unlearned_model": outcome.model} if outcome.model is not start.model else {}
-    return report, saved, picture, outcome
+    return report, saved, picture
 
 
 def check_encoder_settings(config: RunConfig) -> None:
@@ -611,14 +647,15 @@ def _run(config: RunConfig, operator: Operator, out: Path | None) -> dict:
         return {}
     for name, trained in baselines.items():
         timings[f"{name}_train_s"] = trained.seconds
-    clock = time.perf_counter()
+    done = unlearn_stage(config, operator, prepared, start)
+    clock = time.perf_counter()  # the test split is read from here on, once
     states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
     evaluated = evaluate_states(states, prepared.evalset, config.seed)
     timings["evaluate_s"] = time.perf_counter() - clock
-    report, saved, picture, outcome = unlearn_and_report(
-        config, operator, prepared, start, evaluated, device, timings
+    report, saved, picture = report_run(
+        config, operator, prepared, start, done, evaluated, device, timings
     )
-    curves = {config.method: trajectory(outcome)} if config.probe_images else None
+    curves = {config.method: trajectory(done.outcome)} if config.probe_images else None
     write_run(out, report, saved, picture, curves)
     return report
 
@@ -677,6 +714,7 @@ def table(report: dict) -> str:
         "S_global in nats per pixel; excess = value - permutation-null mean",
     ]
     rows += [f"WARNING: {w}" for w in report.get("warnings", [])]
-    if report.get("certificate"):
-        rows.append(report["certificate"]["summary"])
+    for guarantee in ("certificate", "exactness"):
+        if report.get(guarantee):
+            rows.append(report[guarantee]["summary"])
     return "\n".join(rows)

@@ -45,6 +45,15 @@ ENCODER_EXAMPLES = ("resnet18", "resnet34", "resnet50", "efficientnet-b0", "mobi
 MIN_IMAGE_SIZE = 32  # the U-Net halves the image five times: 32 px leave one pixel
 
 
+def frozen_provenance(model: Model, scope: str) -> tuple[list[str], bool | None]:
+    """The blocks outside `scope`, and whether they saw the coarse labels: True if the run
+    that trained the model updated one of them, None where its provenance does not say."""
+    frozen = [name for name, _ in model.net.named_children() if name not in SCOPE_MODULES[scope]]
+    trained = model.config.provenance.get("scope")
+    saw = None if trained is None else bool(set(SCOPE_MODULES[trained]) & set(frozen))
+    return frozen, saw
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a model; saved beside its weights."""

@@ -231,13 +231,13 @@ class Workbench:
 
     # -- parameters ---------------------------------------------------------------------------
     def operator(self, parameters: dict | None = None):
-        from .unlearning import CERTIFIED, make_operator
+        from .unlearning import CERTIFIED, make_operator, steps_setting
 
         p = {**self.parameters, **(parameters or {})}
         certified = p["method"] in CERTIFIED
         return make_operator(
             p["method"],
-            steps=p["relearn_steps"] if certified else p["steps"],
+            steps=p[steps_setting(p["method"])],
             seed=p["seed"],
             scope=p["scope"],
             context=p["context"],

@@ -57,6 +57,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.worker = self.cancel = None
         self._ready = False  # PyTorch and the model are loaded
         self._certified: set[str] = set()  # the registry's certified methods, once loaded
+        self._steps_settings: dict[str, str] = {}  # method: its steps setting, once loaded
         self._steps_for = "steps"  # the parameter the Steps box shows (relearn_steps: certified)
         self._edit_timer = QTimer(self, singleShot=True, interval=0)
         self._edit_timer.timeout.connect(self.apply_edits)
@@ -217,9 +218,10 @@ class ShortcutUnlearningWidget(QWidget):
             return
         self._on_ready(loaded)
 
-    def _on_ready(self, loaded: tuple[dict[str, bool], str | None]) -> None:
+    def _on_ready(self, loaded: tuple[dict[str, tuple[bool, str]], str | None]) -> None:
         operators, problem = loaded
-        self._certified = {name for name, certified in operators.items() if certified}
+        self._certified = {name for name, (certified, _) in operators.items() if certified}
+        self._steps_settings = {name: setting for name, (_, setting) in operators.items()}
         if not self.method.count():
             self.method.blockSignals(True)
             for name in operators:
@@ -291,7 +293,7 @@ class ShortcutUnlearningWidget(QWidget):
         self._parameters_changed()
 
     def _steps_key(self, method: str) -> str:
-        return "relearn_steps" if method in self._certified else "steps"
+        return self._steps_settings.get(method, "steps")
 
     def restore_defaults(self) -> None:
         self._set_parameters(DEFAULTS)
@@ -675,13 +677,13 @@ class ShortcutUnlearningWidget(QWidget):
 _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shortcut-unlearning-load")
 
 
-def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, bool], str | None]:
+def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, tuple[bool, str]], str | None]:
     """In a worker: import PyTorch and load the model. Returns the registry's operators
-    (name: certified) and what went wrong with the model, if anything."""
+    (name: certified, its steps setting) and what went wrong with the model, if anything."""
     from .. import saliency  # noqa: F401  (captum and matplotlib: not on a run's first step)
-    from ..unlearning import CERTIFIED, OPERATORS
+    from ..unlearning import CERTIFIED, OPERATORS, steps_setting
 
-    operators = {name: name in CERTIFIED for name in OPERATORS}
+    operators = {name: (name in CERTIFIED, steps_setting(name)) for name in OPERATORS}
     try:
         bench.current_model()
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -4,8 +4,10 @@ from .base import Operator, UnlearnData, UnlearnResult
 from .certified import CertifiedOperator, GradientClipping, ModelClipping
 from .finetune import FineTune
 from .neggrad_seg import NegGradSeg
+from .relearn import Relearn
 
 OPERATORS: dict[str, type[Operator]] = {
+    Relearn.name: Relearn,
     NegGradSeg.name: NegGradSeg,
     FineTune.name: FineTune,
     GradientClipping.name: GradientClipping,
@@ -14,6 +16,15 @@ OPERATORS: dict[str, type[Operator]] = {
 
 # The operators that give an (eps, delta) certificate.
 CERTIFIED = tuple(name for name, op in OPERATORS.items() if issubclass(op, CertifiedOperator))
+# The operators that end in a relearning whose maximum length the steps setting gives.
+RELEARNING = (*CERTIFIED, Relearn.name)
+
+
+def steps_setting(name: str) -> str:
+    """Which remembered setting (settings.DEFAULTS) holds the steps of operator `name`:
+    "relearn_steps" for those that relearn (at most that many, stopped on held-out images),
+    "steps" for the others."""
+    return "relearn_steps" if name in RELEARNING else "steps"
 
 
 def make_operator(
@@ -43,13 +54,16 @@ def make_operator(
 __all__ = [
     "CERTIFIED",
     "OPERATORS",
+    "RELEARNING",
     "CertifiedOperator",
     "FineTune",
     "GradientClipping",
     "ModelClipping",
     "NegGradSeg",
     "Operator",
+    "Relearn",
     "UnlearnData",
     "UnlearnResult",
     "make_operator",
+    "steps_setting",
 ]

@@ -136,6 +136,9 @@ class Operator:
         may keep some back to validate on)."""
         return train_rows
 
+    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
+        """Called once on the weights the run releases (after a stop or the last step)."""
+
     def should_stop(self, model: Model, step: int) -> dict | None:
         """Called after each step: a record of why the run ends here (key 'reason'), or None.
         An operator that stops may first load the weights it releases."""
@@ -258,6 +261,8 @@ class Operator:
             if step == self.steps or self.phase(step + 1) != phase:
                 self.phase_end(work, phase, inputs, retain_rows)
             stopping = self.should_stop(work, step)
+            if stopping or step == self.steps:
+                self.release(work, inputs, retain_rows)
             metrics = None
             # the host reads the device; the run's last step is probed, also an early stop
             if step % self.probe_every == 0 or step == self.steps or stopping:

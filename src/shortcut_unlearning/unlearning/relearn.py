@@ -1,0 +1,220 @@
+"""Erase and relearn: reset the trainable scope, then learn it again on the retain set.
+
+Descent from the coarse model (NegGrad-Seg, fine-tuning) cleans the pixels but leaves the
+class decision where the coarse decoder had it (docs/method.md, "Erase and relearn"). Erasing
+the scope and relearning it on the refined and certain pixels removes what it learned from the
+forget set. With a fresh initialisation the released scope is a function of the retain set, the
+frozen blocks and the seed alone: exact unlearning of the scope when the frozen blocks never
+saw the coarse labels (`exactness`). It is not a differential-privacy certificate and makes no
+claim about the frozen blocks.
+
+The relearning is training: Adam at training's learning rate on cross-entropy plus training's
+soft Dice term, the scope's batch norms on batch statistics, stopped by a validation probe on a
+seeded share of the unrefined retain images held out of it (their retain loss, the uncertain
+band ignored); the best weights measured are released, with batch-norm statistics re-estimated
+on the retain images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..model import FrozenInputs, Model, frozen_provenance
+from ..retain import FORGETS
+from .base import Operator
+from .certified import (
+    ValidationProbe,
+    estimate_batch_statistics,
+    rescale_to_initial_norms,
+    reset_batch_statistics,
+)
+
+# How the scope starts: "fresh" a new initialisation (seeded; exact unlearning), "rescaled"
+# the coarse weights given a fresh initialisation's scale (what the certified operators'
+# recovery starts from when their noise is negligible), "kept" the coarse weights as they are
+# (fine-tuning with the same schedule: the ablation's control).
+STARTS = ("fresh", "rescaled", "kept")
+# The scope's batch-norm statistics: "reestimated" reset, learnt from batch statistics while
+# relearning and re-estimated on the retain images for the release; "kept" the coarse
+# model's, normalising with them throughout (an ablation: do they carry the shortcut?).
+STATISTICS = ("reestimated", "kept")
+
+
+@dataclass
+class Relearning(Operator):
+    """An operator whose last phase is training on the retain set, stopped on held-out images.
+
+    Steps from `relearn_from()` on are the relearning; a seeded `validation_share` of the
+    unrefined retain images is held out of it and its retain loss measured every
+    `validate_every` steps; the run stops once it has not improved `patience` times, and the
+    best weights measured are released."""
+
+    validation_share: float = 0.15
+    validate_every: int = 25
+    patience: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.validation_share < 1:
+            raise ValueError(f"validation_share must lie in [0, 1), got {self.validation_share}")
+        if self.validate_every < 1 or self.patience < 1:
+            raise ValueError("validate_every and patience must be at least 1")
+        self._probe: ValidationProbe | None = None
+
+    def relearn_from(self) -> int:
+        """The steps taken before the relearning starts."""
+        return 0
+
+    def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
+        """Keep a seeded share of the unrefined retain images back for the validation probe
+        (none without a relearning: nothing would be stopped)."""
+        relearning = self.steps > self.relearn_from()
+        count = round(self.validation_share * len(train_rows)) if relearning else 0
+        if count < 1 or count >= len(train_rows):
+            self._probe = ValidationProbe(inputs, targets, np.zeros(0, int))
+            return train_rows
+        held = np.random.default_rng([self.seed, len(train_rows)]).permutation(train_rows)[:count]
+        self._probe = ValidationProbe(inputs, targets, np.sort(held))
+        return np.setdiff1d(train_rows, held)
+
+    def should_stop(self, model: Model, step: int) -> dict | None:
+        start, probe = self.relearn_from(), self._probe
+        if step < start or probe is None:
+            return None
+        last = step == self.steps
+        since = step - start  # relearning steps taken
+        if len(probe.rows) and (since % self.validate_every == 0 or last):
+            probe.measure(model, step)
+        if last:
+            reason = "relearning reached its maximum steps" if since else "no relearning"
+        elif since and probe.stale >= self.patience:
+            reason = "the validation probe stopped improving"
+        else:
+            return None
+        probe.restore(model)
+        return {
+            "reason": reason,
+            "steps": step,
+            "relearn_from": start,
+            "relearn_steps": since,
+            "max_relearn_steps": self.steps - start,
+            "best_step": probe.best_step if probe.best_state is not None else step,
+            "validation_images": len(probe.rows),
+            "validation_loss": probe.best if probe.best_state is not None else None,
+            "validation_curve": [[s, v] for s, v in probe.curve],
+        }
+
+
+@dataclass
+class Exactness:
+    """What erase-and-relearn guarantees: the released scope does not depend on the forgotten
+    pixels, when the frozen blocks never saw the coarse labels."""
+
+    scope: str
+    forgets: str
+    frozen: list[str]
+    frozen_saw_coarse_labels: bool | None  # None: the provenance does not say
+
+    @property
+    def holds(self) -> bool:
+        return self.frozen_saw_coarse_labels is False
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "exact unlearning of the scope (no noise; not a privacy certificate)",
+            "scope": self.scope,
+            "forgets": self.forgets,
+            "epsilon": 0.0 if self.holds else None,
+            "condition": "the frozen blocks never saw the coarse labels",
+            "frozen": self.frozen,
+            "frozen_saw_coarse_labels": self.frozen_saw_coarse_labels,
+            "holds": self.holds,
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> str:
+        if self.holds:
+            return (
+                f"Exact unlearning of the {self.scope} scope: it was re-initialised and relearnt "
+                f"from the retain set alone, so it does not depend on {self.forgets} (eps = 0 "
+                "for the scope; no noise and no privacy certificate)."
+            )
+        why = (
+            "saw the coarse labels"
+            if self.frozen_saw_coarse_labels
+            else "have no provenance saying they never saw the coarse labels"
+        )
+        return (
+            f"Not exact: the {self.scope} scope was re-initialised and relearnt from the retain "
+            f"set, but the frozen blocks ({', '.join(self.frozen) or 'none'}) {why}, and the "
+            "relearning runs on their features, so the release may still depend on the "
+            "forgotten pixels."
+        )
+
+
+@dataclass
+class Relearn(Relearning):
+    """Erase the scope (`start`), then relearn it on the retain set (see the module doc)."""
+
+    steps: int = 400  # at most: the validation probe usually stops sooner
+    lr: float = 1e-3  # training's: from a fresh start this is training, not a nudge
+    dice_weight: float = 1.0  # training's soft Dice term beside cross-entropy
+    start: str = "fresh"
+    statistics: str = "reestimated"
+
+    name = "relearn"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start not in STARTS or self.statistics not in STATISTICS:
+            raise ValueError(
+                f"start must be one of {STARTS} and statistics one of {STATISTICS}, got "
+                f"{self.start!r} and {self.statistics!r}"
+            )
+        if not self.dice_weight >= 0:
+            raise ValueError(f"dice_weight must be at least 0, got {self.dice_weight}")
+
+    def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
+        # The retain loss alone; the forget pixels are not read.
+        return {"total": retain_ce, "retain": retain_ce.detach()}
+
+    def prepare(self, model: Model) -> None:
+        if self.start == "fresh":
+            fresh_scope_(model, self.seed)
+        elif self.start == "rescaled":
+            rescale_to_initial_norms(model)
+        if self.statistics == "reestimated":
+            reset_batch_statistics(model)
+
+    def batch_statistics_in(self, phase: str) -> bool:
+        return self.statistics == "reestimated" or self.batch_statistics
+
+    def dice_weight_in(self, phase: str) -> float:
+        return self.dice_weight
+
+    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
+        # the released weights' own statistics, not the running averages of the relearning
+        if self.statistics == "reestimated":
+            estimate_batch_statistics(model, inputs, retain_rows, self.batch_size)
+
+    def exactness(self, model: Model) -> Exactness:
+        """What a run from `model` guarantees."""
+        scope = self.scope or model.config.scope
+        frozen, saw = frozen_provenance(model, scope)
+        if self.start != "fresh" or self.statistics == "kept":
+            saw = True  # the release keeps something of the coarse scope
+        return Exactness(scope, FORGETS[self.retain_images], frozen, saw)
+
+
+@torch.no_grad()
+def fresh_scope_(model: Model, seed: int) -> None:
+    """Replace the scope's parameters with a new initialisation of the same architecture,
+    seeded by `seed` (and the same on every rank under torchrun)."""
+    with torch.random.fork_rng(devices=[]):  # building a model reseeds torch
+        fresh = Model(replace(model.config, seed=seed, encoder_weights=None, provenance={}))
+    reference = dict(fresh.net.named_parameters())
+    for name, p in model.scoped_named_parameters().items():
+        p.copy_(reference[name].detach().to(p.device, p.dtype))

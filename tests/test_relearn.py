@@ -1,0 +1,88 @@
+"""Erase and relearn: what it releases does not depend on what the coarse scope learned."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, refinement
+
+from shortcut_unlearning.model import Model
+from shortcut_unlearning.progress import drive
+from shortcut_unlearning.unlearning import UnlearnData, make_operator
+from shortcut_unlearning.unlearning.relearn import Relearn
+
+
+def scope(model):
+    return {k: v.detach().clone() for k, v in model.scoped_named_parameters().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data):
+    images, coarse = tiny_data[0].images, tiny_data[1]
+    return UnlearnData(images, coarse, refinement(coarse, tiny_data[0].masks, 6))
+
+
+def relearn(**options):
+    return make_operator("relearn", steps=6, batch_size=4, validate_every=2, **options)
+
+
+def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data):
+    """Two starting models that share the frozen encoder and differ in the scope, and forget
+    pixels whose coarse class differs: the released scope is the same to the bit."""
+    first = Model(TINY)
+    second = first.copy()
+    with torch.no_grad():
+        for p in second.scoped_parameters():
+            p.add_(torch.randn_like(p))
+    coarse = data.coarse.copy()
+    coarse[data.split.forget] = 3 - coarse[data.split.forget]  # 1 <-> 2 on the forget pixels
+    other = UnlearnData(data.images, coarse, data.split)
+    a = drive(relearn().run(first, data), quiet=True).model
+    b = drive(relearn().run(second, other), quiet=True).model
+    assert same(scope(a), scope(b))
+    # while a start that keeps the coarse weights releases something else
+    kept = drive(relearn(start="kept").run(second, data), quiet=True).model
+    assert not same(scope(a), scope(kept))
+
+
+def test_the_scope_is_erased_before_relearning(data):
+    start = Model(TINY)
+    op = Relearn(seed=3)
+    work = start.copy()
+    op.prepare(work)
+    fresh = Model(replace(TINY, seed=0))  # another initialisation of the same architecture
+    moved = [
+        not torch.equal(a, b)
+        for a, b in zip(scope(work).values(), scope(start).values(), strict=True)
+        if a.numel() > 1 and not bool((a == a.flatten()[0]).all())
+    ]
+    assert moved and all(moved)
+    norms = [float(p.norm()) for p in fresh.scoped_parameters()]
+    assert np.allclose([float(p.norm()) for p in work.scoped_parameters()], norms, rtol=0.3)
+
+
+@pytest.mark.parametrize(
+    ("trained_scope", "holds"), [("decoder", True), ("all", False), (None, False)]
+)
+def test_exactness_holds_only_when_the_frozen_blocks_never_saw_the_coarse_labels(
+    trained_scope, holds
+):
+    provenance = {} if trained_scope is None else {"scope": trained_scope}
+    model = Model(replace(TINY, provenance=provenance))
+    record = Relearn().exactness(model)
+    assert record.holds is holds
+    assert record.to_dict()["epsilon"] == (0.0 if holds else None)
+    assert ("Exact unlearning" in record.summary()) is holds
+    assert not Relearn(start="rescaled").exactness(model).holds
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="start must be one of"):
+        Relearn(start="noisy")
+    with pytest.raises(ValueError, match="validation_share"):
+        Relearn(validation_share=1.0)
