@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from shortcut_unlearning import benchmarks
@@ -100,3 +101,28 @@ def test_the_curve_plot_skips_what_a_test_split_cannot_measure(tmp_path):
     stats["conflicting_auroc"] = {"mean": math.nan, "std": math.nan}
     path = benchmarks.curve_plot({n: stats for n in names}, epsilons, tmp_path / "curve.png")
     assert path.stat().st_size > 0
+
+
+def test_seed_summaries_give_the_interval_of_the_mean_and_paired_differences():
+    from scipy import stats
+
+    from shortcut_unlearning.benchmarks import _mean_interval, paired_differences
+
+    values = [0.61, 0.55, 0.70, 0.58, 0.66]
+    got = _mean_interval(values)
+    low, high = stats.t.interval(0.95, 4, loc=np.mean(values), scale=stats.sem(values))
+    assert got["n"] == 5 and np.isclose(got["ci_low"], low) and np.isclose(got["ci_high"], high)
+    assert np.isnan(_mean_interval([0.5])["ci_low"])  # one seed has no interval
+
+    def rows(wga):
+        return [
+            {"worst_group_auroc": w, "dice": 0.9, "malignant_share": 0.5, "band_reliance": 0.01}
+            for w in wga
+        ]
+
+    runs = {"neggrad-seg": rows([0.3, 0.4, 0.5]), "relearn": rows([0.5, 0.5, 0.8])}
+    diff = paired_differences(runs)["relearn"]["neggrad-seg"]["worst_group_auroc"]
+    assert np.isclose(diff["mean"], 0.2) and diff["n"] == 3
+    # paired: the interval of the per-seed differences (0.2, 0.1, 0.3), not of the two means
+    assert np.isclose(diff["ci_high"] - diff["mean"], stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
+    assert "neggrad-seg" not in paired_differences({"relearn": runs["relearn"]})

@@ -239,9 +239,10 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
         "methods": methods,
         "config": _plain_config(base),
         "summary": summary,
+        "paired": paired_differences(rows),
         "runs": rows,
     }
-    return _write_summary(out, result, markdown(summary))
+    return _write_summary(out, result, markdown(summary, result["paired"]))
 
 
 def _folder(method: str) -> str:
@@ -297,23 +298,52 @@ def _row(state: dict, seconds: float) -> dict:
 
 
 def _mean_std(values: list[dict]) -> dict:
-    return {
-        key: {
-            "mean": float(np.mean([v[key] for v in values])),
-            "std": float(np.std([v[key] for v in values], ddof=1))
-            if len(values) > 1
-            else float("nan"),
-        }
-        for key in values[0]
-    }
+    """Per column: mean, standard deviation and the 95% t interval of the mean over the runs
+    (seeds)."""
+    return {key: _mean_interval([v[key] for v in values]) for key in values[0]}
+
+
+def _mean_interval(values) -> dict:
+    """Mean, sd and the 95% Student t interval of the mean of independent runs; NaN runs
+    (a measure a run could not take) are left out and counted in n."""
+    from scipy.stats import t
+
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    n = len(values)
+    mean = float(values.mean()) if n else float("nan")
+    std = float(values.std(ddof=1)) if n > 1 else float("nan")
+    half = float(t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+PAIRED_REFERENCES = ("neggrad-seg", "fine_oracle")
+PAIRED_KEYS = ("worst_group_auroc", "dice", "malignant_share", "band_reliance")
+
+
+def paired_differences(runs: dict[str, list[dict]]) -> dict:
+    """Each method minus each reference (PAIRED_REFERENCES), seed by seed: the mean difference
+    and its 95% t interval, per PAIRED_KEYS. Rows of one seed stand at the same position."""
+    out = {}
+    for reference in (r for r in PAIRED_REFERENCES if r in runs):
+        theirs = runs[reference]
+        for name, mine in runs.items():
+            if name == reference or len(mine) != len(theirs):
+                continue
+            out.setdefault(name, {})[reference] = {
+                key: _mean_interval([a[key] - b[key] for a, b in zip(mine, theirs, strict=True)])
+                for key in PAIRED_KEYS
+            }
+    return out
 
 
 def _plain_config(config: RunConfig) -> dict:
     return {k: v for k, v in vars(config).items() if k not in ("out", "quiet")}
 
 
-def markdown(summary: dict) -> str:
-    """One row per model state or method: mean ± std over seeds."""
+def markdown(summary: dict, paired: dict | None = None) -> str:
+    """One row per model state or method: the mean over seeds with the 95% interval of the
+    mean; then each method's paired difference from NegGrad-Seg and the fine-mask oracle."""
     head = [
         "model",
         "worst-group AUROC",
@@ -334,16 +364,34 @@ def markdown(summary: dict) -> str:
     for name, stats in summary.items():
         cells = [name]
         for key in (*COLUMNS, "wall_s"):
-            mean, std = stats[key]["mean"], stats[key]["std"]
-            if key.startswith("s_global"):
-                cells.append(f"{mean:.2e} ± {std:.1e}")
-            elif key == "wall_s":
-                cells.append(f"{mean:.0f} ± {std:.0f}")
-            else:
-                cells.append(f"{mean:.3f} ± {std:.3f}")
+            digits = ".2e" if key.startswith("s_global") else ".0f" if key == "wall_s" else ".3f"
+            cells.append(_interval_cell(stats[key], digits))
         cells.append(f"{stats['collapsed']['mean']:.0%}")
         lines.append("| " + " | ".join(cells) + " |")
+    n = max(stats["worst_group_auroc"].get("n", 0) for stats in summary.values())
+    lines.append(f"\nMean over {n} seeds [95% t interval of the mean].")
+    for reference, rows in _by_reference(paired or {}).items():
+        lines += ["", f"Paired by seed, minus {reference}:", ""]
+        lines += table_head(["model", *PAIRED_KEYS])
+        for name, diffs in rows.items():
+            cells = [_interval_cell(diffs[key], "+.3f") for key in PAIRED_KEYS]
+            lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def _interval_cell(stats: dict, digits: str) -> str:
+    mean = format(stats["mean"], digits)
+    if "ci_low" not in stats or not np.isfinite(stats["ci_low"]):
+        return mean if "std" not in stats else f"{mean} ± {format(stats['std'], digits)}"
+    return f"{mean} [{format(stats['ci_low'], digits)}, {format(stats['ci_high'], digits)}]"
+
+
+def _by_reference(paired: dict) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for name, references in paired.items():
+        for reference, diffs in references.items():
+            out.setdefault(reference, {})[name] = diffs
+    return out
 
 
 # --- the privacy-utility curve -----------------------------------------------------------------
@@ -404,10 +452,11 @@ def merge(folders: list[Path | str], out: Path | str) -> dict:
         raise ValueError(f"the runs share a seed ({seed_list}): each seed must come from one run")
     runs = {name: [row for r in results for row in r["runs"][name]] for name in first["runs"]}
     summary = {name: _mean_std(rows) for name, rows in runs.items()}
-    result = {**first, "seeds": seed_list, "summary": summary, "runs": runs}
+    paired = paired_differences(runs)
+    result = {**first, "seeds": seed_list, "summary": summary, "paired": paired, "runs": runs}
     result["merged_from"] = [str(folder) for folder in folders]
     out = Path(out)
-    _write_summary(out, result, markdown(summary))
+    _write_summary(out, result, markdown(summary, paired))
     if "epsilons" in result:
         curve_plot(summary, result["epsilons"], out / "curve.png")
     return result

@@ -290,7 +290,7 @@ def _bench(args) -> None:
         if len(args.runs) < 2:
             raise UsageError("bench merge needs two or more --runs DIR (the runs' --out folders)")
         result = benchmarks.merge(args.runs, args.out)
-        print(benchmarks.markdown(result["summary"]))
+        print(benchmarks.markdown(result["summary"], result.get("paired")))
         print(f"written: {args.out / 'summary.json'}, {args.out / 'summary.md'}")
         return
     if args.what == "curve":
@@ -299,7 +299,7 @@ def _bench(args) -> None:
         )
         if not result:  # a rank other than 0 under torchrun
             return
-        print(benchmarks.markdown(result["summary"]))
+        print(benchmarks.markdown(result["summary"], result.get("paired")))
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
     if args.what == "gpu":
@@ -351,7 +351,7 @@ def _bench(args) -> None:
     result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
     if not result:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    print(benchmarks.markdown(result["summary"]))
+    print(benchmarks.markdown(result["summary"], result.get("paired")))
     print(f"written: {Path(args.out) / 'summary.md'}")
 
 

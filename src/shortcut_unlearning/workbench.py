@@ -86,6 +86,7 @@ class RunRecord:
     seconds: float
     refined_index: np.ndarray  # images the run refined
     accepted: bool = False
+    exactness: object | None = None  # erase and relearn's record (unlearning.relearn)
 
     @property
     def method(self) -> str:
@@ -248,11 +249,17 @@ class Workbench:
         """What the chosen operator will do: the certificate and its warnings, before a run."""
         from .model import encoder_origin
         from .unlearning.certified import CertifiedOperator, collapse_warning
+        from .unlearning.relearn import Relearn
 
         try:
             operator = self.operator()
         except ValueError as error:
             return str(error)
+        if isinstance(operator, Relearn):
+            steps = f"At most {operator.steps} relearning steps, stopped on held-out images."
+            if not self.loaded:
+                return steps
+            return f"{steps}\n{operator.exactness(self.current_model()).summary()}"
         if not isinstance(operator, CertifiedOperator):
             encoder = f"\n{encoder_origin(self.current_model().config)}" if self.loaded else ""
             return f"{operator.steps} steps; not certified (no formal guarantee).{encoder}"
@@ -321,7 +328,7 @@ class Workbench:
                 torch.cuda.empty_cache()
 
     def _execute(self, plan: Plan, cancel: Cancel | None):
-        from .unlearning import CertifiedOperator, UnlearnData
+        from .unlearning import CertifiedOperator, Relearn, UnlearnData
 
         clock = time.perf_counter()
         operator, steps = plan.operator, plan.operator.steps
@@ -345,6 +352,7 @@ class Workbench:
         certificate = (
             operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
         )
+        exactness = operator.exactness(model) if isinstance(operator, Relearn) else None
         yield Progress(0, steps, MEASURE_BEFORE)
         before = measure.views(model)
         if cancel:
@@ -367,6 +375,7 @@ class Workbench:
             certificate=certificate.after_recovery(result.stopping) if certificate else None,
             seconds=time.perf_counter() - clock,
             refined_index=edited,
+            exactness=exactness,
         )
 
     def show(self, record: RunRecord | None) -> None:
@@ -453,7 +462,9 @@ class Workbench:
         from .rounds import chain_certificate
 
         result = record.result
-        sections = unlearning_report(record.plan.operator, record.certificate, result)
+        sections = unlearning_report(
+            record.plan.operator, record.certificate, result, record.exactness
+        )
         sections["unlearning"] |= {"accepted": record.accepted, "start_model": record.start_name}
         return {
             "coarse": record.before.metrics,

@@ -8,14 +8,21 @@ from ._layers import BAND, BENIGN, FORGET, MALIGNANT
 FORGET_AS_S = "the forget set"
 # Plain words on the controls; the technical term and a line of explanation in the tooltip.
 METHODS = {
-    "neggrad-seg": (
+    "relearn": (
         "Erase and relearn",
-        "NegGrad-Seg: learn the corrected masks while pushing the forget set away from its "
-        "coarse label. Not certified; keeps the model working.",
+        "Reset the decoder and relearn it from your corrected masks and the pixels the other "
+        "coarse masks are sure about, stopped on images held out of it. Exact unlearning of "
+        "the decoder when the encoder never saw the coarse labels; no noise, no certificate.",
+    ),
+    "neggrad-seg": (
+        "Correct and push away",
+        "NegGrad-Seg: from the current model, learn the corrected masks while pushing the "
+        "forget set away from its coarse label. Cleans the predicted lesions; on held-out "
+        "data it left the diagnosis following the artefact. Not certified.",
     ),
     "finetune": (
-        "Relearn only",
-        "Fine-tune on the corrected masks only, with no push on the forget set.",
+        "Correct only",
+        "Fine-tune the current model on the corrected masks, with no push on the forget set.",
     ),
     "gradient-clipping": (
         "Certified, gradient clip",
@@ -52,8 +59,9 @@ TIPS = {
     "epsilon": "epsilon: the privacy budget of the certificate. Smaller is a stronger "
     "guarantee and more noise.",
     "delta": "delta: the probability the guarantee may fail. 1e-5 is usual.",
-    "steps": "Optimiser steps (for the certified methods: the noise-free relearning steps "
-    "after the noisy phase, whose length the certificate fixes).",
+    "steps": "Optimiser steps. For the methods that relearn (Erase and relearn, the "
+    "certified ones): the most relearning steps, stopped sooner once images held out of it "
+    "stop improving; the certified methods' noisy phase comes before them.",
     "forget": "Forget set: the pixels the coarse masks call lesion and your refinement erased. "
     "Unlearning removes what the model learned from them.",
     "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
