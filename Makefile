@@ -30,6 +30,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/npe2 validate shortcut-unlearning
 	$(BIN)/pytest
 
