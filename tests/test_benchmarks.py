@@ -38,7 +38,8 @@ def test_seed_benchmark_shares_the_coarse_model_across_methods(tmp_path):
     assert second["config"]["method"] == "finetune" and second["seed"] == 1
     assert second["unlearned"]["image_scores"] != first["unlearned"]["image_scores"]
     table = (tmp_path / "summary.md").read_text()
-    assert "| neggrad-seg |" in table and "±" in table
+    assert "| neggrad-seg |" in table and "95% t interval of the mean" in table
+    assert "minus neggrad-seg" in table and "minus fine_oracle" in table
     assert "conflicting AUROC" in table and "band reliance" in table
     assert (tmp_path / "trajectory.png").is_file()
 
