@@ -210,7 +210,7 @@ def test_write_isic_masks_at_original_size(tmp_path):
     assert set(np.unique(first)) == {0, 255}
     np.testing.assert_array_equal(first[::2, ::3] != 0, masks[0] != 0)
     assert np.asarray(Image.open(paths[1])).shape == (8, 4)
-    with pytest.raises(FolderError, match=r"ISIC_0000005_segmentation.png already exists"):
+    with pytest.raises(ValueError, match=r"ISIC_0000005_segmentation.png already exists"):
         write_isic_masks(
             masks, ["ISIC_0000005", "ISIC_0000009"], [(16, 24), (8, 4)], tmp_path, "Test"
         )

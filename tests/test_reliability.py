@@ -22,6 +22,7 @@ from test_experiment import tiny_run
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.data.folders import FolderError, read_folder, write_project
 from shortcut_unlearning.data.synthetic import generate
+from shortcut_unlearning.files import OutputError
 from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.napari import _io
 
@@ -101,6 +102,68 @@ def test_project_writer_refuses_path_ids(tmp_path):
     with pytest.raises(FolderError, match=r"'\.\./escape' is not a plain file name"):
         write_project(data, tmp_path / "set")
     assert not (tmp_path / "escape.png").exists() and not (tmp_path / "set").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: no write through a link (files.write_bytes is every writer's one way to disk)
+
+
+def plant_link(link: Path, target: Path) -> Path:
+    """A link at `link` to `target`, which need not exist (a dangling link)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("ids", [["plain", "X"], ["ISIC_0000001", "ISIC_0000002"]])
+def test_the_plugin_writer_never_writes_through_a_planted_link(tmp_path, ids):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere" / "stolen.png"
+    elsewhere.parent.mkdir()
+    name = f"{ids[1]}_segmentation.png"
+    folder = out / "ISIC2018_Task1_Training_GroundTruth" if ids[0].startswith("ISIC") else out
+    plant_link(folder / name, elsewhere)
+    meta = {"metadata": {"ids": ids, "original_sizes": [[16, 16], [16, 16]]}}
+    with pytest.raises(OutputError, match=rf"{name} is a link .*never writes through a link"):
+        _io.write_masks(str(out), np.ones((2, 16, 16), np.uint8), meta)
+    assert not elsewhere.exists()
+    assert [p.name for p in folder.iterdir()] == [name]  # refused before writing anything
+
+
+def test_replacing_never_writes_through_a_link(tmp_path):
+    from shortcut_unlearning.data.folders import write_isic_masks
+    from shortcut_unlearning.refinement import Refinement
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's own file")
+    out = tmp_path / "out"
+    truth = out / "ISIC2018_Task1_Training_GroundTruth"
+    plant_link(truth / "ISIC_0000001_segmentation.png", secret)
+    masks, sizes = np.ones((1, 16, 16), np.uint8), [(16, 16)]
+    with pytest.raises(OutputError, match="is a link"):
+        write_isic_masks(masks, ["ISIC_0000001"], sizes, out, overwrite=True)
+    # The plugin's autosave replaces its files each edit: a link there is refused too.
+    coarse = np.ones((2, 16, 16), np.uint8)
+    refinement = Refinement(coarse)
+    refinement.refined[0, 0, 0] = 0
+    plant_link(tmp_path / "autosave" / refinement.key / "0.npy", secret)
+    with pytest.raises(OutputError, match="is a link"):
+        refinement.autosave(tmp_path / "autosave")
+    # A planted folder link is refused as well: the files would land at its target.
+    plant_link(tmp_path / "isic" / "ISIC2018_Task1_Training_GroundTruth", tmp_path / "away")
+    (tmp_path / "away").mkdir()
+    with pytest.raises(OutputError, match="is a link"):
+        write_isic_masks(masks, ["ISIC_0000001"], sizes, tmp_path / "isic")
+    assert secret.read_text() == "the user's own file" and not any((tmp_path / "away").iterdir())
+
+
+def test_the_settings_file_is_never_written_through_a_link(tmp_path, monkeypatch):
+    from shortcut_unlearning.settings import save_settings, settings_file
+
+    monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
+    plant_link(settings_file(), tmp_path / "elsewhere.json")
+    with pytest.raises(OutputError, match="is a link"):
+        save_settings({})
+    assert not (tmp_path / "elsewhere.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +552,7 @@ def test_a_failed_run_is_marked_incomplete_and_leaves_out_alone(tmp_path, monkey
 
 @pytest.mark.parametrize("where", ["file", "under a file", "full disk", "read-only"])
 def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch, where):
-    from shortcut_unlearning import experiment, outputs
+    from shortcut_unlearning import experiment, files
 
     if where == "read-only" and os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
@@ -508,7 +571,7 @@ def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch, 
         target = tmp_path / "blocker" / "run"
     elif where == "full disk":
         usage = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
-        monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage)
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage)
     else:
         (tmp_path / "locked").mkdir(mode=0o500)
         target = tmp_path / "locked" / "run"
@@ -591,17 +654,30 @@ def test_labels_flags_pick_trap_set_csvs_from_a_subfolder(tmp_path, capsys):
 
 
 def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    from shortcut_unlearning import model as modellib
-    from shortcut_unlearning import outputs
+    from shortcut_unlearning import files, outputs
 
     outputs.save_checkpoint(Model(TINY), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def disk_full(state, path):
-        Path(path).write_bytes(b"half a file")
-        raise OSError(28, "No space left on device")
+    real_fdopen = os.fdopen
 
-    monkeypatch.setattr(modellib, "save_file", disk_full)
+    class HalfWritten:  # the disk fills up after a few bytes of each file
+        def __init__(self, handle, mode):
+            self.file = real_fdopen(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    disk_full = HalfWritten
+
+    monkeypatch.setattr(files.os, "fdopen", disk_full)
     with pytest.raises(OSError, match="No space left"):
         outputs.save_checkpoint(Model(ModelConfig(image_size=48, seed=3)), tmp_path / "m")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

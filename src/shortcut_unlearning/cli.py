@@ -327,8 +327,10 @@ def _bench(args) -> None:
             "removal": benchmarks.time_to_removal(_config(args, quiet=True), args.steps or 200),
             "s_global": benchmarks.s_global_times(n=args.n or 1000),
         }
+        from .files import write_json
+
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "removal.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.out) / "removal.json", result, replace=True)
         print(json.dumps(result, indent=2))
         return
     if args.what == "cache":

@@ -8,7 +8,6 @@ one probe, and files are written by the last stage alone (`write_run`).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -22,6 +21,7 @@ from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
 from .evaluation import EvalSet
+from .files import write_json
 from .model import (
     Model,
     ModelConfig,
@@ -507,7 +507,7 @@ def write_run(
     if trajectories:
         figures.trajectory_plot(trajectories, out / "trajectory.png")
     # Written last: a folder with metrics.json holds a finished run.
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    write_json(out / "metrics.json", report, replace=True, default=_plain)
     return out
 
 

@@ -31,6 +31,7 @@ then decodes each image with its mask (decode_item) in a thread pool (in_order).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -44,6 +45,14 @@ import numpy as np
 from PIL import Image
 
 from shortcut_unlearning.data.lesion_set import ARTEFACTS, CLASS_NAMES, SPLITS, LesionSet
+from shortcut_unlearning.files import (
+    check_targets,
+    make_folder,
+    refuse_link,
+    write_json,
+    write_png,
+    write_text,
+)
 from shortcut_unlearning.stack import resize
 
 FORMAT, VERSION = "shortcut-unlearning", 1
@@ -356,16 +365,18 @@ def write_project(
     if data.artefacts is not None:
         folders["artefacts"] = data.artefacts
     for name, stack in folders.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
+        make_folder(out / name)
         for image_id, pixels in zip(data.ids, stack, strict=True):
-            Image.fromarray(np.asarray(pixels, np.uint8)).save(out / name / f"{image_id}.png")
+            image = np.asarray(pixels, np.uint8)
+            write_png(out / name / f"{image_id}.png", image, replace=overwrite)
 
-    with open(out / "labels.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "label", "split", *ARTEFACTS])
-        for i, image_id in enumerate(data.ids):
-            flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
-            writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["id", "label", "split", *ARTEFACTS])
+    for i, image_id in enumerate(data.ids):
+        flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
+        writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
+    write_text(out / "labels.csv", table.getvalue(), replace=overwrite)
 
     info = {
         "format": FORMAT,
@@ -378,7 +389,7 @@ def write_project(
     }
     info.update({k: v for k, v in (metadata or {}).items() if k not in info})
     # dataset.json is written last: a folder that has it is complete.
-    info_path.write_text(json.dumps(info, indent=2, default=_json_value) + "\n")
+    write_json(info_path, info, replace=overwrite, default=_json_value)
     return out
 
 
@@ -750,13 +761,13 @@ def write_isic_masks(
             raise ValueError(f"id {image_id!r} is not of the form ISIC_<7 digits>")
         paths.append(folder / f"ISIC_{match.group(1)}_segmentation.png")
     # Check every target before writing any, so a refusal leaves no half-written set.
-    for file in paths:
-        if file.exists() and not overwrite:
-            raise FolderError(f"{file} already exists; write elsewhere or pass overwrite=True")
-    folder.mkdir(parents=True, exist_ok=True)
+    refuse_link(folder)
+    check_targets(paths, overwrite, "write elsewhere or pass overwrite=True")
+    make_folder(folder)
     for mask, (height, width), file in zip(masks, original_sizes, paths, strict=True):
         binary = Image.fromarray(np.where(np.asarray(mask) != 0, 255, 0).astype(np.uint8))
-        binary.resize((int(width), int(height)), Image.Resampling.NEAREST).save(file)
+        resized = binary.resize((int(width), int(height)), Image.Resampling.NEAREST)
+        write_png(file, resized, replace=overwrite)
     return paths
 
 
@@ -827,13 +838,11 @@ def write_masks(
     folder = Path(folder)
     where = f"cannot save masks to {folder}"
     targets = [folder / f"{check_id(i, where)}_segmentation.png" for i in ids]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    check_targets(targets, hint="save the masks to a new folder")
+    make_folder(folder)
     for mask, (height, width), target in zip(masks, original_sizes, targets, strict=True):
         image = Image.fromarray(np.asarray(mask, np.uint8))
-        image.resize((int(width), int(height)), Image.Resampling.NEAREST).save(target)
+        write_png(target, image.resize((int(width), int(height)), Image.Resampling.NEAREST))
     return targets
 
 
