@@ -510,7 +510,8 @@ def test_run_output_is_never_mixed_and_the_same_seed_gives_the_same_metrics(tmp_
     # An earlier run is never overwritten silently, and the refusal comes before any work.
     (out / "notes.txt").write_text("an earlier result")
     assert main(fast_run(out)) == 2
-    assert "is not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert "already holds an earlier run" in capsys.readouterr().err
+    assert (out / "notes.txt").is_file()
 
     # --overwrite replaces only an earlier run's folder, never one that holds other things.
     (tmp_path / "data").mkdir()
@@ -531,6 +532,34 @@ def test_run_output_is_never_mixed_and_the_same_seed_gives_the_same_metrics(tmp_
         report.pop("timings")
         report["config"].pop("overwrite")
     assert first == second
+
+
+def test_overwrite_refuses_a_folder_the_tool_did_not_write(tmp_path, capsys, monkeypatch):
+    from shortcut_unlearning import experiment
+
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("trained"))
+    thesis = tmp_path / "thesis"
+    (thesis / "src").mkdir(parents=True)
+    (thesis / "metrics.json").write_text("{}")  # a file of that name is no proof
+    (thesis / "thesis.tex").write_text("years of work")
+    (thesis / "src" / "main.py").write_text("print(1)")
+    before = sorted(p.relative_to(thesis) for p in thesis.rglob("*"))
+    assert main(fast_run(thesis, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "no shortcut-unlearning.json" in err and "will not replace it" in err
+    # A marker of another kind (a dataset the tool wrote) is not a run's folder either.
+    (thesis / "shortcut-unlearning.json").write_text(
+        json.dumps({"format": "shortcut-unlearning", "folder": "dataset", "version": 1})
+    )
+    assert main(fast_run(thesis, "--overwrite")) == 2
+    assert "not an earlier run's folder" in capsys.readouterr().err
+    (thesis / "shortcut-unlearning.json").unlink()
+    assert sorted(p.relative_to(thesis) for p in thesis.rglob("*")) == before
+    # --out naming a link is refused: the finished run could not be moved over it.
+    (tmp_path / "link").symlink_to(thesis)
+    assert main(fast_run(tmp_path / "link", "--overwrite")) == 2
+    assert "is a link" in capsys.readouterr().err
+    assert sorted(p.relative_to(thesis) for p in thesis.rglob("*")) == before
 
 
 def test_a_failed_run_is_marked_incomplete_and_leaves_out_alone(tmp_path, monkeypatch):

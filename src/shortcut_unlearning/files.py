@@ -1,4 +1,5 @@
-"""Files and folders written safely: never through a link, never half-written.
+"""Files and folders written safely: never through a link, never half-written, and a folder
+replaced only when this tool wrote it.
 
 Every file the package writes goes through write_bytes (or write_text, write_png, write_npy
 and write_figure, built on it):
@@ -9,8 +10,10 @@ and write_figure, built on it):
   over the old file: a killed process leaves the old file or the new one, never half of one. An
   existing link is refused, never followed.
 
-A run is written into a staging folder beside its target and moved into place once complete
-(staged_folder).
+A set of files (a run, a dataset) is written into a staging folder beside its target and moved
+into place once complete (staged_folder). Each such folder holds MARKER, naming the tool and
+the kind of folder; --overwrite replaces only a folder that holds the marker of its kind, so a
+user's own folder is never deleted.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+FORMAT = "shortcut-unlearning"
+MARKER = "shortcut-unlearning.json"  # in every run and dataset folder the tool writes
 INCOMPLETE = "INCOMPLETE"  # in a staging folder until its set is complete
 # Room a set needs besides what its writer counts (checkpoints): pictures, metrics and slack.
 EXTRA_BYTES = 32 * 2**20
@@ -193,38 +198,62 @@ def check_room(folder: Path, needed: int) -> None:
         )
 
 
-def check_run_folder(out: Path | str, overwrite: bool = False) -> None:
-    """Refuse a run folder that names a file, or that holds something unless `overwrite`
-    is given and it holds an earlier run (its metrics.json): nothing else is ever replaced."""
+def marked_kind(folder: Path) -> str | None:
+    """The kind ("run", "dataset") that `folder`'s MARKER names, or None without a valid one."""
+    marker = folder / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        return None
+    kind = info.get("folder")
+    return kind if isinstance(kind, str) else None
+
+
+def check_run_folder(out: Path | str, overwrite: bool = False, kind: str = "run") -> None:
+    """Refuse a folder for a set of `kind` that names a file or a link, or that holds
+    something, unless `overwrite` is given and it is an earlier set of that kind (its MARKER):
+    nothing else is ever replaced."""
     out = Path(out)
+    if out.is_symlink():
+        raise OutputError(
+            f"--out {out} is a link (to {os.readlink(out)}); name the folder itself, not a link"
+        )
     if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out} is a file; name a folder for the run's results")
+        raise OutputError(f"--out {out} is a file; name a folder for the {kind}'s files")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not held:
         return
     listing = f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}"
+    ours = marked_kind(out) == kind
     if not overwrite:
+        earlier = f"already holds an earlier {kind}" if ours else "is not empty"
         raise OutputError(
-            f"--out {out} is not empty (it holds {listing}); choose a new folder or pass "
-            "--overwrite to replace the earlier run"
+            f"--out {out} {earlier} (it holds {listing}); choose a new folder or pass "
+            f"--overwrite (overwrite=True) to replace the earlier {kind}"
         )
-    if "metrics.json" not in held:
+    if not ours:
         raise OutputError(
-            f"--out {out} holds {listing} but no metrics.json, so it is not an earlier run's "
-            "folder and --overwrite will not replace it; choose another folder"
+            f"--out {out} holds {listing} but no {MARKER} naming it a {kind} folder this tool "
+            f"wrote, so it is not an earlier {kind}'s folder and --overwrite will not replace it "
+            "(that would delete everything in it); choose another folder, or delete it yourself "
+            "if it is an earlier result of a version that wrote no marker"
         )
 
 
 @contextmanager
 def staged_folder(
-    out: Path | str, overwrite: bool = False, needed_bytes: int = 0
+    out: Path | str, overwrite: bool = False, needed_bytes: int = 0, kind: str = "run"
 ) -> Iterator[Path]:
-    """A staging folder to write a run into; moved to `out` when the block completes.
+    """A staging folder to write a set of `kind` into; moved to `out` when the block completes.
 
     `out` is checked first (see check_run_folder), then the staging folder is made beside it,
     which proves the place writable, and the free space is checked against `needed_bytes`.
     """
-    check_run_folder(out, overwrite)
+    check_run_folder(out, overwrite, kind)
     out = Path(os.path.abspath(out))  # "." and "a/.." become names that can be renamed
     parent = parent_ready(out)
     try:
@@ -233,12 +262,15 @@ def staged_folder(
         raise OutputError(
             f"cannot write in {parent} ({err.strerror}); choose a writable --out"
         ) from err
-    write_text(stage / INCOMPLETE, f"This run into {out} did not finish; nothing here is used.\n")
+    write_text(
+        stage / INCOMPLETE, f"This {kind} into {out} did not finish; nothing here is used.\n"
+    )
+    write_json(stage / MARKER, {"format": FORMAT, "folder": kind, "version": 1})
     try:
         check_room(parent, needed_bytes + EXTRA_BYTES)
         yield stage
     except BaseException:
-        if {p.name for p in stage.iterdir()} == {INCOMPLETE}:
+        if {p.name for p in stage.iterdir()} == {INCOMPLETE, MARKER}:
             shutil.rmtree(stage)  # nothing worth keeping
         raise
     (stage / INCOMPLETE).unlink()
