@@ -167,6 +167,66 @@ def test_the_settings_file_is_never_written_through_a_link(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------
+# Security: links inside a dataset folder never lead the reader out of it
+
+
+def move_out_and_link(file: Path, away: Path) -> Path:
+    """Move `file` to `away` and leave a link to it where it was."""
+    away.parent.mkdir(parents=True, exist_ok=True)
+    file.rename(away)
+    file.symlink_to(away)
+    return file
+
+
+@pytest.mark.parametrize("which", ["images", "masks", "artefacts", "labels.csv", "dataset.json"])
+def test_project_files_linked_from_outside_are_refused(tmp_path, capsys, spy_open, which):
+    folder = project(tmp_path / "set")
+    name = which if "." in which else f"{which}/{first_id(folder)}.png"
+    link = move_out_and_link(folder / name, tmp_path / "outside" / name.replace("/", "_"))
+    message = rf"{link.name} leads to .*outside the dataset folder"
+    with pytest.raises(FolderError, match=message):
+        read_folder(folder)
+    args = ["train", "--data", str(folder), "--epochs", "1", "--image-size", "32"]
+    assert main([*args, "--out", str(tmp_path / "model")]) == 2
+    assert "outside the dataset folder" in capsys.readouterr().err
+    assert not [p for p in spy_open if not p.is_relative_to(folder.resolve())]
+
+
+def test_a_link_that_stays_inside_the_folder_is_read(tmp_path):
+    folder = project(tmp_path / "set")
+    image = folder / "images" / f"{first_id(folder)}.png"
+    move_out_and_link(image, folder / "originals" / image.name)
+    assert len(read_folder(folder)) == 8
+
+
+@pytest.mark.parametrize("which", ["image", "mask", "csv", "input folder"])
+def test_isic_files_linked_from_outside_are_refused(tmp_path, which):
+    root = isic_folder(tmp_path / "isic", numbers=(0, 1))
+    (root / "labels.csv").write_text("image,label\nISIC_0000000,0\nISIC_0000001,1\n")
+    file = {
+        "image": root / "ISIC2018_Task1-2_Training_Input/ISIC_0000001.jpg",
+        "mask": root / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png",
+        "csv": root / "labels.csv",
+        "input folder": root / "ISIC2018_Task1-2_Training_Input",
+    }[which]
+    move_out_and_link(file, tmp_path / "outside" / file.name)
+    with pytest.raises(FolderError, match=r"leads to .*outside the dataset folder"):
+        read_folder(root)
+
+
+def test_coarse_masks_linked_from_outside_are_refused(tmp_path):
+    from shortcut_unlearning.data.folders import coarse_file
+
+    folder = project(tmp_path / "set")
+    image_id = first_id(folder)
+    (folder / "coarse").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "stolen.png")
+    (folder / "coarse" / f"{image_id}.png").symlink_to(tmp_path / "stolen.png")
+    with pytest.raises(FolderError, match=r"leads to .*stolen\.png, outside the dataset folder"):
+        coarse_file(folder, image_id)
+
+
+# ---------------------------------------------------------------------------------------------
 # Silent corruption becomes an error that names the file
 
 

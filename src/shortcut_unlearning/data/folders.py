@@ -103,6 +103,25 @@ def check_id(image_id, where: str = "") -> str:
     return text
 
 
+def check_inside(root: Path, files: Sequence[Path]) -> None:
+    """FolderError naming the first of `files` that resolves outside the dataset folder `root`.
+
+    A link inside a dataset folder may lead anywhere; the reader reads only what lies inside
+    the folder it is given. One lstat per file: each folder is resolved once.
+    """
+    real_root, real_parents = Path(root).resolve(), {}
+    for file in files:
+        if file.parent not in real_parents:
+            real_parents[file.parent] = file.parent.resolve()
+        real = file.resolve() if file.is_symlink() else real_parents[file.parent] / file.name
+        if not real.is_relative_to(real_root):
+            raise FolderError(
+                f"{file} leads to {real}, outside the dataset folder {root}; the tool reads only "
+                "files inside the folder it is given: copy the file into the folder or remove "
+                "the link"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 
@@ -414,6 +433,7 @@ def read_project(
 def list_project(path: Path | str) -> Listing:
     """The images of a project folder, checked (labels, ids, files present) but not decoded."""
     path = Path(path)
+    check_inside(path, [path / "dataset.json", path / "labels.csv"])
     info = _read_info(path / "dataset.json")
     labels_path = path / "labels.csv"
     if not labels_path.is_file():
@@ -443,14 +463,15 @@ def list_project(path: Path | str) -> Listing:
         first_line[image_id] = line
     with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
     folders = ["images", "masks", *(["artefacts"] if with_artefacts else [])]
-    for name in folders:  # every file is there before any is decoded
-        for image_id in ids:
-            file = path / name / f"{image_id}.png"
+    for name in folders:  # every file is there, inside the folder, before any is decoded
+        files = [path / name / f"{image_id}.png" for image_id in ids]
+        for image_id, file in zip(ids, files, strict=True):
             if not file.is_file():
                 raise FolderError(
                     f"{file} is missing but {labels_path} lists {image_id!r}; restore the file "
                     "or remove its row"
                 )
+        check_inside(path, files)
     present = [n for n in ARTEFACTS if n in rows[0]]
     items = [
         Item(
@@ -605,6 +626,7 @@ def list_isic(path: Path | str, labels: Path | str | Sequence[Path | str] | None
                 flags=row["flags"],
             )
         )
+    check_inside(path, [file for item in items for file in (item.image, item.mask)])
     flag_names = [n for n in ARTEFACTS if any(n in row["flags"] for row in table.values())]
     return Listing(folder=path, items=items, source="isic2018", flag_names=flag_names)
 
@@ -640,8 +662,9 @@ def _isic_images(path: Path) -> list[tuple[str, str, Path, Path]]:
 def _read_labels(path: Path, labels) -> dict[str, dict]:
     """7-digit id -> {"label", "split" (or None), "flags"}, merged from all labels CSVs."""
     explicit = labels is not None
-    if labels is None:
+    if labels is None:  # the folder's own CSVs; files named with labels= may lie anywhere
         files = sorted(path.glob("*.csv"))
+        check_inside(path, files)
     elif isinstance(labels, (str, Path)):
         files = [Path(labels)]
     else:
@@ -859,6 +882,7 @@ def coarse_file(folder: Path | str, image_id: str) -> Path | None:
     base = Path(folder) / COARSE_FOLDER
     found = [base / f"{image_id}{tail}.png" for tail in ("", "_segmentation")]
     found = [file for file in found if file.is_file()]
+    check_inside(Path(folder), found)
     if len(found) > 1:
         raise FolderError(
             f"{found[0]} and {found[1]} are both coarse masks of {image_id!r}; keep one of them"
