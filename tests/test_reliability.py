@@ -782,3 +782,83 @@ def test_label_and_split_values_are_checked(tmp_path, column, value):
     rewrite_labels(folder, change)
     with pytest.raises(FolderError, match=r"labels\.csv line 4: label must be 0 or 1 and split"):
         read_folder(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent misreads: flags, ids and mask formats are read right or refused
+
+
+@pytest.mark.parametrize("value", ["no", "false", "nan", "", "2", "yes", "0.0"])
+def test_project_artefact_flags_are_0_or_1(tmp_path, value):
+    folder = project(tmp_path / "set")
+
+    def change(rows):
+        rows[1]["ink"] = value
+
+    rewrite_labels(folder, change)
+    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+        read_folder(folder)
+
+
+def test_project_flags_with_spaces_are_read_and_short_rows_refused(tmp_path):
+    folder = project(tmp_path / "set")
+    ink = read_folder(folder).flags["ink"]
+
+    def pad(rows):
+        for row in rows:
+            row["ink"] = f" {row['ink']} "
+
+    rewrite_labels(folder, pad)
+    np.testing.assert_array_equal(read_folder(folder).flags["ink"], ink)  # " 0" is absent
+    lines = (folder / "labels.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 2)[0]  # the last two flags cut off
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FolderError, match=r"line 3, column '\w+': the artefact flag is nothing"):
+        read_folder(folder)
+
+
+@pytest.mark.parametrize("value", ["no", "false", "nan", "", "0.5"])
+def test_isic_artefact_flags_are_0_or_1(tmp_path, value):
+    root = isic_folder(tmp_path, numbers=(0, 1))
+    (root / "labels.csv").write_text(f"image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1,{value}\n")
+    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+        read_folder(root)
+    (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0, 1\nISIC_0000001,1,0\n")
+    assert read_folder(root).flags["ink"].tolist() == [True, False]
+    (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1\n")
+    with pytest.raises(FolderError, match=r"line 3, column 'ink': the artefact flag is nothing"):
+        read_folder(root)
+
+
+@pytest.mark.parametrize("name", ["ISIC_00000011", "ISIC_00000011.jpg", "XISIC_0000001"])
+def test_isic_ids_of_other_lengths_are_not_cut_short(tmp_path, name):
+    root = isic_folder(tmp_path, numbers=(0, 1))
+    (root / "labels.csv").write_text(f"image,label\nISIC_0000000,0\n{name},1\n")
+    with pytest.raises(FolderError, match=rf"line 3: image '{name}' has no ISIC_<7 digits> id"):
+        read_folder(root)
+    (root / "labels.csv").write_text("image,label\nISIC_0000000.jpg,0\nISIC_0000001.png,1\n")
+    assert read_folder(root).ids == ["ISIC_0000000", "ISIC_0000001"]
+
+
+@pytest.mark.parametrize("layout", ["project", "isic", "coarse"])
+def test_masks_saved_as_jpeg_under_png_are_refused(tmp_path, layout):
+    from shortcut_unlearning.data.folders import coarse_file, read_coarse
+
+    if layout == "isic":
+        root = isic_folder(tmp_path, numbers=(0, 1))
+        (root / "labels.csv").write_text("image,label\nISIC_0000000,0\nISIC_0000001,1\n")
+        mask = root / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png"
+    else:
+        root = project(tmp_path / "set")
+        mask = root / "masks" / f"{first_id(root)}.png"
+    if layout == "coarse":
+        (root / "coarse").mkdir()
+        mask = root / "coarse" / f"{first_id(root)}.png"
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask, format="PNG")
+        assert read_coarse(coarse_file(root, first_id(root)), "x", 0, (32, 32)).shape == (32, 32)
+    Image.open(mask).convert("L").save(mask, format="JPEG", quality=75)
+    with pytest.raises(FolderError, match=rf"{mask.name} is stored as JPEG, not PNG"):
+        if layout == "coarse":
+            read_coarse(coarse_file(root, first_id(root)), "x", 0, (32, 32))
+        else:
+            read_folder(root)

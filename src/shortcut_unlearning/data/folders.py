@@ -57,7 +57,8 @@ from shortcut_unlearning.stack import resize
 
 FORMAT, VERSION = "shortcut-unlearning", 1
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
-ISIC_ID = re.compile(r"ISIC_(\d{7})")
+# Seven digits, no more: ISIC_00000011 is not ISIC_0000001.
+ISIC_ID = re.compile(r"(?<![A-Za-z0-9])ISIC_(\d{7})(?!\d)")
 ISIC_IMAGE = re.compile(r"ISIC_(\d{7})\.jpg")
 # Split names are stored wide enough for every split, so assigning "train" later never truncates.
 SPLIT_DTYPE = f"U{max(map(len, SPLITS))}"
@@ -76,6 +77,9 @@ MIN_SIDE = 16
 # A labels CSV whose file name holds one of these words assigns that split to its images.
 CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
 COARSE_FOLDER = "coarse"  # a clinician's own coarse masks, inside the dataset folder
+# Artefact flags are 0 (absent) or 1 (present), nothing else: "no", "false", "nan" or an empty
+# cell used to count as present. Spaces around the digit are allowed.
+FLAG_VALUES = {"0": False, "1": True}
 
 
 class FolderError(ValueError):
@@ -130,12 +134,19 @@ def _load(
     path: Path, mode: str, target: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixels of one image file and its (height, width) on disk: "RGB" for images, "L" for label
-    maps (their values as stored). `target` (h, w), images only: the pixels come resized to it
-    (bilinear), a JPEG decoded at a reduced scale first when the target is half its size or less.
+    maps (their values as stored, from a PNG only). `target` (h, w), images only: the pixels come
+    resized to it (bilinear), a JPEG decoded at a reduced scale first when the target is half its
+    size or less.
     """
 
     def decode(image: Image.Image):
         size = (image.height, image.width)
+        if mode == "L" and image.format != "PNG":  # a JPEG shifts labels at the lesion's edge
+            raise FolderError(
+                f"{path} is stored as {image.format or 'an unknown format'}, not PNG; masks must "
+                "be stored losslessly (JPEG compression changes label values): save the "
+                "original mask as PNG"
+            )
         if mode == "RGB" and target and target[0] * 2 <= size[0] and target[1] * 2 <= size[1]:
             image.draft("RGB", (target[1], target[0]))  # JPEG only; others ignore it
         return _pixels(image, mode, path), size
@@ -481,10 +492,10 @@ def list_project(path: Path | str) -> Listing:
             image=path / "images" / f"{image_id}.png",
             mask=path / "masks" / f"{image_id}.png",
             mask_kind="project",
-            flags={n: row[n] not in ("", "0") for n in present},
+            flags={n: _flag(row[n], f"{labels_path} line {line}", n) for n in present},
             artefacts=path / "artefacts" / f"{image_id}.png" if with_artefacts else None,
         )
-        for image_id, row in zip(ids, rows, strict=True)
+        for line, (image_id, row) in enumerate(zip(ids, rows, strict=True), start=2)
     ]
     return Listing(
         folder=path,
@@ -494,6 +505,18 @@ def list_project(path: Path | str) -> Listing:
         flag_names=present,
         with_artefacts=bool(with_artefacts),
     )
+
+
+def _flag(value: str | None, where: str, column: str) -> bool:
+    """An artefact flag cell: 0 or 1 (see FLAG_VALUES); anything else is a FolderError."""
+    text = value.strip() if isinstance(value, str) else None
+    if text not in FLAG_VALUES:
+        found = "nothing (the row is short)" if value is None else repr(value)
+        raise FolderError(
+            f"{where}, column {column!r}: the artefact flag is {found}, but flags are 0 (absent) "
+            "or 1 (present); correct that cell"
+        )
+    return FLAG_VALUES[text]
 
 
 def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np.ndarray:
@@ -736,12 +759,12 @@ def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
                 label = int(any(float(row[name]) >= 0.5 for name in TASK3_MALIGNANT))
             else:
                 label = {"0": 0, "1": 1, "benign": 0, "malignant": 1}[row["label"].lower()]
-            flags = {name: float(row[name]) != 0 for name in flag_names}
         except (KeyError, ValueError) as error:
             raise FolderError(
-                f"{file} line {line}: cannot read the label or artefact flags ({error}); labels "
-                "are 0/1 or benign/malignant and flags 0/1: fix that row"
+                f"{file} line {line}: cannot read the label ({error}); labels are 0/1 or "
+                "benign/malignant: fix that row"
             ) from error
+        flags = {name: _flag(row.get(name), f"{file} line {line}", name) for name in flag_names}
         number, split = match.group(1), split_match.group(1) if split_match else None
         row = {"label": label, "split": split, "flags": flags}
         # A repeated row is harmless; a repeat that says something else is a contradiction.
