@@ -862,3 +862,47 @@ def test_masks_saved_as_jpeg_under_png_are_refused(tmp_path, layout):
             read_coarse(coarse_file(root, first_id(root)), "x", 0, (32, 32))
         else:
             read_folder(root)
+
+
+def plugin_masks(values=(1, 1), ids=("a", "b"), sizes=((16, 16), (16, 16)), dtype=np.int32):
+    """Masks as the plugin's labels layer holds them, with the layer's metadata."""
+    masks = np.zeros((len(values), 16, 16), dtype)
+    for i, value in enumerate(values):
+        masks[i, 4:12, 4:12] = value
+    return masks, {"metadata": {"ids": list(ids), "original_sizes": [list(s) for s in sizes]}}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ({"values": (1, 300)}, r"the mask of 'b' holds the values \[0, 300\]"),
+        ({"values": (1, 256)}, r"the mask of 'b' holds the values \[0, 256\]"),
+        ({"values": (1, -1)}, r"the mask of 'b' holds the values \[-1, 0\]"),
+        ({"ids": ("a", "a")}, r"images 0 and 1 both have the id 'a'"),
+        ({"ids": ("a", "b", "c")}, r"got 2 masks but 3 ids"),
+        ({"sizes": ((16, 16),)}, r"got 2 masks but 1 original sizes"),
+        ({"sizes": ((16, 16), (0, 16))}, r"original sizes \[0, 16\] is not a \(height, width\)"),
+        ({"sizes": ((16, 16), (16.5, 16))}, r"is not a \(height, width\) pair"),
+        ({"ids": ("ISIC_0000001", "ISIC_0000001")}, r"both have the id 'ISIC_0000001'"),
+        ({"ids": ("ISIC_0000001", "ISIC_0000002"), "values": (1, 300)}, r"values \[0, 300\]"),
+    ],
+)
+def test_the_plugin_writer_checks_everything_before_writing_anything(tmp_path, case, message):
+    masks, meta = plugin_masks(**case)
+    with pytest.raises(FolderError, match=message):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plugin_writer_checks_extents_before_writing_anything(tmp_path):
+    masks, meta = plugin_masks()
+    meta["metadata"]["extents"] = [[16, 16], [16, 20]]  # wider than the 16 px canvas
+    with pytest.raises(FolderError, match=r"exceeds the \(16, 16\) canvas"):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    meta["metadata"]["extents"] = [[16, 16]]
+    with pytest.raises(FolderError, match=r"got 2 masks but 1 extents"):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert not (tmp_path / "out").exists()
+    meta["metadata"]["extents"] = [[16, 16], [8, 8]]
+    written = _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert [Image.open(p).size for p in written] == [(16, 16), (16, 16)]

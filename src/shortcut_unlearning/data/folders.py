@@ -794,11 +794,7 @@ def write_isic_masks(
     folder_split = {v: k for k, v in ISIC_SPLITS.items()}.get(split, split)
     if folder_split not in ISIC_SPLITS:
         raise ValueError(f"split must be one of {list(ISIC_SPLITS)}, got {split!r}")
-    if not len(masks) == len(ids) == len(original_sizes):
-        raise ValueError(
-            f"got {len(masks)} masks, {len(ids)} ids and {len(original_sizes)} sizes; "
-            "pass one id and one original size per mask"
-        )
+    sizes = _check_masks_to_write(masks, ids, original_sizes, f"cannot write to {out_dir}")
     folder = Path(out_dir) / f"ISIC2018_Task1_{folder_split}_GroundTruth"
     paths = []
     for image_id in ids:
@@ -810,7 +806,7 @@ def write_isic_masks(
     refuse_link(folder)
     check_targets(paths, overwrite, "write elsewhere or pass overwrite=True")
     make_folder(folder)
-    for mask, (height, width), file in zip(masks, original_sizes, paths, strict=True):
+    for mask, (height, width), file in zip(masks, sizes, paths, strict=True):
         binary = Image.fromarray(np.where(np.asarray(mask) != 0, 255, 0).astype(np.uint8))
         resized = binary.resize((int(width), int(height)), Image.Resampling.NEAREST)
         write_png(file, resized, replace=overwrite)
@@ -874,22 +870,82 @@ def write_masks(
     """Masks back at each image's original size, from a canvas where image i fills its
     top-left `extents[i]` (default: all of it): ISIC ground-truth naming (0/255) when every id
     is an ISIC id, else `<id>_segmentation.png` with the class labels. Existing files are
-    refused before anything is written."""
+    refused, and so is anything that does not fit (see _check_masks_to_write), before anything
+    is written."""
+    where = f"cannot save masks to {folder}"
     masks = np.asarray(masks)
     masks = masks[None] if masks.ndim == 2 else masks
     if extents is not None:
-        masks = [np.asarray(m)[:h, :w] for m, (h, w) in zip(masks, extents, strict=True)]
+        canvas = masks.shape[1:]
+        boxes = _whole_pairs(extents, len(masks), "extents", where)
+        if any(h > canvas[0] or w > canvas[1] for h, w in boxes):
+            raise FolderError(f"{where}: an extent in {boxes} exceeds the {canvas} canvas")
+        masks = [m[:h, :w] for m, (h, w) in zip(masks, boxes, strict=True)]
     if all(ISIC_ID.fullmatch(str(i)) for i in ids):
         return write_isic_masks(masks, ids, original_sizes, folder)
     folder = Path(folder)
-    where = f"cannot save masks to {folder}"
-    targets = [folder / f"{check_id(i, where)}_segmentation.png" for i in ids]
+    sizes = _check_masks_to_write(masks, ids, original_sizes, where)
+    targets = [folder / f"{i}_segmentation.png" for i in ids]
     check_targets(targets, hint="save the masks to a new folder")
     make_folder(folder)
-    for mask, (height, width), target in zip(masks, original_sizes, targets, strict=True):
+    for mask, (height, width), target in zip(masks, sizes, targets, strict=True):
         image = Image.fromarray(np.asarray(mask, np.uint8))
         write_png(target, image.resize((int(width), int(height)), Image.Resampling.NEAREST))
     return targets
+
+
+def _check_masks_to_write(masks, ids, sizes, where: str) -> list[tuple[int, int]]:
+    """The sizes as (height, width) ints once the masks can all be written: one plain, unique
+    id and one size per mask, each mask a 2-D map of the classes 0, 1, 2. A FolderError
+    otherwise, before any file is written (a value of 300 used to wrap to 44, and 256 to 0)."""
+    if len(ids) != len(masks):
+        raise FolderError(f"{where}: got {len(masks)} masks but {len(ids)} ids; pass one per mask")
+    sizes = _whole_pairs(sizes, len(masks), "original sizes", where)
+    first = {}
+    for index, image_id in enumerate(ids):
+        check_id(image_id, where)
+        if image_id in first:
+            raise FolderError(
+                f"{where}: images {first[image_id]} and {index} both have the id {image_id!r}, "
+                "so one mask would overwrite the other; give each image its own id"
+            )
+        first[image_id] = index
+    for image_id, mask in zip(ids, masks, strict=True):
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
+            raise FolderError(
+                f"{where}: the mask of {image_id!r} is {mask.dtype} {mask.shape}; masks are 2-D "
+                "integer label maps"
+            )
+        values = _values(mask)
+        if not set(values.tolist()) <= {0, 1, 2}:
+            raise FolderError(
+                f"{where}: the mask of {image_id!r} holds the values {values.tolist()[:8]}, but "
+                "masks hold only the classes 0 (background), 1 (benign) and 2 (malignant); "
+                "paint with those labels"
+            )
+    return sizes
+
+
+def _whole_pairs(pairs, count: int, what: str, where: str) -> list[tuple[int, int]]:
+    """`count` (height, width) pairs of positive whole numbers, else FolderError."""
+    pairs = list(pairs)
+    if len(pairs) != count:
+        raise FolderError(f"{where}: got {count} masks but {len(pairs)} {what}; pass one per mask")
+    checked = []
+    for pair in pairs:
+        numbers = list(pair) if isinstance(pair, Sequence | np.ndarray) else []
+        whole = [
+            int(n)
+            for n in numbers
+            if isinstance(n, int | np.integer) and not isinstance(n, bool) and n > 0
+        ]
+        if len(numbers) != 2 or len(whole) != 2:
+            raise FolderError(
+                f"{where}: {what} {pair!r} is not a (height, width) pair of positive whole numbers"
+            )
+        checked.append((whole[0], whole[1]))
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------
