@@ -69,7 +69,7 @@ def test_project_round_trip(tmp_path):
 
 def test_project_refuses_overwrite_and_drops_stale_artefacts(tmp_path):
     write_project(small_set(), tmp_path)
-    with pytest.raises(FolderError, match=r"dataset\.json already exists.*overwrite=True"):
+    with pytest.raises(ValueError, match=r"already holds an earlier dataset.*overwrite=True"):
         write_project(small_set(), tmp_path)
     write_project(small_set(artefacts=False), tmp_path, overwrite=True)
     assert read_project(tmp_path).artefacts is None

@@ -97,7 +97,14 @@ def _synth(args) -> None:
     from .data.folders import write_project
     from .data.synthetic import SynthConfig, generate
     from .figures import synthetic_grid
+    from .files import check_run_folder, check_targets
 
+    # Both outputs are checked before any image is generated.
+    check_run_folder(args.out, args.overwrite, kind="dataset")
+    if args.preview:
+        if args.preview.suffix.lower() != ".png":
+            raise UsageError(f"--preview {args.preview} must name a .png file, e.g. grid.png")
+        check_targets([args.preview], args.overwrite, "choose another --preview or --overwrite")
     config = SynthConfig(
         n=args.n, size=args.size, seed=args.seed, p=args.p, spurious=tuple(args.spurious.split(","))
     )
@@ -403,8 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--spurious", default="ink,patches", help="comma-separated artefacts planted as shortcuts"
     )
-    synth.add_argument("--preview", type=Path, help="also write a PNG grid of examples")
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    synth.add_argument(
+        "--preview", type=Path, help="also write a grid of examples to this .png file"
+    )
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace a set this tool wrote, as a whole"
+    )
     synth.set_defaults(func=_synth)
 
     defaults = RunConfig()

@@ -49,6 +49,7 @@ from shortcut_unlearning.files import (
     check_targets,
     make_folder,
     refuse_link,
+    staged_folder,
     write_json,
     write_png,
     write_text,
@@ -372,15 +373,12 @@ def write_project(
     """Write `data` in the project layout under `out` and return `out`.
 
     `metadata` adds keys to dataset.json (the format keys always win). Flags missing from
-    data.flags are written as 0. Refuses a folder that already holds a dataset.json unless
-    overwrite=True.
+    data.flags are written as 0. The set is written into a staging folder beside `out` and
+    moved into place once complete (files.staged_folder), so a killed write never mixes old
+    and new files. `out` must be empty or missing; overwrite=True replaces an earlier dataset
+    this tool wrote (its marker), as a whole, and nothing else.
     """
     out = Path(out)
-    info_path = out / "dataset.json"
-    if info_path.exists() and not overwrite:
-        raise FolderError(
-            f"{info_path} already exists; choose an empty folder or pass overwrite=True"
-        )
     unknown = sorted(set(data.flags) - set(ARTEFACTS))
     if unknown:
         raise FolderError(
@@ -391,14 +389,20 @@ def write_project(
         check_id(image_id, f"cannot write {out}")
     if len(set(data.ids)) != len(data.ids):
         raise FolderError(f"cannot write {out}: ids must be unique; rename the repeated ids")
+    with staged_folder(out, overwrite, kind="dataset") as stage:
+        _write_project_files(data, stage, metadata)
+    return out
+
+
+def _write_project_files(data: LesionSet, out: Path, metadata: dict | None) -> None:
+    """The files of write_project, in the new folder `out`."""
     folders = {"images": data.images, "masks": data.masks}
     if data.artefacts is not None:
         folders["artefacts"] = data.artefacts
     for name, stack in folders.items():
         make_folder(out / name)
         for image_id, pixels in zip(data.ids, stack, strict=True):
-            image = np.asarray(pixels, np.uint8)
-            write_png(out / name / f"{image_id}.png", image, replace=overwrite)
+            write_png(out / name / f"{image_id}.png", np.asarray(pixels, np.uint8))
 
     table = io.StringIO(newline="")
     writer = csv.writer(table)
@@ -406,7 +410,7 @@ def write_project(
     for i, image_id in enumerate(data.ids):
         flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
         writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
-    write_text(out / "labels.csv", table.getvalue(), replace=overwrite)
+    write_text(out / "labels.csv", table.getvalue())
 
     info = {
         "format": FORMAT,
@@ -418,9 +422,7 @@ def write_project(
         "artefact_masks": data.artefacts is not None,
     }
     info.update({k: v for k, v in (metadata or {}).items() if k not in info})
-    # dataset.json is written last: a folder that has it is complete.
-    write_json(info_path, info, replace=overwrite, default=_json_value)
-    return out
+    write_json(out / "dataset.json", info, default=_json_value)
 
 
 def _json_value(value):
