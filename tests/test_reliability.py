@@ -479,6 +479,7 @@ BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs: must be a whole number >= 1"),
     (["--refined", ""], "--refined: needs comma-separated image ids"),
     (["--refined", "a,,b"], "--refined: needs comma-separated image ids"),
+    (["--refined", "a,b, a"], "--refined: names 'a' more than once"),
     (["--image-size", "7"], "--image-size: must be a whole number >= 32"),
     (["--device", "tpu"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
     (["--fine-fraction", "0"], "--fine-fraction: must lie in (0, 1]"),
@@ -548,6 +549,20 @@ def test_a_checkpoint_runs_at_its_own_size(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "trained at 128 px but this run works at 64 px; pass --image-size 128" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_runs_with_its_own_encoder(tmp_path, capsys):
+    small = ModelConfig(encoder="mobilenet_v2", decoder_channels=(16, 16, 8, 8, 8), image_size=48)
+    Model(small).save(tmp_path / "m32")
+    model = ["--model", str(tmp_path / "m32"), "--steps", "1"]
+    assert main(tiny_run(tmp_path / "run", 16, *model, "--encoder", "resnet34")) == 2
+    err = capsys.readouterr().err
+    assert "holds a mobilenet_v2 model but --encoder says resnet34" in err
+    assert not (tmp_path / "run").exists()
+    # Without --encoder (its default is resnet18) the run is recorded with the checkpoint's.
+    assert main(tiny_run(tmp_path / "run", 16, *model)) == 0
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["config"]["encoder"] == "mobilenet_v2"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -589,6 +589,8 @@ def run(config: RunConfig) -> dict:
                 f"{config.model} was trained at {model_config.image_size} px but this run works "
                 f"at {config.image_size} px; pass --image-size {model_config.image_size}"
             )
+        # The checkpoint holds its encoder: the report and the baselines use that one.
+        config = replace(config, encoder=model_config.encoder)
     needed = checkpoints * outputs.checkpoint_bytes(model_config)
     if not distributed.is_main():
         return _run(config, operator, None)
