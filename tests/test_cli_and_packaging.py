@@ -3,6 +3,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
@@ -21,7 +23,53 @@ def test_synth_writes_a_readable_set_and_its_picture(tmp_path, capsys):
     assert "P(artefact|malignant)" in capsys.readouterr().out
     # A second run must not silently replace the first.
     assert main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already holds an earlier dataset" in capsys.readouterr().err
+
+
+def test_synth_refuses_a_users_folder_and_a_preview_that_is_not_a_png_file(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")
+    args = ["synth", "--out", str(out), "--n", "8", "--size", "32"]
+    assert main(args) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 2
+    assert "no shortcut-unlearning.json" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    new = ["synth", "--out", str(tmp_path / "set"), "--n", "8", "--size", "32"]
+    (tmp_path / "pictures.png").mkdir()  # a folder, whatever its name
+    for preview, message in [("pictures.png", "is a folder"), ("grid", "must name a .png file")]:
+        assert main([*new, "--preview", str(tmp_path / preview)]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "pictures.png"]  # nothing written
+    assert main([*new, "--preview", str(tmp_path / "grid.png")]) == 0
+    assert f"picture: {tmp_path / 'grid.png'}" in capsys.readouterr().out
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_synth_overwrite_stopped_midway_leaves_the_earlier_set_whole(tmp_path, monkeypatch):
+    from shortcut_unlearning.data import folders
+
+    out = tmp_path / "set"
+    args = ["synth", "--out", str(out), "--n", "12", "--size", "32"]
+    assert main(args) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_write_png, calls = folders.write_png, []
+
+    def stopped_after_five(*a, **k):
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt  # as if the process were stopped here
+        return real_write_png(*a, **k)
+
+    monkeypatch.setattr(folders, "write_png", stopped_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        main(["synth", "--out", str(out), "--n", "8", "--size", "32", "--seed", "1", "--overwrite"])
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    monkeypatch.undo()
+    assert main(["synth", "--out", str(out), "--n", "8", "--size", "32", "--overwrite"]) == 0
+    assert len(read_folder(out)) == 8 and len(list((out / "images").iterdir())) == 8
 
 
 def test_bad_arguments_give_a_clear_error(tmp_path, capsys):

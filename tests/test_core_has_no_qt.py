@@ -27,3 +27,14 @@ def test_core_imports_no_qt():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_safe_writer_imports_neither_qt_nor_torch():
+    code = (
+        "import sys\n"
+        "import shortcut_unlearning.files\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('torch', 'qtpy', 'napari')]\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

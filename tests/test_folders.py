@@ -69,7 +69,7 @@ def test_project_round_trip(tmp_path):
 
 def test_project_refuses_overwrite_and_drops_stale_artefacts(tmp_path):
     write_project(small_set(), tmp_path)
-    with pytest.raises(FolderError, match=r"dataset\.json already exists.*overwrite=True"):
+    with pytest.raises(ValueError, match=r"already holds an earlier dataset.*overwrite=True"):
         write_project(small_set(), tmp_path)
     write_project(small_set(artefacts=False), tmp_path, overwrite=True)
     assert read_project(tmp_path).artefacts is None
@@ -210,7 +210,7 @@ def test_write_isic_masks_at_original_size(tmp_path):
     assert set(np.unique(first)) == {0, 255}
     np.testing.assert_array_equal(first[::2, ::3] != 0, masks[0] != 0)
     assert np.asarray(Image.open(paths[1])).shape == (8, 4)
-    with pytest.raises(FolderError, match=r"ISIC_0000005_segmentation.png already exists"):
+    with pytest.raises(ValueError, match=r"ISIC_0000005_segmentation.png already exists"):
         write_isic_masks(
             masks, ["ISIC_0000005", "ISIC_0000009"], [(16, 24), (8, 4)], tmp_path, "Test"
         )

@@ -22,6 +22,7 @@ from test_experiment import tiny_run
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.data.folders import FolderError, read_folder, write_project
 from shortcut_unlearning.data.synthetic import generate
+from shortcut_unlearning.files import OutputError
 from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.napari import _io
 
@@ -101,6 +102,128 @@ def test_project_writer_refuses_path_ids(tmp_path):
     with pytest.raises(FolderError, match=r"'\.\./escape' is not a plain file name"):
         write_project(data, tmp_path / "set")
     assert not (tmp_path / "escape.png").exists() and not (tmp_path / "set").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: no write through a link (files.write_bytes is every writer's one way to disk)
+
+
+def plant_link(link: Path, target: Path) -> Path:
+    """A link at `link` to `target`, which need not exist (a dangling link)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("ids", [["plain", "X"], ["ISIC_0000001", "ISIC_0000002"]])
+def test_the_plugin_writer_never_writes_through_a_planted_link(tmp_path, ids):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere" / "stolen.png"
+    elsewhere.parent.mkdir()
+    name = f"{ids[1]}_segmentation.png"
+    folder = out / "ISIC2018_Task1_Training_GroundTruth" if ids[0].startswith("ISIC") else out
+    plant_link(folder / name, elsewhere)
+    meta = {"metadata": {"ids": ids, "original_sizes": [[16, 16], [16, 16]]}}
+    with pytest.raises(OutputError, match=rf"{name} is a link .*never writes through a link"):
+        _io.write_masks(str(out), np.ones((2, 16, 16), np.uint8), meta)
+    assert not elsewhere.exists()
+    assert [p.name for p in folder.iterdir()] == [name]  # refused before writing anything
+
+
+def test_replacing_never_writes_through_a_link(tmp_path):
+    from shortcut_unlearning.data.folders import write_isic_masks
+    from shortcut_unlearning.refinement import Refinement
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's own file")
+    out = tmp_path / "out"
+    truth = out / "ISIC2018_Task1_Training_GroundTruth"
+    plant_link(truth / "ISIC_0000001_segmentation.png", secret)
+    masks, sizes = np.ones((1, 16, 16), np.uint8), [(16, 16)]
+    with pytest.raises(OutputError, match="is a link"):
+        write_isic_masks(masks, ["ISIC_0000001"], sizes, out, overwrite=True)
+    # The plugin's autosave replaces its files each edit: a link there is refused too.
+    coarse = np.ones((2, 16, 16), np.uint8)
+    refinement = Refinement(coarse)
+    refinement.refined[0, 0, 0] = 0
+    plant_link(tmp_path / "autosave" / refinement.key / "0.npy", secret)
+    with pytest.raises(OutputError, match="is a link"):
+        refinement.autosave(tmp_path / "autosave")
+    # A planted folder link is refused as well: the files would land at its target.
+    plant_link(tmp_path / "isic" / "ISIC2018_Task1_Training_GroundTruth", tmp_path / "away")
+    (tmp_path / "away").mkdir()
+    with pytest.raises(OutputError, match="is a link"):
+        write_isic_masks(masks, ["ISIC_0000001"], sizes, tmp_path / "isic")
+    assert secret.read_text() == "the user's own file" and not any((tmp_path / "away").iterdir())
+
+
+def test_the_settings_file_is_never_written_through_a_link(tmp_path, monkeypatch):
+    from shortcut_unlearning.settings import save_settings, settings_file
+
+    monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
+    plant_link(settings_file(), tmp_path / "elsewhere.json")
+    with pytest.raises(OutputError, match="is a link"):
+        save_settings({})
+    assert not (tmp_path / "elsewhere.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Security: links inside a dataset folder never lead the reader out of it
+
+
+def move_out_and_link(file: Path, away: Path) -> Path:
+    """Move `file` to `away` and leave a link to it where it was."""
+    away.parent.mkdir(parents=True, exist_ok=True)
+    file.rename(away)
+    file.symlink_to(away)
+    return file
+
+
+@pytest.mark.parametrize("which", ["images", "masks", "artefacts", "labels.csv", "dataset.json"])
+def test_project_files_linked_from_outside_are_refused(tmp_path, capsys, spy_open, which):
+    folder = project(tmp_path / "set")
+    name = which if "." in which else f"{which}/{first_id(folder)}.png"
+    link = move_out_and_link(folder / name, tmp_path / "outside" / name.replace("/", "_"))
+    message = rf"{link.name} leads to .*outside the dataset folder"
+    with pytest.raises(FolderError, match=message):
+        read_folder(folder)
+    args = ["train", "--data", str(folder), "--epochs", "1", "--image-size", "32"]
+    assert main([*args, "--out", str(tmp_path / "model")]) == 2
+    assert "outside the dataset folder" in capsys.readouterr().err
+    assert not [p for p in spy_open if not p.is_relative_to(folder.resolve())]
+
+
+def test_a_link_that_stays_inside_the_folder_is_read(tmp_path):
+    folder = project(tmp_path / "set")
+    image = folder / "images" / f"{first_id(folder)}.png"
+    move_out_and_link(image, folder / "originals" / image.name)
+    assert len(read_folder(folder)) == 8
+
+
+@pytest.mark.parametrize("which", ["image", "mask", "csv", "input folder"])
+def test_isic_files_linked_from_outside_are_refused(tmp_path, which):
+    root = isic_folder(tmp_path / "isic", numbers=(0, 1))
+    (root / "labels.csv").write_text("image,label\nISIC_0000000,0\nISIC_0000001,1\n")
+    file = {
+        "image": root / "ISIC2018_Task1-2_Training_Input/ISIC_0000001.jpg",
+        "mask": root / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png",
+        "csv": root / "labels.csv",
+        "input folder": root / "ISIC2018_Task1-2_Training_Input",
+    }[which]
+    move_out_and_link(file, tmp_path / "outside" / file.name)
+    with pytest.raises(FolderError, match=r"leads to .*outside the dataset folder"):
+        read_folder(root)
+
+
+def test_coarse_masks_linked_from_outside_are_refused(tmp_path):
+    from shortcut_unlearning.data.folders import coarse_file
+
+    folder = project(tmp_path / "set")
+    image_id = first_id(folder)
+    (folder / "coarse").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "stolen.png")
+    (folder / "coarse" / f"{image_id}.png").symlink_to(tmp_path / "stolen.png")
+    with pytest.raises(FolderError, match=r"leads to .*stolen\.png, outside the dataset folder"):
+        coarse_file(folder, image_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +479,7 @@ BAD_ARGUMENTS = [
     (["--epochs", "0"], "--epochs: must be a whole number >= 1"),
     (["--refined", ""], "--refined: needs comma-separated image ids"),
     (["--refined", "a,,b"], "--refined: needs comma-separated image ids"),
+    (["--refined", "a,b, a"], "--refined: names 'a' more than once"),
     (["--image-size", "7"], "--image-size: must be a whole number >= 32"),
     (["--device", "tpu"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
     (["--fine-fraction", "0"], "--fine-fraction: must lie in (0, 1]"),
@@ -427,6 +551,20 @@ def test_a_checkpoint_runs_at_its_own_size(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_checkpoint_runs_with_its_own_encoder(tmp_path, capsys):
+    small = ModelConfig(encoder="mobilenet_v2", decoder_channels=(16, 16, 8, 8, 8), image_size=48)
+    Model(small).save(tmp_path / "m32")
+    model = ["--model", str(tmp_path / "m32"), "--steps", "1"]
+    assert main(tiny_run(tmp_path / "run", 16, *model, "--encoder", "resnet34")) == 2
+    err = capsys.readouterr().err
+    assert "holds a mobilenet_v2 model but --encoder says resnet34" in err
+    assert not (tmp_path / "run").exists()
+    # Without --encoder (its default is resnet18) the run is recorded with the checkpoint's.
+    assert main(tiny_run(tmp_path / "run", 16, *model)) == 0
+    report = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert report["config"]["encoder"] == "mobilenet_v2"
+
+
 # ---------------------------------------------------------------------------------------------
 # Nothing lost, nothing mixed
 
@@ -447,7 +585,8 @@ def test_run_output_is_never_mixed_and_the_same_seed_gives_the_same_metrics(tmp_
     # An earlier run is never overwritten silently, and the refusal comes before any work.
     (out / "notes.txt").write_text("an earlier result")
     assert main(fast_run(out)) == 2
-    assert "is not empty" in capsys.readouterr().err and (out / "notes.txt").is_file()
+    assert "already holds an earlier run" in capsys.readouterr().err
+    assert (out / "notes.txt").is_file()
 
     # --overwrite replaces only an earlier run's folder, never one that holds other things.
     (tmp_path / "data").mkdir()
@@ -470,6 +609,34 @@ def test_run_output_is_never_mixed_and_the_same_seed_gives_the_same_metrics(tmp_
     assert first == second
 
 
+def test_overwrite_refuses_a_folder_the_tool_did_not_write(tmp_path, capsys, monkeypatch):
+    from shortcut_unlearning import experiment
+
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("trained"))
+    thesis = tmp_path / "thesis"
+    (thesis / "src").mkdir(parents=True)
+    (thesis / "metrics.json").write_text("{}")  # a file of that name is no proof
+    (thesis / "thesis.tex").write_text("years of work")
+    (thesis / "src" / "main.py").write_text("print(1)")
+    before = sorted(p.relative_to(thesis) for p in thesis.rglob("*"))
+    assert main(fast_run(thesis, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "no shortcut-unlearning.json" in err and "will not replace it" in err
+    # A marker of another kind (a dataset the tool wrote) is not a run's folder either.
+    (thesis / "shortcut-unlearning.json").write_text(
+        json.dumps({"format": "shortcut-unlearning", "folder": "dataset", "version": 1})
+    )
+    assert main(fast_run(thesis, "--overwrite")) == 2
+    assert "not an earlier run's folder" in capsys.readouterr().err
+    (thesis / "shortcut-unlearning.json").unlink()
+    assert sorted(p.relative_to(thesis) for p in thesis.rglob("*")) == before
+    # --out naming a link is refused: the finished run could not be moved over it.
+    (tmp_path / "link").symlink_to(thesis)
+    assert main(fast_run(tmp_path / "link", "--overwrite")) == 2
+    assert "is a link" in capsys.readouterr().err
+    assert sorted(p.relative_to(thesis) for p in thesis.rglob("*")) == before
+
+
 def test_a_failed_run_is_marked_incomplete_and_leaves_out_alone(tmp_path, monkeypatch):
     from shortcut_unlearning import experiment
 
@@ -489,7 +656,7 @@ def test_a_failed_run_is_marked_incomplete_and_leaves_out_alone(tmp_path, monkey
 
 @pytest.mark.parametrize("where", ["file", "under a file", "full disk", "read-only"])
 def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch, where):
-    from shortcut_unlearning import experiment, outputs
+    from shortcut_unlearning import experiment, files
 
     if where == "read-only" and os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
@@ -508,7 +675,7 @@ def test_unwritable_outputs_fail_before_training(tmp_path, capsys, monkeypatch, 
         target = tmp_path / "blocker" / "run"
     elif where == "full disk":
         usage = shutil.disk_usage(tmp_path)._replace(free=10 * 2**20)
-        monkeypatch.setattr(outputs.shutil, "disk_usage", lambda path: usage)
+        monkeypatch.setattr(files.shutil, "disk_usage", lambda path: usage)
     else:
         (tmp_path / "locked").mkdir(mode=0o500)
         target = tmp_path / "locked" / "run"
@@ -591,17 +758,30 @@ def test_labels_flags_pick_trap_set_csvs_from_a_subfolder(tmp_path, capsys):
 
 
 def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    from shortcut_unlearning import model as modellib
-    from shortcut_unlearning import outputs
+    from shortcut_unlearning import files, outputs
 
     outputs.save_checkpoint(Model(TINY), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    def disk_full(state, path):
-        Path(path).write_bytes(b"half a file")
-        raise OSError(28, "No space left on device")
+    real_fdopen = os.fdopen
 
-    monkeypatch.setattr(modellib, "save_file", disk_full)
+    class HalfWritten:  # the disk fills up after a few bytes of each file
+        def __init__(self, handle, mode):
+            self.file = real_fdopen(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:10])
+            raise OSError(28, "No space left on device")
+
+    disk_full = HalfWritten
+
+    monkeypatch.setattr(files.os, "fdopen", disk_full)
     with pytest.raises(OSError, match="No space left"):
         outputs.save_checkpoint(Model(ModelConfig(image_size=48, seed=3)), tmp_path / "m")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
@@ -617,3 +797,127 @@ def test_label_and_split_values_are_checked(tmp_path, column, value):
     rewrite_labels(folder, change)
     with pytest.raises(FolderError, match=r"labels\.csv line 4: label must be 0 or 1 and split"):
         read_folder(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent misreads: flags, ids and mask formats are read right or refused
+
+
+@pytest.mark.parametrize("value", ["no", "false", "nan", "", "2", "yes", "0.0"])
+def test_project_artefact_flags_are_0_or_1(tmp_path, value):
+    folder = project(tmp_path / "set")
+
+    def change(rows):
+        rows[1]["ink"] = value
+
+    rewrite_labels(folder, change)
+    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+        read_folder(folder)
+
+
+def test_project_flags_with_spaces_are_read_and_short_rows_refused(tmp_path):
+    folder = project(tmp_path / "set")
+    ink = read_folder(folder).flags["ink"]
+
+    def pad(rows):
+        for row in rows:
+            row["ink"] = f" {row['ink']} "
+
+    rewrite_labels(folder, pad)
+    np.testing.assert_array_equal(read_folder(folder).flags["ink"], ink)  # " 0" is absent
+    lines = (folder / "labels.csv").read_text().splitlines()
+    lines[2] = lines[2].rsplit(",", 2)[0]  # the last two flags cut off
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(FolderError, match=r"line 3, column '\w+': the artefact flag is nothing"):
+        read_folder(folder)
+
+
+@pytest.mark.parametrize("value", ["no", "false", "nan", "", "0.5"])
+def test_isic_artefact_flags_are_0_or_1(tmp_path, value):
+    root = isic_folder(tmp_path, numbers=(0, 1))
+    (root / "labels.csv").write_text(f"image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1,{value}\n")
+    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+        read_folder(root)
+    (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0, 1\nISIC_0000001,1,0\n")
+    assert read_folder(root).flags["ink"].tolist() == [True, False]
+    (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1\n")
+    with pytest.raises(FolderError, match=r"line 3, column 'ink': the artefact flag is nothing"):
+        read_folder(root)
+
+
+@pytest.mark.parametrize("name", ["ISIC_00000011", "ISIC_00000011.jpg", "XISIC_0000001"])
+def test_isic_ids_of_other_lengths_are_not_cut_short(tmp_path, name):
+    root = isic_folder(tmp_path, numbers=(0, 1))
+    (root / "labels.csv").write_text(f"image,label\nISIC_0000000,0\n{name},1\n")
+    with pytest.raises(FolderError, match=rf"line 3: image '{name}' has no ISIC_<7 digits> id"):
+        read_folder(root)
+    (root / "labels.csv").write_text("image,label\nISIC_0000000.jpg,0\nISIC_0000001.png,1\n")
+    assert read_folder(root).ids == ["ISIC_0000000", "ISIC_0000001"]
+
+
+@pytest.mark.parametrize("layout", ["project", "isic", "coarse"])
+def test_masks_saved_as_jpeg_under_png_are_refused(tmp_path, layout):
+    from shortcut_unlearning.data.folders import coarse_file, read_coarse
+
+    if layout == "isic":
+        root = isic_folder(tmp_path, numbers=(0, 1))
+        (root / "labels.csv").write_text("image,label\nISIC_0000000,0\nISIC_0000001,1\n")
+        mask = root / "ISIC2018_Task1_Training_GroundTruth/ISIC_0000001_segmentation.png"
+    else:
+        root = project(tmp_path / "set")
+        mask = root / "masks" / f"{first_id(root)}.png"
+    if layout == "coarse":
+        (root / "coarse").mkdir()
+        mask = root / "coarse" / f"{first_id(root)}.png"
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(mask, format="PNG")
+        assert read_coarse(coarse_file(root, first_id(root)), "x", 0, (32, 32)).shape == (32, 32)
+    Image.open(mask).convert("L").save(mask, format="JPEG", quality=75)
+    with pytest.raises(FolderError, match=rf"{mask.name} is stored as JPEG, not PNG"):
+        if layout == "coarse":
+            read_coarse(coarse_file(root, first_id(root)), "x", 0, (32, 32))
+        else:
+            read_folder(root)
+
+
+def plugin_masks(values=(1, 1), ids=("a", "b"), sizes=((16, 16), (16, 16)), dtype=np.int32):
+    """Masks as the plugin's labels layer holds them, with the layer's metadata."""
+    masks = np.zeros((len(values), 16, 16), dtype)
+    for i, value in enumerate(values):
+        masks[i, 4:12, 4:12] = value
+    return masks, {"metadata": {"ids": list(ids), "original_sizes": [list(s) for s in sizes]}}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ({"values": (1, 300)}, r"the mask of 'b' holds the values \[0, 300\]"),
+        ({"values": (1, 256)}, r"the mask of 'b' holds the values \[0, 256\]"),
+        ({"values": (1, -1)}, r"the mask of 'b' holds the values \[-1, 0\]"),
+        ({"ids": ("a", "a")}, r"images 0 and 1 both have the id 'a'"),
+        ({"ids": ("a", "b", "c")}, r"got 2 masks but 3 ids"),
+        ({"sizes": ((16, 16),)}, r"got 2 masks but 1 original sizes"),
+        ({"sizes": ((16, 16), (0, 16))}, r"original sizes \[0, 16\] is not a \(height, width\)"),
+        ({"sizes": ((16, 16), (16.5, 16))}, r"is not a \(height, width\) pair"),
+        ({"ids": ("ISIC_0000001", "ISIC_0000001")}, r"both have the id 'ISIC_0000001'"),
+        ({"ids": ("ISIC_0000001", "ISIC_0000002"), "values": (1, 300)}, r"values \[0, 300\]"),
+    ],
+)
+def test_the_plugin_writer_checks_everything_before_writing_anything(tmp_path, case, message):
+    masks, meta = plugin_masks(**case)
+    with pytest.raises(FolderError, match=message):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_plugin_writer_checks_extents_before_writing_anything(tmp_path):
+    masks, meta = plugin_masks()
+    meta["metadata"]["extents"] = [[16, 16], [16, 20]]  # wider than the 16 px canvas
+    with pytest.raises(FolderError, match=r"exceeds the \(16, 16\) canvas"):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    meta["metadata"]["extents"] = [[16, 16]]
+    with pytest.raises(FolderError, match=r"got 2 masks but 1 extents"):
+        _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert not (tmp_path / "out").exists()
+    meta["metadata"]["extents"] = [[16, 16], [8, 8]]
+    written = _io.write_masks(str(tmp_path / "out"), masks, meta)
+    assert [Image.open(p).size for p in written] == [(16, 16), (16, 16)]

@@ -13,6 +13,7 @@ from . import distributed, experiment, figures
 from . import masks as masklib
 from .data.synthetic import generate
 from .experiment import RunConfig
+from .files import write_figure, write_json, write_text
 from .model import Model, ModelConfig, resolve_device
 from .progress import drive
 from .training import TrainConfig, train
@@ -418,7 +419,7 @@ def privacy_utility(base: RunConfig, seed_list: list[int], epsilons, out: Path |
     if not result:  # a rank other than 0 under torchrun: rank 0 writes
         return result
     result["epsilons"] = [float(e) for e in epsilons]
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "summary.json", result, replace=True)
     curve_plot(result["summary"], result["epsilons"], out / "curve.png")
     return result
 
@@ -511,8 +512,7 @@ def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
     fig.suptitle("Privacy-utility curve: mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return write_figure(fig, path)
 
 
 def _palette(n: int) -> list:
@@ -784,8 +784,8 @@ def table_head(columns) -> list[str]:
 def _write_summary(out: Path, result: dict, table: str) -> dict:
     """summary.json and summary.md of a benchmark in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "summary.md").write_text(table + "\n")
+    write_json(out / "summary.json", result, replace=True)
+    write_text(out / "summary.md", table + "\n", replace=True)
     return result
 
 
@@ -924,8 +924,7 @@ def ranking_plot(result: dict, out: Path) -> Path:
         fontsize=11,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return write_figure(fig, out)
 
 
 def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> dict:

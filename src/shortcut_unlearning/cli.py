@@ -83,21 +83,42 @@ def _encoder(text: str) -> str:
 
 
 def _ids(text: str) -> list[str]:
-    """A comma-separated list of image ids, none of them empty."""
+    """A comma-separated list of image ids, none of them empty, none repeated."""
     ids = [i.strip() for i in text.split(",")]
     if not all(ids):
         raise argparse.ArgumentTypeError(
             f"needs comma-separated image ids, got {text!r}; leave --refined out to refine a "
             "random --fine-fraction of the training images"
         )
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(
+            f"names {', '.join(map(repr, repeated))} more than once; name each image once"
+        )
     return ids
+
+
+class _Noted(argparse.Action):
+    """Stores the value and notes that the flag was given (in args.given), so a default can
+    be told from the same value given on purpose."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def _synth(args) -> None:
     from .data.folders import write_project
     from .data.synthetic import SynthConfig, generate
     from .figures import synthetic_grid
+    from .files import check_run_folder, check_targets
 
+    # Both outputs are checked before any image is generated.
+    check_run_folder(args.out, args.overwrite, kind="dataset")
+    if args.preview:
+        if args.preview.suffix.lower() != ".png":
+            raise UsageError(f"--preview {args.preview} must name a .png file, e.g. grid.png")
+        check_targets([args.preview], args.overwrite, "choose another --preview or --overwrite")
     config = SynthConfig(
         n=args.n, size=args.size, seed=args.seed, p=args.p, spurious=tuple(args.spurious.split(","))
     )
@@ -176,8 +197,18 @@ def _config(args, **overrides):
 
 
 def _run_config(args):
-    """The RunConfig of `run`: the flags, epsilon and delta among the operator's options."""
+    """The RunConfig of `run`: the flags, epsilon and delta among the operator's options.
+    With --model the checkpoint's encoder is the run's; another --encoder is refused."""
     privacy = {"epsilon": args.epsilon, "delta": args.delta}  # make_operator checks them
+    if args.model and "encoder" in getattr(args, "given", ()):
+        from .model import read_config
+
+        held = read_config(args.model).encoder
+        if args.encoder != held:
+            raise UsageError(
+                f"--model {args.model} holds a {held} model but --encoder says {args.encoder}; "
+                f"drop --encoder (the checkpoint's encoder is used) or pass --encoder {held}"
+            )
     return _config(args, operator_options={**privacy, "context": args.context})
 
 
@@ -327,8 +358,10 @@ def _bench(args) -> None:
             "removal": benchmarks.time_to_removal(_config(args, quiet=True), args.steps or 200),
             "s_global": benchmarks.s_global_times(n=args.n or 1000),
         }
+        from .files import write_json
+
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "removal.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(Path(args.out) / "removal.json", result, replace=True)
         print(json.dumps(result, indent=2))
         return
     if args.what == "cache":
@@ -401,8 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--spurious", default="ink,patches", help="comma-separated artefacts planted as shortcuts"
     )
-    synth.add_argument("--preview", type=Path, help="also write a PNG grid of examples")
-    synth.add_argument("--overwrite", action="store_true", help="replace an existing set")
+    synth.add_argument(
+        "--preview", type=Path, help="also write a grid of examples to this .png file"
+    )
+    synth.add_argument(
+        "--overwrite", action="store_true", help="replace a set this tool wrote, as a whole"
+    )
     synth.set_defaults(func=_synth)
 
     defaults = RunConfig()
@@ -464,7 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.epochs,
         help="training epochs (>= 1; to start from a trained model use run --model)",
     )
-    common.add_argument("--encoder", type=_encoder, default=defaults.encoder)
+    common.add_argument(
+        "--encoder",
+        type=_encoder,
+        action=_Noted,
+        default=defaults.encoder,
+        help="the U-Net's encoder (with run --model: the checkpoint's, which it must match)",
+    )
     common.add_argument(
         "--encoder-weights",
         metavar="NAME",

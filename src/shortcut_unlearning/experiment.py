@@ -8,7 +8,6 @@ one probe, and files are written by the last stage alone (`write_run`).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -22,6 +21,7 @@ from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
 from .evaluation import EvalSet
+from .files import write_json
 from .model import (
     Model,
     ModelConfig,
@@ -525,7 +525,7 @@ def write_run(
     if trajectories:
         figures.trajectory_plot(trajectories, out / "trajectory.png")
     # Written last: a folder with metrics.json holds a finished run.
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    write_json(out / "metrics.json", report, replace=True, default=_plain)
     return out
 
 
@@ -625,6 +625,8 @@ def run(config: RunConfig) -> dict:
                 f"{config.model} was trained at {model_config.image_size} px but this run works "
                 f"at {config.image_size} px; pass --image-size {model_config.image_size}"
             )
+        # The checkpoint holds its encoder: the report and the baselines use that one.
+        config = replace(config, encoder=model_config.encoder)
     needed = checkpoints * outputs.checkpoint_bytes(model_config)
     if not distributed.is_main():
         return _run(config, operator, None)

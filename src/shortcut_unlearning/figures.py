@@ -11,6 +11,7 @@ from matplotlib.patches import Patch
 
 from . import masks as masklib
 from .data.lesion_set import ARTEFACTS, CLASS_NAMES, LesionSet
+from .files import write_figure
 
 ARTEFACT_COLOURS = {
     "dark_corner": "#555555",
@@ -57,8 +58,7 @@ def _row_titles(axes, names) -> None:
 def _save(fig: Figure, out: Path | str) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    return write_figure(fig, out)
 
 
 def synthetic_grid(

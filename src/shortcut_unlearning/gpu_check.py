@@ -24,7 +24,6 @@ small sizes (a test does). Writes gpu_check.json and gpu_check.md into its outpu
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import queue
@@ -42,6 +41,7 @@ import torch
 
 from . import evaluation, experiment, saliency
 from .experiment import RunConfig
+from .files import write_json, write_text
 from .model import Model, ModelConfig, resolve_device
 from .progress import drive
 from .retain import retain_set
@@ -120,8 +120,8 @@ def run_check(config: CheckConfig, out: Path | str) -> dict:
 def write_report(report: dict, out: Path | str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report) + "\n")
+    write_json(out / "gpu_check.json", report, replace=True, default=float)
+    write_text(out / "gpu_check.md", markdown(report) + "\n", replace=True)
 
 
 def environment(device: torch.device) -> dict:

@@ -14,15 +14,16 @@ import copy
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from .files import write_files
 
 SCOPES = ("decoder", "head", "all")
 # The U-Net's top-level blocks that each scope trains.
@@ -275,9 +276,8 @@ class Model:
         weights, sidecar = checkpoint_paths(path)
         weights.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(state, weights)
         info = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **asdict(self.config)}
-        sidecar.write_text(json.dumps(info, indent=2) + "\n")
+        _write_checkpoint(weights, sidecar, state, info)
         return weights
 
     @classmethod
@@ -337,14 +337,15 @@ def save_encoder(model: Model, path: str | Path, provenance: dict, half: bool = 
         "storage": "float16" if half else "float32",
         "provenance": provenance,
     }
-    # Written beside the target and renamed into place: never a half-written pair.
-    with tempfile.TemporaryDirectory(prefix=f".{weights.stem}.", dir=weights.parent) as tmp:
-        staged, staged_sidecar = checkpoint_paths(Path(tmp) / weights.stem)
-        save_file(state, staged)
-        staged_sidecar.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(staged, weights)
-        os.replace(staged_sidecar, sidecar)
+    _write_checkpoint(weights, sidecar, state, info)
     return weights
+
+
+def _write_checkpoint(weights: Path, sidecar: Path, state: dict, info: dict) -> None:
+    """Both files written beside their targets and renamed into place (files.write_files):
+    never through a link, never a half-written pair."""
+    config = json.dumps(info, indent=2) + "\n"
+    write_files({weights: safetensors_bytes(state), sidecar: config.encode()}, replace=True)
 
 
 def _sidecar(path: str | Path, what: str, restore: str) -> tuple[Path, object]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import masks as masklib
+from .files import make_folder, write_npy
 
 
 def _label_stack(array, what: str) -> np.ndarray:
@@ -144,10 +144,9 @@ class Refinement:
     def autosave(self, folder: Path | str, planes: Iterable[int] | None = None) -> Path:
         """Write the refined masks of `planes` (default: every edited image) to
         folder/<key>/<i>.npy, each file atomically: one edit costs one image, not the stack."""
-        root = Path(folder) / self.key
-        root.mkdir(parents=True, exist_ok=True)
+        root = make_folder(Path(folder) / self.key)
         for i in np.flatnonzero(self.edited()) if planes is None else planes:
-            _save_atomically(root / f"{int(i)}.npy", self.refined[int(i)])
+            write_npy(root / f"{int(i)}.npy", self.refined[int(i)])  # renamed into place
         return root
 
     def restore(self, folder: Path | str) -> str | None:
@@ -197,18 +196,6 @@ class Refinement:
             if plane.shape != shape[1:] or not np.issubdtype(plane.dtype, np.integer):
                 raise ValueError(f"it holds {plane.dtype} {plane.shape}, not a {shape[1:]} mask")
         return planes
-
-
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    """np.save to a temporary file, then rename: a crash never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, np.ascontiguousarray(array), allow_pickle=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _free_name(path: Path, tag: str) -> Path:

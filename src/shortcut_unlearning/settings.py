@@ -13,6 +13,8 @@ from pathlib import Path
 
 import platformdirs
 
+from .files import write_text
+
 APP = "shortcut-unlearning"
 DEFAULTS = {
     "method": "neggrad-seg",
@@ -83,5 +85,6 @@ def load_settings() -> dict:
 def save_settings(values: dict) -> Path:
     path = settings_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: values[k] for k in DEFAULTS if k in values}, indent=2))
+    kept = {k: values[k] for k in DEFAULTS if k in values}
+    write_text(path, json.dumps(kept, indent=2), replace=True)
     return path

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import site
 import sysconfig
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import masks as masklib
+from .files import write_json
 from .progress import Cancel, Progress
 from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
@@ -449,9 +449,7 @@ class Workbench:
             out / "refined_masks",
             extents=self.stack.extents,
         )
-        (out / "metrics.json").write_text(
-            json.dumps(self.report(record), indent=2, default=_plain) + "\n"
-        )
+        write_json(out / "metrics.json", self.report(record), default=_plain)
         self._picture(record, out / "before_after.png")
         return out
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..refinement import _save_atomically  # np.save to a temporary file, then rename
+from ..files import write_npy, write_text
 
 FORMAT_VERSION = 1
 RESERVE_BYTES = 1 << 30  # the cache never fills a disk past its last GiB
@@ -42,7 +42,7 @@ class FolderCache:
         self.slot.mkdir(parents=True, exist_ok=True)
         label = self.slot.parent / "folder.txt"
         if not label.is_file():
-            label.write_text(f"{folder}\n")
+            write_text(label, f"{folder}\n", replace=True)
         self.writable = True
 
     @staticmethod
@@ -82,7 +82,7 @@ class FolderCache:
             return
         try:
             for kind, array in arrays.items():
-                _save_atomically(self.path(key, kind), array)
+                write_npy(self.path(key, kind), array)
         except OSError as error:
             self.writable = False
             warnings.warn(

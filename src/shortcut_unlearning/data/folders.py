@@ -31,6 +31,7 @@ then decodes each image with its mask (decode_item) in a thread pool (in_order).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -44,11 +45,21 @@ import numpy as np
 from PIL import Image
 
 from shortcut_unlearning.data.lesion_set import ARTEFACTS, CLASS_NAMES, SPLITS, LesionSet
+from shortcut_unlearning.files import (
+    check_targets,
+    make_folder,
+    refuse_link,
+    staged_folder,
+    write_json,
+    write_png,
+    write_text,
+)
 from shortcut_unlearning.stack import resize
 
 FORMAT, VERSION = "shortcut-unlearning", 1
 ISIC_SPLITS = {"Training": "train", "Validation": "val", "Test": "test"}
-ISIC_ID = re.compile(r"ISIC_(\d{7})")
+# Seven digits, no more: ISIC_00000011 is not ISIC_0000001.
+ISIC_ID = re.compile(r"(?<![A-Za-z0-9])ISIC_(\d{7})(?!\d)")
 ISIC_IMAGE = re.compile(r"ISIC_(\d{7})\.jpg")
 # Split names are stored wide enough for every split, so assigning "train" later never truncates.
 SPLIT_DTYPE = f"U{max(map(len, SPLITS))}"
@@ -67,6 +78,9 @@ MIN_SIDE = 16
 # A labels CSV whose file name holds one of these words assigns that split to its images.
 CSV_SPLIT = re.compile(r"(?<![a-z])(train|val|test)")
 COARSE_FOLDER = "coarse"  # a clinician's own coarse masks, inside the dataset folder
+# Artefact flags are 0 (absent) or 1 (present), nothing else: "no", "false", "nan" or an empty
+# cell used to count as present. Spaces around the digit are allowed.
+FLAG_VALUES = {"0": False, "1": True}
 
 
 class FolderError(ValueError):
@@ -94,6 +108,25 @@ def check_id(image_id, where: str = "") -> str:
     return text
 
 
+def check_inside(root: Path, files: Sequence[Path]) -> None:
+    """FolderError naming the first of `files` that resolves outside the dataset folder `root`.
+
+    A link inside a dataset folder may lead anywhere; the reader reads only what lies inside
+    the folder it is given. One lstat per file: each folder is resolved once.
+    """
+    real_root, real_parents = Path(root).resolve(), {}
+    for file in files:
+        if file.parent not in real_parents:
+            real_parents[file.parent] = file.parent.resolve()
+        real = file.resolve() if file.is_symlink() else real_parents[file.parent] / file.name
+        if not real.is_relative_to(real_root):
+            raise FolderError(
+                f"{file} leads to {real}, outside the dataset folder {root}; the tool reads only "
+                "files inside the folder it is given: copy the file into the folder or remove "
+                "the link"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixels
 
@@ -102,12 +135,19 @@ def _load(
     path: Path, mode: str, target: tuple[int, int] | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """Pixels of one image file and its (height, width) on disk: "RGB" for images, "L" for label
-    maps (their values as stored). `target` (h, w), images only: the pixels come resized to it
-    (bilinear), a JPEG decoded at a reduced scale first when the target is half its size or less.
+    maps (their values as stored, from a PNG only). `target` (h, w), images only: the pixels come
+    resized to it (bilinear), a JPEG decoded at a reduced scale first when the target is half its
+    size or less.
     """
 
     def decode(image: Image.Image):
         size = (image.height, image.width)
+        if mode == "L" and image.format != "PNG":  # a JPEG shifts labels at the lesion's edge
+            raise FolderError(
+                f"{path} is stored as {image.format or 'an unknown format'}, not PNG; masks must "
+                "be stored losslessly (JPEG compression changes label values): save the "
+                "original mask as PNG"
+            )
         if mode == "RGB" and target and target[0] * 2 <= size[0] and target[1] * 2 <= size[1]:
             image.draft("RGB", (target[1], target[0]))  # JPEG only; others ignore it
         return _pixels(image, mode, path), size
@@ -333,15 +373,12 @@ def write_project(
     """Write `data` in the project layout under `out` and return `out`.
 
     `metadata` adds keys to dataset.json (the format keys always win). Flags missing from
-    data.flags are written as 0. Refuses a folder that already holds a dataset.json unless
-    overwrite=True.
+    data.flags are written as 0. The set is written into a staging folder beside `out` and
+    moved into place once complete (files.staged_folder), so a killed write never mixes old
+    and new files. `out` must be empty or missing; overwrite=True replaces an earlier dataset
+    this tool wrote (its marker), as a whole, and nothing else.
     """
     out = Path(out)
-    info_path = out / "dataset.json"
-    if info_path.exists() and not overwrite:
-        raise FolderError(
-            f"{info_path} already exists; choose an empty folder or pass overwrite=True"
-        )
     unknown = sorted(set(data.flags) - set(ARTEFACTS))
     if unknown:
         raise FolderError(
@@ -352,20 +389,28 @@ def write_project(
         check_id(image_id, f"cannot write {out}")
     if len(set(data.ids)) != len(data.ids):
         raise FolderError(f"cannot write {out}: ids must be unique; rename the repeated ids")
+    with staged_folder(out, overwrite, kind="dataset") as stage:
+        _write_project_files(data, stage, metadata)
+    return out
+
+
+def _write_project_files(data: LesionSet, out: Path, metadata: dict | None) -> None:
+    """The files of write_project, in the new folder `out`."""
     folders = {"images": data.images, "masks": data.masks}
     if data.artefacts is not None:
         folders["artefacts"] = data.artefacts
     for name, stack in folders.items():
-        (out / name).mkdir(parents=True, exist_ok=True)
+        make_folder(out / name)
         for image_id, pixels in zip(data.ids, stack, strict=True):
-            Image.fromarray(np.asarray(pixels, np.uint8)).save(out / name / f"{image_id}.png")
+            write_png(out / name / f"{image_id}.png", np.asarray(pixels, np.uint8))
 
-    with open(out / "labels.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["id", "label", "split", *ARTEFACTS])
-        for i, image_id in enumerate(data.ids):
-            flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
-            writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["id", "label", "split", *ARTEFACTS])
+    for i, image_id in enumerate(data.ids):
+        flags = [int(bool(data.flags[n][i])) if n in data.flags else 0 for n in ARTEFACTS]
+        writer.writerow([image_id, int(data.labels[i]), str(data.splits[i]), *flags])
+    write_text(out / "labels.csv", table.getvalue())
 
     info = {
         "format": FORMAT,
@@ -377,9 +422,7 @@ def write_project(
         "artefact_masks": data.artefacts is not None,
     }
     info.update({k: v for k, v in (metadata or {}).items() if k not in info})
-    # dataset.json is written last: a folder that has it is complete.
-    info_path.write_text(json.dumps(info, indent=2, default=_json_value) + "\n")
-    return out
+    write_json(out / "dataset.json", info, default=_json_value)
 
 
 def _json_value(value):
@@ -403,6 +446,7 @@ def read_project(
 def list_project(path: Path | str) -> Listing:
     """The images of a project folder, checked (labels, ids, files present) but not decoded."""
     path = Path(path)
+    check_inside(path, [path / "dataset.json", path / "labels.csv"])
     info = _read_info(path / "dataset.json")
     labels_path = path / "labels.csv"
     if not labels_path.is_file():
@@ -432,14 +476,15 @@ def list_project(path: Path | str) -> Listing:
         first_line[image_id] = line
     with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
     folders = ["images", "masks", *(["artefacts"] if with_artefacts else [])]
-    for name in folders:  # every file is there before any is decoded
-        for image_id in ids:
-            file = path / name / f"{image_id}.png"
+    for name in folders:  # every file is there, inside the folder, before any is decoded
+        files = [path / name / f"{image_id}.png" for image_id in ids]
+        for image_id, file in zip(ids, files, strict=True):
             if not file.is_file():
                 raise FolderError(
                     f"{file} is missing but {labels_path} lists {image_id!r}; restore the file "
                     "or remove its row"
                 )
+        check_inside(path, files)
     present = [n for n in ARTEFACTS if n in rows[0]]
     items = [
         Item(
@@ -449,10 +494,10 @@ def list_project(path: Path | str) -> Listing:
             image=path / "images" / f"{image_id}.png",
             mask=path / "masks" / f"{image_id}.png",
             mask_kind="project",
-            flags={n: row[n] not in ("", "0") for n in present},
+            flags={n: _flag(row[n], f"{labels_path} line {line}", n) for n in present},
             artefacts=path / "artefacts" / f"{image_id}.png" if with_artefacts else None,
         )
-        for image_id, row in zip(ids, rows, strict=True)
+        for line, (image_id, row) in enumerate(zip(ids, rows, strict=True), start=2)
     ]
     return Listing(
         folder=path,
@@ -462,6 +507,18 @@ def list_project(path: Path | str) -> Listing:
         flag_names=present,
         with_artefacts=bool(with_artefacts),
     )
+
+
+def _flag(value: str | None, where: str, column: str) -> bool:
+    """An artefact flag cell: 0 or 1 (see FLAG_VALUES); anything else is a FolderError."""
+    text = value.strip() if isinstance(value, str) else None
+    if text not in FLAG_VALUES:
+        found = "nothing (the row is short)" if value is None else repr(value)
+        raise FolderError(
+            f"{where}, column {column!r}: the artefact flag is {found}, but flags are 0 (absent) "
+            "or 1 (present); correct that cell"
+        )
+    return FLAG_VALUES[text]
 
 
 def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np.ndarray:
@@ -594,6 +651,7 @@ def list_isic(path: Path | str, labels: Path | str | Sequence[Path | str] | None
                 flags=row["flags"],
             )
         )
+    check_inside(path, [file for item in items for file in (item.image, item.mask)])
     flag_names = [n for n in ARTEFACTS if any(n in row["flags"] for row in table.values())]
     return Listing(folder=path, items=items, source="isic2018", flag_names=flag_names)
 
@@ -629,8 +687,9 @@ def _isic_images(path: Path) -> list[tuple[str, str, Path, Path]]:
 def _read_labels(path: Path, labels) -> dict[str, dict]:
     """7-digit id -> {"label", "split" (or None), "flags"}, merged from all labels CSVs."""
     explicit = labels is not None
-    if labels is None:
+    if labels is None:  # the folder's own CSVs; files named with labels= may lie anywhere
         files = sorted(path.glob("*.csv"))
+        check_inside(path, files)
     elif isinstance(labels, (str, Path)):
         files = [Path(labels)]
     else:
@@ -702,12 +761,12 @@ def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
                 label = int(any(float(row[name]) >= 0.5 for name in TASK3_MALIGNANT))
             else:
                 label = {"0": 0, "1": 1, "benign": 0, "malignant": 1}[row["label"].lower()]
-            flags = {name: float(row[name]) != 0 for name in flag_names}
         except (KeyError, ValueError) as error:
             raise FolderError(
-                f"{file} line {line}: cannot read the label or artefact flags ({error}); labels "
-                "are 0/1 or benign/malignant and flags 0/1: fix that row"
+                f"{file} line {line}: cannot read the label ({error}); labels are 0/1 or "
+                "benign/malignant: fix that row"
             ) from error
+        flags = {name: _flag(row.get(name), f"{file} line {line}", name) for name in flag_names}
         number, split = match.group(1), split_match.group(1) if split_match else None
         row = {"label": label, "split": split, "flags": flags}
         # A repeated row is harmless; a repeat that says something else is a contradiction.
@@ -737,11 +796,7 @@ def write_isic_masks(
     folder_split = {v: k for k, v in ISIC_SPLITS.items()}.get(split, split)
     if folder_split not in ISIC_SPLITS:
         raise ValueError(f"split must be one of {list(ISIC_SPLITS)}, got {split!r}")
-    if not len(masks) == len(ids) == len(original_sizes):
-        raise ValueError(
-            f"got {len(masks)} masks, {len(ids)} ids and {len(original_sizes)} sizes; "
-            "pass one id and one original size per mask"
-        )
+    sizes = _check_masks_to_write(masks, ids, original_sizes, f"cannot write to {out_dir}")
     folder = Path(out_dir) / f"ISIC2018_Task1_{folder_split}_GroundTruth"
     paths = []
     for image_id in ids:
@@ -750,13 +805,13 @@ def write_isic_masks(
             raise ValueError(f"id {image_id!r} is not of the form ISIC_<7 digits>")
         paths.append(folder / f"ISIC_{match.group(1)}_segmentation.png")
     # Check every target before writing any, so a refusal leaves no half-written set.
-    for file in paths:
-        if file.exists() and not overwrite:
-            raise FolderError(f"{file} already exists; write elsewhere or pass overwrite=True")
-    folder.mkdir(parents=True, exist_ok=True)
-    for mask, (height, width), file in zip(masks, original_sizes, paths, strict=True):
+    refuse_link(folder)
+    check_targets(paths, overwrite, "write elsewhere or pass overwrite=True")
+    make_folder(folder)
+    for mask, (height, width), file in zip(masks, sizes, paths, strict=True):
         binary = Image.fromarray(np.where(np.asarray(mask) != 0, 255, 0).astype(np.uint8))
-        binary.resize((int(width), int(height)), Image.Resampling.NEAREST).save(file)
+        resized = binary.resize((int(width), int(height)), Image.Resampling.NEAREST)
+        write_png(file, resized, replace=overwrite)
     return paths
 
 
@@ -817,24 +872,82 @@ def write_masks(
     """Masks back at each image's original size, from a canvas where image i fills its
     top-left `extents[i]` (default: all of it): ISIC ground-truth naming (0/255) when every id
     is an ISIC id, else `<id>_segmentation.png` with the class labels. Existing files are
-    refused before anything is written."""
+    refused, and so is anything that does not fit (see _check_masks_to_write), before anything
+    is written."""
+    where = f"cannot save masks to {folder}"
     masks = np.asarray(masks)
     masks = masks[None] if masks.ndim == 2 else masks
     if extents is not None:
-        masks = [np.asarray(m)[:h, :w] for m, (h, w) in zip(masks, extents, strict=True)]
+        canvas = masks.shape[1:]
+        boxes = _whole_pairs(extents, len(masks), "extents", where)
+        if any(h > canvas[0] or w > canvas[1] for h, w in boxes):
+            raise FolderError(f"{where}: an extent in {boxes} exceeds the {canvas} canvas")
+        masks = [m[:h, :w] for m, (h, w) in zip(masks, boxes, strict=True)]
     if all(ISIC_ID.fullmatch(str(i)) for i in ids):
         return write_isic_masks(masks, ids, original_sizes, folder)
     folder = Path(folder)
-    where = f"cannot save masks to {folder}"
-    targets = [folder / f"{check_id(i, where)}_segmentation.png" for i in ids]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing:
-        raise FolderError(f"{existing[0]} already exists; save the masks to a new folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for mask, (height, width), target in zip(masks, original_sizes, targets, strict=True):
+    sizes = _check_masks_to_write(masks, ids, original_sizes, where)
+    targets = [folder / f"{i}_segmentation.png" for i in ids]
+    check_targets(targets, hint="save the masks to a new folder")
+    make_folder(folder)
+    for mask, (height, width), target in zip(masks, sizes, targets, strict=True):
         image = Image.fromarray(np.asarray(mask, np.uint8))
-        image.resize((int(width), int(height)), Image.Resampling.NEAREST).save(target)
+        write_png(target, image.resize((int(width), int(height)), Image.Resampling.NEAREST))
     return targets
+
+
+def _check_masks_to_write(masks, ids, sizes, where: str) -> list[tuple[int, int]]:
+    """The sizes as (height, width) ints once the masks can all be written: one plain, unique
+    id and one size per mask, each mask a 2-D map of the classes 0, 1, 2. A FolderError
+    otherwise, before any file is written (a value of 300 used to wrap to 44, and 256 to 0)."""
+    if len(ids) != len(masks):
+        raise FolderError(f"{where}: got {len(masks)} masks but {len(ids)} ids; pass one per mask")
+    sizes = _whole_pairs(sizes, len(masks), "original sizes", where)
+    first = {}
+    for index, image_id in enumerate(ids):
+        check_id(image_id, where)
+        if image_id in first:
+            raise FolderError(
+                f"{where}: images {first[image_id]} and {index} both have the id {image_id!r}, "
+                "so one mask would overwrite the other; give each image its own id"
+            )
+        first[image_id] = index
+    for image_id, mask in zip(ids, masks, strict=True):
+        mask = np.asarray(mask)
+        if mask.ndim != 2 or not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)):
+            raise FolderError(
+                f"{where}: the mask of {image_id!r} is {mask.dtype} {mask.shape}; masks are 2-D "
+                "integer label maps"
+            )
+        values = _values(mask)
+        if not set(values.tolist()) <= {0, 1, 2}:
+            raise FolderError(
+                f"{where}: the mask of {image_id!r} holds the values {values.tolist()[:8]}, but "
+                "masks hold only the classes 0 (background), 1 (benign) and 2 (malignant); "
+                "paint with those labels"
+            )
+    return sizes
+
+
+def _whole_pairs(pairs, count: int, what: str, where: str) -> list[tuple[int, int]]:
+    """`count` (height, width) pairs of positive whole numbers, else FolderError."""
+    pairs = list(pairs)
+    if len(pairs) != count:
+        raise FolderError(f"{where}: got {count} masks but {len(pairs)} {what}; pass one per mask")
+    checked = []
+    for pair in pairs:
+        numbers = list(pair) if isinstance(pair, Sequence | np.ndarray) else []
+        whole = [
+            int(n)
+            for n in numbers
+            if isinstance(n, int | np.integer) and not isinstance(n, bool) and n > 0
+        ]
+        if len(numbers) != 2 or len(whole) != 2:
+            raise FolderError(
+                f"{where}: {what} {pair!r} is not a (height, width) pair of positive whole numbers"
+            )
+        checked.append((whole[0], whole[1]))
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -850,6 +963,7 @@ def coarse_file(folder: Path | str, image_id: str) -> Path | None:
     base = Path(folder) / COARSE_FOLDER
     found = [base / f"{image_id}{tail}.png" for tail in ("", "_segmentation")]
     found = [file for file in found if file.is_file()]
+    check_inside(Path(folder), found)
     if len(found) > 1:
         raise FolderError(
             f"{found[0]} and {found[1]} are both coarse masks of {image_id!r}; keep one of them"
