@@ -18,6 +18,7 @@ import numpy as np
 
 from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
+from .certificate import NOT_ISSUED
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
@@ -33,7 +34,15 @@ from .model import (
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train
-from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult, make_operator
+from .unlearning import (
+    CERTIFIED,
+    CertifiedOperator,
+    Operator,
+    UnlearnData,
+    UnlearnResult,
+    make_operator,
+)
+from .unlearning.certified import issued
 
 
 @dataclass
@@ -526,8 +535,8 @@ def unlearn_and_report(
     certified = isinstance(operator, CertifiedOperator)
     certificate = operator.certificate(start.model) if certified else None
     outcome, timings["unlearn_s"] = unlearn(config, operator, start.model, prepared)
-    if certificate is not None:  # it says what the recovery did
-        certificate = certificate.after_recovery(outcome.stopping)
+    if certificate is not None:  # what the recovery did; none if the gate kept the start
+        certificate = issued(certificate, outcome)
     clock = time.perf_counter()
     if outcome.model is start.model:  # kept back after a collapse: the same numbers
         unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
@@ -679,4 +688,6 @@ def table(report: dict) -> str:
     rows += [f"WARNING: {w}" for w in report.get("warnings", [])]
     if report.get("certificate"):
         rows.append(report["certificate"]["summary"])
+    elif report.get("operator", {}).get("name") in CERTIFIED:
+        rows.append(NOT_ISSUED)
     return "\n".join(rows)
