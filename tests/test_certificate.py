@@ -7,18 +7,29 @@ import torch
 from conftest import TINY, refinement, state
 
 from shortcut_unlearning import certificate as cert
+from shortcut_unlearning.masks import split_pixels
 from shortcut_unlearning.model import FrozenInputs, Model
 from shortcut_unlearning.progress import drive
+from shortcut_unlearning.retain import RETAIN_SETS, band_width
 from shortcut_unlearning.training import TrainConfig, train
-from shortcut_unlearning.unlearning import GradientClipping, ModelClipping, UnlearnData
+from shortcut_unlearning.unlearning import (
+    GradientClipping,
+    ModelClipping,
+    UnlearnData,
+    certified,
+    make_operator,
+)
 from shortcut_unlearning.unlearning.certified import (
     add_noise_,
     estimate_batch_statistics,
     global_norm,
+    noise_rng,
     project_,
     scope_batch_norms,
 )
 
+# The certified runs here warn that their noise dwarfs the tiny scopes: expected.
+pytestmark = pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
 L5 = math.log(1e5)
 
 
@@ -66,6 +77,8 @@ SETTINGS = [  # (eps, delta, C0, C1, gamma, lambda)
     (1.0, 1e-5, 0.1, 10.0, 1e-3, 0.5),
     (16.0, 1e-5, 1.0, 1.0, 0.01, 5.0),
     (30.0, 1e-8, 0.5, 1.0, 0.1, 0.1),
+    (1e-6, 1e-5, 0.1, 10.0, 1e-3, 0.0),  # the ends of the range the accountant accepts
+    (1e3, 1e-5, 0.1, 10.0, 1e-3, 0.0),
 ]
 
 
@@ -82,6 +95,43 @@ def test_accountant_matches_an_independent_search(epsilon, delta, c0, c1, gamma,
     assert cert.gradient_clipping_epsilon(sigma, delta, c0, c1, gamma, lam) == pytest.approx(
         epsilon, rel=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "delta"),
+    [(1e-12, 1e-30), (1e-300, 1e-300), (1e308, 1e-5), (math.inf, 1e-5), (math.nan, 1e-5)],
+)
+def test_requests_outside_the_accountants_range_are_refused_at_once(epsilon, delta):
+    for calibrate in (
+        lambda: cert.gradient_clipping_sigma(epsilon, delta, 0.1, 10, 1e-3),
+        lambda: cert.model_clipping_deltas(epsilon, delta, 0.5, 0.5),
+        lambda: make_operator("gradient-clipping", epsilon=epsilon, delta=delta),
+        lambda: make_operator("model-clipping", epsilon=epsilon, delta=delta),
+    ):
+        with pytest.raises(cert.CertificateError, match=r"epsilon must lie in \[1e-06, 1000\]"):
+            calibrate()
+
+
+@pytest.mark.parametrize("epsilon", cert.EPSILON_RANGE)
+@pytest.mark.parametrize("delta", [1e-5, 1e-300])
+def test_the_accountants_are_finite_at_the_ends_of_their_range(epsilon, delta):
+    sigma, steps = cert.gradient_clipping_sigma(epsilon, delta, 0.1, 10, 1e-3)
+    assert math.isfinite(sigma) and sigma > 0 and steps == 10
+    assert cert.gradient_clipping_epsilon(sigma, delta, 0.1, 10, 1e-3) == pytest.approx(
+        epsilon, rel=1e-6
+    )
+    deltas = cert.model_clipping_deltas(epsilon, delta, 0.5, 0.5)
+    assert deltas[-1] <= delta < deltas[-2] and all(b < a for a, b in itertools.pairwise(deltas))
+    # e^1000 overflows a double: the log-space delta agrees with the plain formula where
+    # that one is finite, and stays a probability where it is not.
+    for eps in (0.5, 30.0):
+        plain = norm_sf(eps / 2 - 1) - math.exp(eps) * norm_sf(eps / 2 + 1)
+        assert cert.gaussian_delta(eps, 2.0) == pytest.approx(plain, rel=1e-9, abs=1e-300)
+    assert 0 <= cert.gaussian_delta(1e3, 2.0) < 1e-100
+
+
+def norm_sf(x):
+    return 0.5 * math.erfc(x / math.sqrt(2))
 
 
 def test_renyi_conversion_by_hand():
@@ -174,7 +224,7 @@ def test_model_clipping_accountant_reaches_delta_in_six_steps():
     [
         ({"epsilon": 1.0, "delta": 1.5}, "delta must lie in"),
         ({"epsilon": 1.0, "delta": 0.0}, "delta must lie in"),
-        ({"epsilon": 0.0, "delta": 1e-5}, "epsilon must be positive"),
+        ({"epsilon": 0.0, "delta": 1e-5}, "epsilon must lie in"),
         ({"epsilon": 1.0, "delta": 1e-5, "c0": -1}, "C0 must be positive"),
         ({"epsilon": 1.0, "delta": 1e-5, "c1": 0}, "C1 must be positive"),
         ({"epsilon": 1.0, "delta": 1e-5, "gamma": 0}, "gamma must be positive"),
@@ -209,7 +259,7 @@ def test_projection_is_global_not_per_tensor():
 
 def test_noise_has_the_calibrated_variance():
     tensors = [torch.zeros(60_000), torch.zeros(40_000)]
-    add_noise_(tensors, 0.3, torch.Generator().manual_seed(0))
+    add_noise_(tensors, 0.3, noise_rng(0))
     sample = torch.cat(tensors)
     # Sample variance of 1e5 normals: relative standard error sqrt(2 / n) = 0.45 %.
     assert float(sample.var()) == pytest.approx(0.09, rel=0.02)
@@ -288,18 +338,138 @@ def test_model_clipping_projects_onto_the_c2_ball(setting):
     assert "eps does not set it" in c.summary()
 
 
-def test_reported_noise_is_the_noise_added(setting):
-    """After T noisy steps with a negligible signal the scope is the sum of T draws: its norm
-    is the reported sigma sqrt(d T), sqrt(T) times one draw."""
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_reported_noise_is_the_noise_left_by_gradient_clipping(setting, lam):
+    """After T noisy steps with a negligible signal the scope is the noise left: each draw
+    shrunk by (1 - gamma lam) per later step, sigma sqrt(d S); lam = 0: the sum of the T
+    draws, sqrt(T) times one draw."""
     model, data = setting
     # Signal at most C0 + gamma C1 T = 2e-3; the noise is some 0.12 sqrt(d) times larger.
-    op = GradientClipping(c0=1e-3, c1=1e-4, lr=1.0, finetune_steps=0, scope="decoder")
+    op = GradientClipping(c0=1e-3, c1=1e-4, lr=1.0, lam=lam, finetune_steps=0, scope="decoder")
     assert op.noisy_steps() == 10
     result = drive(op.run(model, data), quiet=True)
     c = op.certificate(model)
     released = float(global_norm(result.model.scoped_parameters()))
     assert released == pytest.approx(c.noise_norm, rel=0.02)
-    assert c.noise_norm == pytest.approx(math.sqrt(10) * c.noise_norm_per_step)
+    s = sum((1 - lam) ** (2 * k) for k in range(10))  # 10, or 4/3 at gamma lam = 0.5
+    assert c.noise_norm == pytest.approx(math.sqrt(s) * c.noise_norm_per_step)
+    # against the start projected onto the C0 ball, not the start's own norm
+    assert c.projected_norm == 1e-3 < c.parameter_norm
+    assert c.noise_to_parameters == pytest.approx(c.noise_norm / 1e-3)
+    assert f"projected to {1e-3:.3g} (x{c.noise_to_parameters:.2g}" in c.summary()
+
+
+def test_reported_noise_is_the_noise_left_by_model_clipping(setting):
+    """Model clipping projects before every draw: the last iterate is a point of the C2 ball
+    plus one draw, so what is left is sigma sqrt(d), not sigma sqrt(d T)."""
+    model, data = setting
+    op = ModelClipping(c2=0.5, noise=0.5, finetune_steps=0, scope="decoder", lr=0.01)
+    assert op.noisy_steps() == 6
+    result = drive(op.run(model, data), quiet=True)
+    c = op.certificate(model)
+    released = float(global_norm(result.model.scoped_parameters()))
+    assert (
+        c.noise_norm == pytest.approx(c.noise_norm_per_step) == 0.5 * math.sqrt(c.scoped_parameters)
+    )
+    assert released == pytest.approx(c.noise_norm, rel=0.02)
+    assert c.projected_norm == min(c.parameter_norm, 0.5)
+
+
+def test_noise_seeds_differing_above_bit_32_give_different_noise_on_the_cpu(setting, monkeypatch):
+    model, data = setting
+    assert model.device.type == "cpu"
+
+    def released(**options):
+        op = GradientClipping(c0=0.2, c1=1.0, lr=0.1, finetune_steps=0, scope="head", **options)
+        out = drive(op.run(model, data), quiet=True).model
+        return torch.cat([p.detach().flatten() for p in out.scoped_parameters()])
+
+    seed = 12345
+    first = released(noise_seed=seed)
+    assert torch.equal(first, released(noise_seed=seed))
+    for high in (2**32, 2**40, 2**63, 2**100):
+        assert not torch.equal(first, released(noise_seed=seed + high)), high
+    # A fresh key has NOISE_SECRET_BITS bits, and bits above 64 change the noise.
+    asked, keys = [], [seed, seed + 2**100]
+    monkeypatch.setattr(certified.secrets, "randbits", lambda k: asked.append(k) or keys.pop())
+    assert not torch.equal(released(), released())
+    assert asked == [cert.NOISE_SECRET_BITS] * 2 and cert.NOISE_SECRET_BITS >= 64
+    c = GradientClipping().certificate(model)
+    assert c.noise_secret_bits == 128 and "128 bits of fresh OS entropy" in c.summary()
+    assert GradientClipping(noise_seed=2**70).certificate(model).noise_secret_bits == 0
+    with pytest.raises(ValueError, match="noise_seed must be a non-negative integer"):
+        GradientClipping(noise_seed=-1)
+
+
+def nested_worlds(tiny_data):
+    """Two refinements of the same six images with the same corrected labels: world B's
+    coarse masks held fewer wrong pixels, so its forget set is a strict subset of world A's
+    (image 5 has none left in B)."""
+    data, coarse = tiny_data
+    fine = {i: data.masks[i] for i in range(6)}
+    split_a = split_pixels(coarse, fine)
+    left = np.zeros(coarse.shape[1:], bool)
+    left[:, : coarse.shape[2] // 2] = True
+    coarse_b = coarse.copy()
+    for i in fine:
+        coarse_b[i][split_a.forget[i] & (~left if i < 5 else True)] = 0
+    split_b = split_pixels(coarse_b, fine)
+    assert (split_b.forget <= split_a.forget).all() and not split_b.forget[5].any()
+    assert split_b.forget.sum() < split_a.forget.sum() / 2
+    assert np.array_equal(split_a.targets, split_b.targets)
+    # the retain sets are the same too: "refined+certain" reads the band width off the forget
+    # pixels' depth, which these two worlds share
+    assert band_width(coarse, split_a) == band_width(coarse_b, split_b)
+    return (
+        UnlearnData(data.images, coarse, split_a),
+        UnlearnData(data.images, coarse_b, split_b),
+    )
+
+
+# Every option the certified operators accept that changes what they do, several at a time.
+FAST_CERTIFIED = {
+    GradientClipping: {"c0": 0.2, "c1": 1.0, "lr": 0.1},
+    ModelClipping: {"c2": 0.1},
+}
+OPTIONS = [
+    {},  # the default retain set, rescale, soft Dice and validation probe
+    {"retain_images": RETAIN_SETS[1], "scope": "head", "lam": 0.05, "batch_statistics": True},
+    {"retain_images": RETAIN_SETS[2], "rescale": False, "finetune_dice_weight": 0.0},
+    {"validation_share": 0.0, "finetune_steps": 0},
+]
+
+
+@pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+@pytest.mark.parametrize("operator", [GradientClipping, ModelClipping])
+def test_nested_forget_sets_with_the_same_corrected_labels_release_the_same_scope(
+    tiny_data, setting, operator, options
+):
+    world_a, world_b = nested_worlds(tiny_data)
+    start = setting[0]
+    settings = {
+        **FAST_CERTIFIED[operator],
+        "finetune_steps": 3,
+        "validate_every": 2,
+        "batch_size": 4,
+        "noise_seed": 2**40 + 7,
+        **options,
+    }
+
+    def released(world):
+        result = drive(operator(**settings).run(start, world), quiet=True)
+        assert not result.collapsed
+        scope = ("segmentation_head",) if "scope" in options else ("decoder", "segmentation_head")
+        return {k: v for k, v in state(result.model).items() if k.split(".")[0] in scope}
+
+    a, b = released(world_a), released(world_b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The context term inpaints at the forget positions: refused, in every mode.
+    for mode in ("blind", "consistent", "blind+consistent"):
+        with pytest.raises(ValueError, match="cannot use the context term"):
+            operator(**settings, context=mode)
+        with pytest.raises(ValueError, match="cannot use the context term"):
+            make_operator(operator.name, context=mode)
 
 
 @pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")

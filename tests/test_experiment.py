@@ -3,8 +3,10 @@ import math
 
 import pytest
 
+from shortcut_unlearning.certificate import NOT_ISSUED
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig, run, table
+from shortcut_unlearning.unlearning import CertifiedOperator
 
 
 def tiny_run(out, n, *flags):
@@ -174,6 +176,20 @@ def test_certified_run_reports_its_certificate(tmp_path, capsys):
     phases = {row["phase"] for row in written["unlearning"]["trajectory"]}
     assert phases == {"noisy", "fine-tune"}
     assert written["unlearning"]["start_probe"]["dice"] > 0
+
+
+def test_a_certified_run_whose_gate_kept_the_start_carries_no_certificate(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(CertifiedOperator, "collapsed", lambda self, model, before, after: True)
+    args = tiny_run(
+        str(tmp_path), 30, "--epochs", "1", "--method", "gradient-clipping", "--scope", "head"
+    )
+    assert main([*args, "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert NOT_ISSUED in printed and "-certified by" not in printed
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["certificate"] is None and written["unlearning"]["kept_starting_model"]
 
 
 def test_privacy_flags_belong_to_certified_operators(tmp_path, capsys):

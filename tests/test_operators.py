@@ -14,6 +14,7 @@ from shortcut_unlearning.unlearning import (
     UnlearnData,
     make_operator,
 )
+from shortcut_unlearning.unlearning.certified import issued
 from shortcut_unlearning.unlearning.relearn import Relearning
 
 # The certified operators warn that their noise dwarfs the tiny decoder; that is expected here.
@@ -107,6 +108,24 @@ def test_the_guard_keeps_the_start_on_a_collapsed_run(name, start, data):
     probed, _ = with_probe(data, [0.9, 0.0])
     result = drive(operator(name, accept_collapse=True).run(start, probed), quiet=True)
     assert result.collapsed and result.model is not start and result.rejected is None
+
+
+@pytest.mark.parametrize("name", CERTIFIED)
+def test_the_certified_gate_reads_an_absolute_floor_and_a_kept_start_has_no_certificate(
+    name, start, data
+):
+    """The gate of a certified run reads nothing of the start model (trained with the forget
+    set): the released model's probe Dice against collapse_dice alone."""
+    op = operator(name)
+    assert op.collapse_dice == 0.25
+    probed, _ = with_probe(data, [0.9, 0.3])  # under half the start's, above the floor
+    result = drive(op.run(start, probed), quiet=True)
+    assert not result.collapsed and result.model is not start
+    assert issued(op.certificate(start), result) is not None
+    probed, _ = with_probe(data, [0.1, 0.2])  # above the start's, under the floor
+    result = drive(op.run(start, probed), quiet=True)
+    assert result.collapsed and result.model is start
+    assert issued(op.certificate(start), result) is None  # nothing certified was released
 
 
 @pytest.mark.parametrize("name", sorted(OPERATORS))

@@ -62,6 +62,29 @@ def test_the_context_term_chosen_in_the_dock_is_the_one_that_runs(bench):
         bench.plan()
 
 
+def test_a_certified_method_refuses_the_context_term_in_the_dock(bench):
+    bench.parameters.update(method="gradient-clipping", context="blind")
+    assert "cannot use the context term" in bench.preview()
+    with pytest.raises(ValueError, match="cannot use the context term"):
+        bench.plan()
+
+
+def test_a_certified_run_whose_gate_kept_the_start_says_no_certificate_was_issued(
+    bench, monkeypatch
+):
+    from shortcut_unlearning.certificate import NOT_ISSUED
+    from shortcut_unlearning.unlearning import CertifiedOperator
+
+    monkeypatch.setattr(CertifiedOperator, "collapsed", lambda self, model, before, after: True)
+    bench.parameters.update(method="model-clipping", relearn_steps=1, scope="head")
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    assert record.result.model is bench.current_model() and record.certificate is None
+    summary = record.summary("model-clipping")
+    assert NOT_ISSUED in summary and "-certified by" not in summary
+    bench.show(record)
+    assert bench.history[-1].certificate is None
+
+
 def test_the_plan_is_a_snapshot_and_edits_during_a_run_do_not_leak(bench):
     plan = bench.plan()
     bench.refinement.refined[5][...] = 0

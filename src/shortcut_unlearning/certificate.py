@@ -24,14 +24,25 @@ from scipy.stats import norm
 ASSUMPTIONS = (
     "one lesion class per image (single-class)",
     "artefacts do not overlap the lesion (disjoint support; hair crossing a lesion violates it)",
-    "the guarantee covers the scope's tensors only; frozen blocks are released as they are",
+    "the guarantee covers the scope's tensors only; frozen blocks are released as they are, and "
+    "if they saw the coarse labels the scope's guarantee is void too (its updates run on their "
+    "features)",
     "the retain loss trains on the corrected labels: the refined images' forget pixels count "
     "in it as background, so the guarantee is relative to a model trained on the corrected "
     "labels (the retrain baseline), not on the other pixels alone",
-    "the noise is secret (see noise_source): whoever knows the seed of its generator can "
-    "regenerate and subtract it; the generator (torch's) is not a cryptographic one",
-    "it covers the released weights, not the run's curves: losses and probes taken during the "
-    "noisy phase read intermediate iterates, which still depend on the forget set",
+    "the noise is secret (see noise_source): whoever knows the key of its generator can "
+    "regenerate and subtract it; the generator (numpy's Philox) is not a cryptographic one",
+    "it covers the released weights, not the run's curves: the retain losses and probes taken "
+    "during the noisy phase read intermediate iterates, which still depend on the forget set "
+    "(the forget loss is not logged in certified runs)",
+    "the run stops with an error when a loss is not finite, which reads the noisy phase's "
+    "intermediate iterates: at most one bit about the forget set, released by stopping",
+    "the collapse gate releases the unlearned model unless its probe Dice falls below an "
+    "absolute floor, which does not read the start model; when the gate keeps the start model "
+    "(trained with the forget set) nothing certified is released and no certificate is issued",
+    "one run is accounted: choosing among certified re-runs after seeing measures taken at the "
+    "forget positions (S_global, band reliance on the erased pixels, as the plugin shows them) "
+    "is not",
 )
 
 
@@ -44,10 +55,21 @@ def _check_delta(delta: float) -> None:
         raise CertificateError(f"delta must lie in (0, 1), got {delta}; 1e-5 is usual")
 
 
+# The eps a request may ask for. Below 1e-6 sigma exceeds a million times the clipping radii
+# (the scope is noise whatever the eps); above 1000 the likelihood ratio e^eps exceeds 1e434
+# and guarantees nothing. Inside, the accountants' arithmetic stays finite in double precision.
+EPSILON_RANGE = (1e-6, 1e3)
+
+
 def _check(epsilon: float, delta: float, **constants: float) -> None:
     _check_delta(delta)
-    if not epsilon > 0:
-        raise CertificateError(f"epsilon must be positive, got {epsilon}; 1 is usual")
+    low, high = EPSILON_RANGE
+    if not low <= epsilon <= high:
+        raise CertificateError(
+            f"epsilon must lie in [{low:g}, {high:g}], got {epsilon}; 1 is usual (below "
+            f"{low:g} the noise erases the scope at any eps, above {high:g} nothing is "
+            "guaranteed)"
+        )
     for name, value in constants.items():
         if not value > 0:
             raise CertificateError(f"{name} must be positive, got {value}")
@@ -62,16 +84,20 @@ def renyi_epsilon(rho: float, delta: float) -> float:
 
     (the conversion of Balle et al. 2020, Canonne et al. 2020); never below 0.
     """
+    if rho <= 0:
+        return 0.0
     log_delta = math.log(delta)
 
-    def eps_at(u: float) -> float:  # u = log(alpha - 1): the orders span many decades
+    def eps_at(u: float) -> float:  # u = log(alpha - 1), the terms in a form that stays finite
         a1 = math.exp(u)
-        alpha = 1 + a1
-        return alpha * rho + math.log(a1 / alpha) - (log_delta + math.log(alpha)) / a1
+        return (1 + a1) * rho + u - math.log1p(a1) - (log_delta + math.log1p(a1)) / a1
 
-    # A coarse scan over the orders brackets the minimum, a bounded search refines it; should
-    # the search miss, the scan's value stands, which overstates eps (the safe side).
-    grid = np.linspace(-12, 25, 75)
+    # The minimum lies near alpha - 1 = sqrt(log(1/delta) / rho) (where alpha rho and
+    # log(1/delta) / (alpha - 1) balance): a scan of 12 e-folds either side brackets it, a
+    # bounded search refines it; should the search miss, the scan's value stands, which
+    # overstates eps (the safe side).
+    centre = 0.5 * (math.log(-log_delta) - math.log(rho))
+    grid = centre + np.linspace(-12, 12, 97)
     values = [eps_at(u) for u in grid]
     best = int(np.argmin(values))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
@@ -87,12 +113,15 @@ def renyi_budget(epsilon: float, delta: float) -> float:
     def excess(log_rho: float) -> float:
         return renyi_epsilon(math.exp(log_rho), delta) - epsilon
 
-    lo, hi = math.log(epsilon) - 5, math.log(epsilon) + 1
-    while excess(lo) > 0:  # eps is increasing in rho: widen the bracket until it holds the root
-        lo -= 5
-    while excess(hi) < 0:
-        hi += 1
-    return math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12))
+    # eps(rho) is increasing, about rho + 2 sqrt(rho log(1/delta)): the root lies between
+    # eps^2 / (4 log(1/delta)) and eps, up to a few e-folds; widen a bounded number of times.
+    lo = 2 * math.log(epsilon) - math.log(-4 * math.log(delta)) - 2
+    hi = math.log(epsilon) + 2
+    for _ in range(20):
+        if excess(lo) < 0 < excess(hi):
+            return math.exp(brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12))
+        lo, hi = lo - 2, hi + 2
+    raise CertificateError(f"no Renyi budget found for eps {epsilon} at delta {delta}")
 
 
 # -- gradient clipping ------------------------------------------------------------------------
@@ -119,7 +148,13 @@ def _shift_and_noise(c0: float, c1: float, gamma: float, lam: float, t: int) -> 
     S = T."""
     decay = (1 - gamma * lam) ** np.arange(t)  # (1 - gamma lam)^s for s = 0 .. T-1
     z = 2 * c0 * (1 - gamma * lam) ** t + 2 * gamma * c1 * float(decay.sum())
-    return z, float((decay**2).sum())
+    return z, noise_decay(gamma, lam, t)
+
+
+def noise_decay(gamma: float, lam: float, t: int) -> float:
+    """S = sum_{s<T} (1 - gamma lam)^(2s): the per-coordinate variance, in units of sigma^2,
+    that T noisy gradient-clipping steps leave in the last iterate (lam = 0: T)."""
+    return float((((1 - gamma * lam) ** np.arange(t)) ** 2).sum())
 
 
 def gradient_clipping_rho(
@@ -228,8 +263,11 @@ def gradient_clipping_epsilon_for_snr(snr: float, delta: float) -> float:
 # -- model clipping ---------------------------------------------------------------------------
 def gaussian_delta(epsilon: float, r: float) -> float:
     """theta_eps(r) = Q(eps/r - r/2) - e^eps Q(eps/r + r/2): the exact delta of a Gaussian
-    mechanism with sensitivity-to-noise ratio r."""
-    return float(norm.sf(epsilon / r - r / 2) - math.exp(epsilon) * norm.sf(epsilon / r + r / 2))
+    mechanism with sensitivity-to-noise ratio r. Written Q(a) (1 - e^(eps + log Q(b) - log Q(a)))
+    in log space: e^eps overflows above eps 709 where Q(b) underflows."""
+    log_qa = norm.logsf(epsilon / r - r / 2)
+    log_ratio = epsilon + norm.logsf(epsilon / r + r / 2) - log_qa  # <= 0 but for rounding
+    return max(0.0, float(-math.exp(log_qa) * math.expm1(min(log_ratio, 0.0))))
 
 
 @functools.lru_cache(maxsize=256)
@@ -243,13 +281,14 @@ def model_clipping_deltas(
     """
     _check(epsilon, delta, C2=c2, sigma=sigma)
     deltas, r = [1.0], 2 * c2 / sigma
+    log_expm1 = epsilon + math.log(-math.expm1(-epsilon))  # log(e^eps - 1), finite at any eps
     while deltas[-1] > delta:
         if len(deltas) > max_steps:
             raise CertificateError(
                 f"delta does not reach {delta} within {max_steps} noisy steps with C2 = {c2} and "
                 f"sigma = {sigma}; raise sigma or lower C2"
             )
-        eps_t = math.log1p(math.expm1(epsilon) / deltas[-1])
+        eps_t = float(np.logaddexp(0.0, log_expm1 - math.log(deltas[-1])))
         deltas.append(deltas[-1] * gaussian_delta(eps_t, r))
     return tuple(deltas)
 
@@ -265,17 +304,25 @@ def model_clipping_snr(c2: float, sigma: float) -> float:
 # How the release covers each tensor of the scope.
 NOISED = "projected and noised"
 REESTIMATED = "reset before the noisy phase, re-estimated on retain images after it"
-# Where the noise came from.
+# Where the noise came from: numpy's Philox generator, whose key (128 bits) is derived from
+# the seed through numpy's SeedSequence, on every device (drawn on the host, then moved).
+NOISE_SECRET_BITS = 128
 NOISE_FROM_ENTROPY = (
-    "drawn from a generator seeded with 63 bits of fresh OS entropy, never recorded"
+    f"drawn from numpy's Philox generator keyed with {NOISE_SECRET_BITS} bits of fresh OS "
+    "entropy, never recorded"
+)
+# What a certified run that released nothing of its own says in place of its certificate.
+NOT_ISSUED = (
+    "No certificate was issued: the collapse gate kept the starting model, which was trained "
+    "with the forget set, so nothing certified was released."
 )
 
 
 def noise_from_seed(seed: int) -> str:
     return (
-        f"drawn from a generator seeded with noise_seed = {seed}, which the run records: "
-        "whoever knows it can regenerate and subtract the noise, and against them the "
-        "guarantee does not hold"
+        f"drawn from numpy's Philox generator keyed from noise_seed = {seed}, which the run "
+        "records: whoever knows it can regenerate and subtract the noise, and against them "
+        "the guarantee does not hold"
     )
 
 
@@ -316,9 +363,16 @@ class Certificate:
     recovery: str
     frozen: list[str]
     frozen_saw_coarse_labels: bool | None  # None: unknown (e.g. a checkpoint from elsewhere)
-    noise_norm: float  # expected norm of all the noise added, sigma * sqrt(d * T)
+    # Expected norm of the noise left in the noisy phase's last iterate (the certified release,
+    # before post-processing): gradient clipping sigma sqrt(d S) (lam = 0: sigma sqrt(d T), the
+    # sum of the draws), model clipping sigma sqrt(d) (the last draw; the projections leave at
+    # most C2 of the earlier ones).
+    noise_norm: float
     noise_norm_per_step: float  # expected norm of one step's draw, sigma * sqrt(d)
     parameter_norm: float  # norm of the scoped parameters before unlearning
+    # ... and after projection onto the operator's ball (C0 or C2): what the noise meets
+    projected_norm: float
+    noise_secret_bits: int  # secret bits keying the noise (0: a recorded noise_seed)
     snr_bound: float  # signal-to-noise bound of any linear read-out of the released scope
     target_snr: float  # a ratio the user would keep ...
     epsilon_for_target_snr: float | None  # ... the eps that keeps it (None: eps does not set it)
@@ -327,7 +381,8 @@ class Certificate:
 
     @property
     def noise_to_parameters(self) -> float:
-        return self.noise_norm / self.parameter_norm if self.parameter_norm else math.inf
+        """The noise left in the noisy phase's last iterate against the projected scope."""
+        return self.noise_norm / self.projected_norm if self.projected_norm else math.inf
 
     def to_dict(self) -> dict:
         return {**asdict(self), "noise_to_parameters": self.noise_to_parameters}
@@ -339,10 +394,13 @@ class Certificate:
         )
 
     def summary(self) -> str:
+        void = (
+            "the guarantee covers neither them nor the scope, whose updates run on their features"
+        )
         saw = {
-            True: "saw the coarse labels: the guarantee does not cover them",
+            True: f"saw the coarse labels: {void}",
             False: "never saw the coarse labels",
-            None: "provenance unknown",
+            None: f"provenance unknown: should they have seen the coarse labels, {void}",
         }
         treated = {h: sum(v == h for v in self.coverage.values()) for h in (NOISED, REESTIMATED)}
         buffers = (
@@ -355,9 +413,10 @@ class Certificate:
             f"{self.scope} scope ({self.scoped_parameters:,} parameters in {treated[NOISED]} "
             f"tensors projected and noised{buffers}; frozen: "
             f"{', '.join(self.frozen) or 'none'}, {saw[self.frozen_saw_coarse_labels]}); "
-            f"sigma {self.sigma:.3g} per step over {self.noisy_steps} noisy steps; noise added "
-            f"{self.noise_norm:.3g} against parameter norm {self.parameter_norm:.3g} "
-            f"(x{self.noise_to_parameters:.2g}); {self.expectation()}. It forgets "
+            f"sigma {self.sigma:.3g} per step over {self.noisy_steps} noisy steps; noise left "
+            f"in the noisy phase's last iterate {self.noise_norm:.3g} against the scope's norm "
+            f"projected to {self.projected_norm:.3g} (x{self.noise_to_parameters:.2g}; "
+            f"{self.parameter_norm:.3g} before projection); {self.expectation()}. It forgets "
             f"{self.forgets}. Noise {self.noise_source}. Recovery: {self.recovery}."
         )
 

@@ -183,12 +183,17 @@ def probe(model, evalset: EvalSet) -> dict[str, float]:
 
 
 def collapsed(
-    start_probe: dict | None, end_probe: dict | None, model=None, ratio: float = COLLAPSE_RATIO
+    start_probe: dict | None,
+    end_probe: dict | None,
+    model=None,
+    ratio: float = COLLAPSE_RATIO,
+    floor: float | None = None,
 ) -> bool:
     """Whether a model collapsed: it went non-finite, or it stopped segmenting.
 
     Non-finite: any floating tensor of `model.net` (parameters and buffers) or the end probe's
-    Dice is nan or infinite. Stopped segmenting: the end probe's Dice fell below `ratio` times
+    Dice is nan or infinite. Stopped segmenting: the end probe's Dice fell below `floor` when
+    one is given (a threshold that reads nothing of the start model), else below `ratio` times
     the start probe's. Nothing else counts: a falling AUROC, even below chance, is a result to
     report (on reversed-artefact data a shortcut model starts below chance), not a collapse.
     """
@@ -202,6 +207,8 @@ def collapsed(
         return False
     if not np.isfinite(end):
         return True
+    if floor is not None:
+        return end < floor
     start = (start_probe or {}).get("dice")
     return start is not None and np.isfinite(start) and end < ratio * start
 

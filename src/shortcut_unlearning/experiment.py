@@ -17,6 +17,7 @@ import numpy as np
 
 from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
+from .certificate import NOT_ISSUED
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import SynthConfig, generate
@@ -33,7 +34,15 @@ from .model import (
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train, validation_split
-from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult, make_operator
+from .unlearning import (
+    CERTIFIED,
+    CertifiedOperator,
+    Operator,
+    UnlearnData,
+    UnlearnResult,
+    make_operator,
+)
+from .unlearning.certified import issued
 from .unlearning.relearn import Exactness, Relearn
 
 
@@ -546,8 +555,8 @@ def unlearn_stage(
     certified = isinstance(operator, CertifiedOperator)
     certificate = operator.certificate(start.model) if certified else None
     outcome, seconds = unlearn(config, operator, start.model, prepared)
-    if certificate is not None:
-        certificate = certificate.after_recovery(outcome.stopping)
+    if certificate is not None:  # what the recovery did; none if the gate kept the start
+        certificate = issued(certificate, outcome)
     exact = operator.exactness(start.model) if isinstance(operator, Relearn) else None
     return Unlearned(outcome, certificate, seconds, exact)
 
@@ -719,4 +728,6 @@ def table(report: dict) -> str:
     for guarantee in ("certificate", "exactness"):
         if report.get(guarantee):
             rows.append(report[guarantee]["summary"])
+    if not report.get("certificate") and report.get("operator", {}).get("name") in CERTIFIED:
+        rows.append(NOT_ISSUED)
     return "\n".join(rows)

@@ -142,6 +142,12 @@ class RunRecord:
             lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
         if self.certificate is not None:
             lines.append(self.certificate.summary())
+        else:
+            from .certificate import NOT_ISSUED  # a run has loaded torch and scipy by now
+            from .unlearning import CERTIFIED
+
+            if self.method in CERTIFIED:
+                lines.append(NOT_ISSUED)
         return "\n".join(lines)
 
 
@@ -329,6 +335,7 @@ class Workbench:
 
     def _execute(self, plan: Plan, cancel: Cancel | None):
         from .unlearning import CertifiedOperator, Relearn, UnlearnData
+        from .unlearning.certified import issued
 
         clock = time.perf_counter()
         operator, steps = plan.operator, plan.operator.steps
@@ -372,7 +379,7 @@ class Workbench:
             result=result,
             before=before,
             after=after,
-            certificate=certificate.after_recovery(result.stopping) if certificate else None,
+            certificate=issued(certificate, result) if certificate else None,
             seconds=time.perf_counter() - clock,
             refined_index=edited,
             exactness=exactness,

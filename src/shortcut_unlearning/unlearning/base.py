@@ -119,7 +119,7 @@ class Operator:
     def on_gradients(self, model: Model, step: int) -> None:
         """Called between backward and the optimiser step (e.g. gradient clipping)."""
 
-    def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
+    def after_step(self, model: Model, step: int, rng: np.random.Generator) -> None:
         """Called after each optimiser step (e.g. projection, noise)."""
 
     def phase_end(
@@ -144,9 +144,9 @@ class Operator:
         An operator that stops may first load the weights it releases."""
         return None
 
-    def noise_generator(self, device: torch.device) -> torch.Generator:
-        """The generator after_step draws noise from."""
-        return torch.Generator(device=device).manual_seed(self.seed)
+    def noise_generator(self) -> np.random.Generator:
+        """The generator after_step draws noise from (on the host: the same on every device)."""
+        return np.random.default_rng(self.seed)
 
     def phase(self, step: int) -> str:
         return self.name
@@ -180,25 +180,27 @@ class Operator:
 
     def _loop(self, start: Model, work: Model, data: UnlearnData, cancel):
         split = data.split
-        with_forget = np.flatnonzero(split.forget.any(axis=(1, 2)))
-        if len(with_forget) == 0:
+        if not split.forget[split.refined].any():
             raise ValueError("the forget set is empty: refine at least one mask first")
         retained = retain_set(split, data.coarse, self.retain_images)
-        used = np.union1d(with_forget, retained.others)  # only these images are cached
+        # The first batch of each step is drawn from every refined image, erased pixels or
+        # not: which images hold forget pixels must not decide the batches.
+        refined = retained.refined
+        used = np.union1d(refined, retained.others)  # only these images are cached
         forget_rows, other_rows = (
-            np.searchsorted(used, with_forget),
+            np.searchsorted(used, refined),
             np.searchsorted(used, retained.others),
         )
         inputs = FrozenInputs(work, data.images[used], cache=self.cache_features)
         context = None  # the refined images' inpainted copies, made once (context.py)
         if self.context != "off":
-            refined_images = (data.images[with_forget], split.forget[with_forget])
+            refined_images = (data.images[refined], split.forget[refined])
             context = ContextTerm(
                 self.context,
                 self.context_weight,
                 work,
                 *refined_images,
-                retained.targets[with_forget],
+                retained.targets[refined],
                 self.cache_features,
             )
         device = work.device
@@ -210,7 +212,7 @@ class Operator:
         forget_pixels = split.forget[used].sum(axis=(1, 2))  # on the host: no device count
         divergence = Divergence(device, f"{self.name} loss")
         rng = np.random.default_rng(self.seed)
-        noise_rng = self.noise_generator(device)
+        noise_rng = self.noise_generator()
         # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
         start_metrics = distributed.from_main(lambda: data.probe(start)) if data.probe else None
         self.prepare(work)

@@ -13,10 +13,17 @@ The release carries the scope's batch-norm statistics too, and the coarse model'
 while it learned the forget set. They are reset before the noisy phase and re-estimated on the
 retain images from the noisy phase's last iterate, which is post-processing as well.
 
-The noise is drawn from a generator seeded with fresh OS entropy that is never recorded: a
-seed in the report would let its reader regenerate the noise and subtract it. `noise_seed`
-makes it reproducible (for tests), and the certificate then says the guarantee does not hold
-against whoever knows that seed.
+The noise is drawn from numpy's Philox generator keyed with 128 bits of fresh OS entropy that
+are never recorded: a seed in the report would let its reader regenerate the noise and subtract
+it. It is drawn on the host and moved to the device, so every device draws the same noise from
+the same key (torch's CPU generator keeps only 32 bits of its seed, which a search can find).
+`noise_seed` makes it reproducible (for tests), and the certificate then says the guarantee
+does not hold against whoever knows that seed.
+
+The certified operators read the forget set nowhere but in the start model: the context term
+(which inpaints at the forget positions) is refused, the forget loss is not logged, and the
+collapse gate compares the released model's probe Dice with an absolute floor, not with the
+start model's.
 """
 
 from __future__ import annotations
@@ -31,12 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import certificate as cert
-from .. import distributed
+from .. import distributed, evaluation
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
 from ..retain import FORGETS, IGNORE, RETAINS
 from ..training import _scope_state, soft_dice_loss
-from .base import Operator
+from .base import Operator, UnlearnResult
 
 
 def global_norm(tensors) -> torch.Tensor:
@@ -53,10 +60,18 @@ def project_(tensors, radius: float) -> None:
         t.mul_(scale.to(t.dtype))
 
 
+def noise_rng(seed: int) -> np.random.Generator:
+    """numpy's Philox generator keyed from `seed` (any non-negative int) through SeedSequence,
+    which mixes every bit of it into the 128-bit key."""
+    return np.random.Generator(np.random.Philox(seed))
+
+
 @torch.no_grad()
-def add_noise_(tensors, sigma: float, rng: torch.Generator) -> None:
+def add_noise_(tensors, sigma: float, rng: np.random.Generator) -> None:
+    """Add N(0, sigma^2) to every coordinate, drawn on the host from `rng` (float32)."""
     for t in tensors:
-        t.add_(torch.randn(t.shape, generator=rng, device=t.device, dtype=t.dtype) * sigma)
+        draw = torch.from_numpy(rng.standard_normal(tuple(t.shape), dtype=np.float32))
+        t.add_(draw.to(t.device, t.dtype), alpha=sigma)
 
 
 def scope_batch_norms(model: Model, scope: str | None = None) -> list[torch.nn.Module]:
@@ -143,9 +158,10 @@ def scope_coverage(model: Model, scope: str) -> dict[str, str]:
 
 
 def collapse_warning(certificate: Certificate) -> str | None:
-    """A warning when one step's noise draw outweighs the scope's parameters (METHOD 5.4)."""
-    per_step, norm = certificate.noise_norm_per_step, certificate.parameter_norm
-    if per_step <= norm:
+    """A warning when the noise left in the noisy phase's last iterate outweighs the projected
+    scope it is added to (METHOD 5.4)."""
+    noise, norm = certificate.noise_norm, certificate.projected_norm
+    if noise <= norm:
         return None
     remedy = (
         "Use scope='head' (far fewer parameters) or a larger epsilon to shrink the noise."
@@ -153,13 +169,21 @@ def collapse_warning(certificate: Certificate) -> str | None:
         else "Only a larger epsilon or delta shrinks the noise on the head."
     )
     return (
-        f"{certificate.operator}: one step's noise has expected norm {per_step:.3g}, more than "
-        f"the {certificate.scope} scope's parameter norm {norm:.3g} "
-        f"(x{per_step / norm if norm else math.inf:.2g}; {certificate.noise_norm:.3g} over the "
-        f"{certificate.noisy_steps} noisy steps): the noisy phase erases what the scope "
+        f"{certificate.operator}: the noise has expected norm {noise:.3g} in the last iterate "
+        f"of the {certificate.noisy_steps} noisy step{'s' * (certificate.noisy_steps != 1)}, "
+        f"more than the {certificate.scope} scope's norm projected to {norm:.3g} "
+        f"(x{certificate.noise_to_parameters:.2g}): the noisy phase erases what the scope "
         "learned, and only the noise-free recovery on the retain images (which the "
         f"certificate allows) rebuilds it. {remedy}"
     )
+
+
+def issued(certificate: Certificate, result: UnlearnResult) -> Certificate | None:
+    """The certificate of a finished run, saying what its recovery did; None when the run
+    released nothing of its own (cancelled, or the collapse gate kept the start model)."""
+    if result.cancelled or result.rejected is not None:  # rejected: the start model was kept
+        return None
+    return certificate.after_recovery(result.stopping)
 
 
 class ValidationProbe:
@@ -225,9 +249,14 @@ class CertifiedOperator(Operator):
     rescale: bool = True
     validate_every: int = 25
     patience: int = 4
-    # None: the noise comes from fresh OS entropy and is never recorded. A number makes the
-    # noise reproducible, and voids the guarantee against whoever knows it.
+    # None: the noise comes from fresh OS entropy and is never recorded. A number (any
+    # non-negative int, every bit of it used) makes the noise reproducible, and voids the
+    # guarantee against whoever knows it.
     noise_seed: int | None = None
+    # The collapse gate (METHOD 5.4): the released model's probe Dice below this floor keeps
+    # the start model. Absolute, so the gate reads nothing of the start model (trained with the
+    # forget set): half the lesion Dice at which training calls a fit converged.
+    collapse_dice: float = 0.25
     # The signal-to-noise ratio the certificate says how to keep (eps or sigma that gives it).
     target_snr: float = 1.0
 
@@ -258,8 +287,28 @@ class CertifiedOperator(Operator):
     def achieved_delta(self) -> float:
         return self.delta
 
+    def radius(self) -> float:
+        """The radius of the ball the noisy phase projects the scope into (C0 or C2)."""
+        raise NotImplementedError
+
+    def noise_left(self) -> float:
+        """Per-coordinate std of the noise left in the noisy phase's last iterate."""
+        raise NotImplementedError
+
     def __post_init__(self):
         super().__post_init__()
+        if self.context != "off":
+            raise ValueError(
+                f"{self.name} is certified and cannot use the context term ({self.context!r}): "
+                "it inpaints the refined images at their forget pixels, so it reads the forget "
+                "set; set context to 'off', or choose neggrad-seg or finetune to use it"
+            )
+        if self.noise_seed is not None and not (
+            isinstance(self.noise_seed, int) and self.noise_seed >= 0
+        ):
+            raise ValueError(f"noise_seed must be a non-negative integer, got {self.noise_seed}")
+        if not 0 <= self.collapse_dice <= 1:
+            raise ValueError(f"collapse_dice must lie in [0, 1], got {self.collapse_dice}")
         if not self.target_snr > 0:
             raise ValueError(f"target_snr must be positive, got {self.target_snr}")
         if self.finetune_steps < 0 or self.validate_every < 1 or self.patience < 1:
@@ -274,20 +323,26 @@ class CertifiedOperator(Operator):
         self._probe: ValidationProbe | None = None
 
     # -- the noise is secret --------------------------------------------------------------
-    def noise_generator(self, device: torch.device) -> torch.Generator:
-        # Under torchrun every rank adds the same noise to its replica: rank 0 draws the seed
+    def noise_generator(self) -> np.random.Generator:
+        # Under torchrun every rank adds the same noise to its replica: rank 0 draws the key
         # and hands it to the others in memory (it is never written anywhere).
         seed = (
-            distributed.from_main(lambda: secrets.randbits(63))
+            distributed.from_main(lambda: secrets.randbits(cert.NOISE_SECRET_BITS))
             if self.noise_seed is None
             else self.noise_seed
         )
-        return torch.Generator(device=device).manual_seed(seed)
+        return noise_rng(seed)
 
     def noise_source(self) -> str:
         if self.noise_seed is None:
             return cert.NOISE_FROM_ENTROPY
         return cert.noise_from_seed(self.noise_seed)
+
+    # -- the collapse gate ------------------------------------------------------------------
+    def collapsed(self, model: Model, before: dict | None, after: dict | None) -> bool:
+        """Non-finite, or the probe's Dice below the absolute floor collapse_dice: the start's
+        probe (`before`) is not read."""
+        return evaluation.collapsed(None, after, model, floor=self.collapse_dice)
 
     # -- recovery ---------------------------------------------------------------------------
     def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
@@ -337,9 +392,9 @@ class CertifiedOperator(Operator):
         return torch.optim.Adam(model.scoped_parameters(), lr=self.finetune_lr)
 
     def loss(self, retain_ce, forget_ce):
-        # The certified updates use the retain gradient only; the forget CE is reported.
-        forget = forget_ce.mean().detach() if forget_ce.numel() else retain_ce.detach() * 0
-        return {"total": retain_ce, "retain": retain_ce.detach(), "forget": forget}
+        # The certified updates use the retain gradient only, and the forget loss is not
+        # logged: the trajectory would carry it from every step, recovery included.
+        return {"total": retain_ce, "retain": retain_ce.detach()}
 
     def prepare(self, model: Model) -> None:
         warning = collapse_warning(self.certificate(model))
@@ -417,6 +472,7 @@ class CertifiedOperator(Operator):
         children = dict(model.net.named_children())
         params = [p for n in SCOPE_MODULES[scope] for p in children[n].parameters()]
         d, t = sum(p.numel() for p in params), self.noisy_steps()
+        norm = float(global_norm(params))
         frozen = [n for n in children if n not in SCOPE_MODULES[scope]]
         # Frozen blocks saw the coarse labels if the training run updated them.
         trained_scope = model.config.provenance.get("scope")
@@ -442,9 +498,11 @@ class CertifiedOperator(Operator):
             recovery=self.recovery_plan(),
             frozen=frozen,
             frozen_saw_coarse_labels=saw,
-            noise_norm=self.sigma * math.sqrt(d * t),
+            noise_norm=self.noise_left() * math.sqrt(d),
             noise_norm_per_step=self.sigma * math.sqrt(d),
-            parameter_norm=float(global_norm(params)),
+            parameter_norm=norm,
+            projected_norm=min(norm, self.radius()),
+            noise_secret_bits=cert.NOISE_SECRET_BITS if self.noise_seed is None else 0,
             snr_bound=self.snr_bound(),
             target_snr=self.target_snr,
             epsilon_for_target_snr=self.epsilon_for_snr(self.target_snr),
@@ -480,6 +538,14 @@ class GradientClipping(CertifiedOperator):
 
     def clipping(self) -> dict[str, float]:
         return {"C0": self.c0, "C1": self.c1}
+
+    def radius(self) -> float:
+        return self.c0
+
+    def noise_left(self) -> float:
+        # No projection after the first: each draw stays, shrunk by (1 - gamma lam) per later
+        # step, so the variance is sigma^2 S (lam = 0: sigma^2 T, the sum of the T draws).
+        return self.sigma * math.sqrt(cert.noise_decay(self.lr, self.lam, self.noisy_steps()))
 
     def _constants(self) -> tuple[float, float, float, float, int]:
         return self.c0, self.c1, self.lr, self.lam, self.noisy_steps()
@@ -536,6 +602,14 @@ class ModelClipping(CertifiedOperator):
 
     def clipping(self) -> dict[str, float]:
         return {"C2": self.c2}
+
+    def radius(self) -> float:
+        return self.c2
+
+    def noise_left(self) -> float:
+        # Each step projects into the C2 ball before drawing: the last draw stays whole, the
+        # earlier ones are inside a part of norm at most C2.
+        return self.sigma
 
     def achieved_delta(self) -> float:
         return self.deltas()[-1]
