@@ -220,14 +220,14 @@ def _crossing(lesion: np.ndarray, margin: float, rng, scale: float = 1.0) -> np.
     across = np.array([-along[1], along[0]])
     middle = centre + across * rng.uniform(-0.3, 0.3) * reach  # not always through the centre
     half = max(0.75, s / 80) * scale
-    corners = [middle + i * reach * along + j * half * across for i, j in COUNTER_CLOCKWISE]
+    corners = [middle + i * reach * along + j * half * across for i, j in RECTANGLE]
     rows, cols = np.array(corners).T
     shape = np.zeros(lesion.shape, bool)
     shape[polygon(rows, cols, shape=lesion.shape)] = True
     return shape
 
 
-COUNTER_CLOCKWISE = ((-1, -1), (1, -1), (1, 1), (-1, 1))
+RECTANGLE = ((-1, -1), (1, -1), (1, 1), (-1, 1))  # corners in order around it
 
 
 def _outer_band(lesion: np.ndarray, band: np.ndarray) -> np.ndarray:
