@@ -127,3 +127,36 @@ def test_seed_summaries_give_the_interval_of_the_mean_and_paired_differences():
     # paired: the interval of the per-seed differences (0.2, 0.1, 0.3), not of the two means
     assert np.isclose(diff["ci_high"] - diff["mean"], stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3))
     assert "neggrad-seg" not in paired_differences({"relearn": runs["relearn"]})
+
+
+def test_the_data_matrix_moves_one_factor_at_a_time(tmp_path, monkeypatch, capsys):
+    base = RunConfig(data="synthetic", synth_n=40, image_size=48, quiet=True)
+    variants = benchmarks.data_variants(base)
+    names = [name for name, _ in variants]
+    assert names[0] == "base" and len(names) == len(set(names)) == 11
+    for name, config in variants[1:]:  # each moves its own factor and nothing else
+        moved = {k for k, v in vars(config).items() if v != getattr(base, k)}
+        assert moved == {name.split("=")[0]}
+    ran = []
+
+    def seeds(config, seed_list, methods, out):  # the runs themselves: the seeds test above
+        ran.append((config, out.name))
+        row = {key: {"mean": 0.5, "std": 0.1, "ci_low": 0.4, "ci_high": 0.6, "n": 2}
+               for key in benchmarks.DATA_KEYS}  # fmt: skip
+        return {"summary": {"coarse": row, "retrain": row, "neggrad-seg": row}}
+
+    monkeypatch.setattr(benchmarks, "seeds", seeds)
+    args = ["bench", "data", "--synth-n", "40", "--image-size", "48", "--seeds", "0,1"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert [folder for _, folder in ran] == [name.replace("=", "-") for name in names]
+    result = json.loads((tmp_path / "summary.json").read_text())
+    forgotten = {row["setting"]: row["artefacts_forgotten"] for row in result["settings"]}
+    # The base setting's forget set holds every artefact pixel; the others hold less or none.
+    assert forgotten["base"] == forgotten["coarse=bbox"] == forgotten["fine_fraction=0.01"] == 1
+    assert forgotten["synth_placement=corner"] == forgotten["synth_placement=outside"] == 0
+    assert 0 < forgotten["synth_placement=crossing"] < 1
+    assert 0.8 < forgotten["coarse=outline"] <= 1 and forgotten["refine_jitter=2"] < 1
+    assert forgotten["refine_missed=0.5"] == pytest.approx(0.5, abs=0.05)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| synth_placement=outside | neggrad-seg | 0.500 [0.400, 0.600] |" in table
+    assert "| retrain |" not in table and table in capsys.readouterr().out

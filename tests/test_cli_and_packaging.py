@@ -125,3 +125,33 @@ def test_the_wheel_ships_the_sample_data(tmp_path):
     assert (
         sum(n.startswith("shortcut_unlearning/sample_data/synthetic/images/") for n in names) == 64
     )
+
+
+def test_the_options_for_unflattering_data_reach_the_generator_and_the_run(tmp_path, capsys):
+
+    from shortcut_unlearning import masks
+    from shortcut_unlearning.cli import _config, _run_config, build_parser
+
+    out = tmp_path / "set"
+    assert (
+        main(["synth", "--out", str(out), "--n", "8", "--size", "48", "--placement", "outside"])
+        == 0
+    )
+    data = read_folder(out)
+    assert data.artefact_mask().any()
+    for kind in masks.COARSE_METHODS:
+        assert not (data.artefact_mask() & (masks.coarse_masks(data.masks, kind) != 0)).any()
+    flags = ["--coarse", "outline", "--synth-placement", "crossing", "--refine-jitter", "2"]
+    flags += ["--refine-missed", "0.25", "--fine-fraction", "0.01"]
+    parser = build_parser()
+    for config in (
+        _run_config(parser.parse_args(["run", *flags, "--data", "synthetic"])),
+        _config(parser.parse_args(["bench", "seeds", *flags])),
+    ):
+        assert (config.coarse, config.synth_placement) == ("outline", "crossing")
+        assert (config.refine_jitter, config.refine_missed, config.fine_fraction) == (2, 0.25, 0.01)
+    placed = ["run", "--data", "sample", "--synth-placement", "corner", "--epochs", "1"]
+    assert main([*placed, "--out", str(tmp_path / "run")]) == 2
+    assert "--data synthetic" in capsys.readouterr().err
+    assert main(["run", "--refine-missed", "2", "--out", str(tmp_path / "run")]) == 2
+    assert "--refine-missed" in capsys.readouterr().err

@@ -107,3 +107,30 @@ def test_added_pixels_can_be_clipped_or_kept():
     assert split.forget_count == 1
     # The caller's mask is never changed in place.
     assert grown[0, :4].tolist() == [2, 2, 2, 2]
+
+
+def _disc(size, centre, radius, cls=1):
+    yy, xx = np.mgrid[:size, :size]
+    return ((np.hypot(yy - centre[0], xx - centre[1]) <= radius) * cls).astype(np.uint8)
+
+
+def test_outline_holds_the_lesion_loosely_and_is_the_same_for_the_same_lesion():
+    from scipy.ndimage import distance_transform_edt
+
+    crescent = _disc(64, (30, 30), 14, 2) * (1 - _disc(64, (30, 38), 11))
+    corner = np.zeros((64, 64), np.uint8)
+    corner[:20, :6] = corner[:6, :30] = 1  # an L at the image's edge
+    for fine in (_disc(64, (30, 34), 10), crescent, corner):
+        outline = masks.coarse_mask(fine, "outline", margin=0.125)  # 8 px
+        assert set(np.unique(outline)) == {0, fine.max()}
+        assert (outline[fine != 0] != 0).all()
+        np.testing.assert_array_equal(outline, masks.coarse_mask(fine, "outline", 0.125))
+    # Around a disc the gap wanders between 0.4 and 1.6 margins: loose, and no dilation.
+    disc = _disc(64, (30, 34), 10)
+    outline = masks.coarse_mask(disc, "outline", margin=0.125) != 0
+    gap = distance_transform_edt(disc == 0)
+    edge = outline & ~np.roll(outline, 1, 0) | outline & ~np.roll(outline, -1, 0)
+    assert gap[edge].min() >= 0.4 * 8 - 1.5 and gap[edge].max() <= 1.6 * 8 / np.cos(np.pi / 64) + 2
+    assert gap[edge].max() - gap[edge].min() > 4
+    other = masks.coarse_mask(_disc(64, (31, 34), 10), "outline", margin=0.125) != 0
+    assert not np.array_equal(np.roll(other, -1, 0), outline)  # seeded by the lesion itself

@@ -6,7 +6,9 @@ import pytest
 from shortcut_unlearning import masks
 from shortcut_unlearning.data.folders import write_project
 from shortcut_unlearning.data.lesion_set import ARTEFACTS
-from shortcut_unlearning.data.synthetic import SynthConfig, generate
+from shortcut_unlearning.data.synthetic import PLACEMENTS, SynthConfig, generate
+
+BAND = ("ink", "patches", "gel_bubble")
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +119,59 @@ def test_a_balanced_test_split_beside_the_reversed_one(tmp_path):
     assert "test_balanced" in set(read_folder(tmp_path / "set").splits)
     with pytest.raises(ValueError, match="balanced_test"):
         SynthConfig(balanced_test=-1)
+
+
+def _digest(data) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (data.images, data.masks, data.artefacts, data.labels, data.splits.astype("U16")):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def test_the_default_output_is_what_it_was_before_the_placement_options():
+    # Digests of the generator's output before placements existed (same seed, same images);
+    # they hold for this numpy, scipy and scikit-image, which a new version may round apart.
+    assert _digest(generate(n=8, size=48, seed=11, balanced_test=4)) == (
+        "33c129b383c47d36aadfa911e4b0f1885ec3b4759f8735bee1c83b2532b9385a"
+    )
+    outer = generate(n=6, size=64, seed=2, band_zone="outer", artefact_count=2, spurious=BAND)
+    assert _digest(outer) == "c1799e496836908067b0a50aa3f0e0b19366e906fb8cea795b05b59c90e6cf14"
+
+
+@pytest.fixture(scope="module")
+def placed():
+    """The same 24 images at 64 px with the spurious artefacts in each placement."""
+    return {p: generate(n=24, size=64, seed=6, placement=p) for p in PLACEMENTS}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_each_placement_puts_the_artefacts_where_it_claims(placed, placement):
+    data = placed[placement]
+    spurious, lesion = data.artefact_mask(), data.masks != 0
+    coarse = {m: masks.coarse_masks(data.masks, m) != 0 for m in masks.COARSE_METHODS}
+    inside = {m: int((spurious & c).sum()) for m, c in coarse.items()}  # pixels in each kind
+    total = int(spurious.sum())
+    # Every image drawn with a spurious artefact shows one, as with the default placement.
+    carrying = spurious.any(axis=(1, 2))
+    np.testing.assert_array_equal(carrying, placed["band"].artefact_mask().any(axis=(1, 2)))
+    assert carrying.sum() >= 8
+    on_lesion = (spurious & lesion).any(axis=(1, 2))
+    if placement == "band":  # all in the dilation band, so in the box; the outline holds most
+        assert not on_lesion.any() and inside["dilate"] == inside["bbox"] == total
+        assert inside["outline"] > 0.8 * total
+    elif placement == "corner":  # in the box, none in the dilation band or on the lesion
+        assert not on_lesion.any() and inside["dilate"] == 0 and inside["bbox"] == total > 0
+    elif placement == "crossing":  # over the lesion in every image, and past every coarse mask
+        off_all = spurious & ~np.any(list(coarse.values()), axis=0)
+        assert on_lesion[carrying].all() and off_all.any(axis=(1, 2))[carrying].all()
+        band = {m: (spurious & c & ~lesion).sum() for m, c in coarse.items()}
+        assert min(band.values()) > 0  # and some in every coarse mask's band
+    else:  # outside: no spurious pixel in any coarse mask
+        assert total > 0 and max(inside.values()) == 0
+
+
+def test_a_bad_placement_names_the_choices():
+    with pytest.raises(ValueError, match="placement must be one of"):
+        SynthConfig(placement="everywhere")

@@ -120,7 +120,12 @@ def _synth(args) -> None:
             raise UsageError(f"--preview {args.preview} must name a .png file, e.g. grid.png")
         check_targets([args.preview], args.overwrite, "choose another --preview or --overwrite")
     config = SynthConfig(
-        n=args.n, size=args.size, seed=args.seed, p=args.p, spurious=tuple(args.spurious.split(","))
+        n=args.n,
+        size=args.size,
+        seed=args.seed,
+        p=args.p,
+        spurious=tuple(args.spurious.split(",")),
+        placement=args.placement,
     )
     data = generate(config)
     write_project(
@@ -374,6 +379,13 @@ def _bench(args) -> None:
         )
         print(json.dumps(result, indent=2))
         return
+    if args.what == "data":
+        result = benchmarks.data_matrix(
+            _config(args, quiet=True), args.seeds, args.methods, args.out
+        )
+        print(benchmarks.data_markdown(result["settings"]))
+        print(f"written: {Path(args.out) / 'summary.md'}")
+        return
     if args.what == "ranking":
         result = benchmarks.refinement_order(
             _config(args, quiet=True), args.seeds, args.out, args.fractions, args.orders
@@ -410,7 +422,9 @@ def _jsonable(config) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from .benchmarks import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
+    from .data.synthetic import PLACEMENTS
     from .experiment import REFINE_ORDERS, RunConfig
+    from .masks import COARSE_METHODS
     from .model import MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
     from .unlearning.context import CONTEXT_TERMS
@@ -434,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--spurious", default="ink,patches", help="comma-separated artefacts planted as shortcuts"
     )
+    synth.add_argument("--placement", choices=PLACEMENTS, default="band", help=PLACEMENT_HELP)
     synth.add_argument(
         "--preview", type=Path, help="also write a grid of examples to this .png file"
     )
@@ -482,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.image_size,
         help=f"working size in pixels (>= {MIN_IMAGE_SIZE}: the U-Net halves it five times)",
     )
-    common.add_argument("--coarse", choices=("dilate", "bbox"), default=defaults.coarse)
+    common.add_argument(
+        "--coarse",
+        choices=COARSE_METHODS,
+        default=defaults.coarse,
+        help="coarse masks: the fine mask dilated, its bounding box, or a loose hand-drawn-like "
+        "outline (a smooth random polygon around the lesion); each grown by --coarse-margin",
+    )
     common.add_argument(
         "--coarse-margin",
         type=_number(0, 1, high_open=True),
@@ -494,6 +515,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=_number(0, 1, low_open=True),
         default=defaults.fine_fraction,
         help="share of training images that get refined masks",
+    )
+    common.add_argument(
+        "--synth-placement",
+        choices=PLACEMENTS,
+        default=defaults.synth_placement,
+        help=f"with --data synthetic: {PLACEMENT_HELP}",
+    )
+    common.add_argument(
+        "--refine-jitter",
+        type=_whole(0),
+        default=defaults.refine_jitter,
+        metavar="PX",
+        help="refinements as a person draws them: the fine mask's border moved in or out by up "
+        "to PX pixels, smoothly, kept inside the coarse mask (default 0: exact)",
+    )
+    common.add_argument(
+        "--refine-missed",
+        type=_number(0, 1),
+        default=defaults.refine_missed,
+        metavar="SHARE",
+        help="refinements as a person draws them: this share of the artefact pixels in the "
+        "forget set left as lesion, in patches (needs artefact maps: synthetic data)",
     )
     common.add_argument(
         "--epochs",
@@ -633,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(
             "cache",
             "seeds",
+            "data",
             "curve",
             "ranking",
             "stall",
@@ -643,7 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
             "removal",
             "merge",
         ),
-        help="ranking: refinement orders against the share of refined images; curve: the "
+        help="data: bench seeds once per setting, moving one factor at a time away from the "
+        "flags' setting (coarse mask kind, --synth-placement, refinement jitter and missed "
+        "artefacts, refined share) into folders of their own, and one table; "
+        "ranking: refinement orders against the share of refined images; curve: the "
         "certified operators at each --epsilons beside NegGrad-Seg and the baselines (the "
         "privacy-utility curve); stall, overlay "
         "and dock measure the napari widget (need a display); open times opening --data DIR "
@@ -730,6 +777,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     return parser
+
+
+PLACEMENT_HELP = (
+    "where the spurious artefacts go: band (the dilation band, the default), corner (in the "
+    "lesion's box outside the dilation band), crossing (a strip across the lesion), outside "
+    "(near the lesion, outside every coarse mask kind)"
+)
 
 
 def _working_size(text: str) -> int | None:

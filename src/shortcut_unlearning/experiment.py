@@ -18,9 +18,10 @@ import numpy as np
 from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
 from .certificate import NOT_ISSUED
+from .data.annotator import Annotator
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
-from .data.synthetic import SynthConfig, generate
+from .data.synthetic import PLACEMENTS, SynthConfig, generate
 from .evaluation import EvalSet
 from .files import write_json
 from .model import (
@@ -84,8 +85,19 @@ class RunConfig:
     labels: list[str] | None = None  # labels CSVs of an ISIC 2018 folder (default: its *.csv)
     quiet: bool = False
     operator_options: dict = field(default_factory=dict)
+    # Data that do not flatter the method (docs/method.md, "Data that do not flatter the
+    # method"): where the generator puts the spurious artefacts (synthetic data), and how the
+    # simulated person refines: border jitter in pixels, share of artefact pixels missed.
+    synth_placement: str = SynthConfig.placement
+    refine_jitter: int = 0
+    refine_missed: float = 0.0
 
     def __post_init__(self):
+        if self.synth_placement not in PLACEMENTS:
+            raise ValueError(
+                f"synth_placement must be one of {PLACEMENTS}, got {self.synth_placement!r}"
+            )
+        Annotator(self.refine_jitter, self.refine_missed)  # raises on a bad setting
         if not 0 < self.fine_fraction <= 1:
             raise ValueError(f"fine_fraction must lie in (0, 1], got {self.fine_fraction}")
         if self.refine_order not in (None, *REFINE_ORDERS):
@@ -99,6 +111,11 @@ class RunConfig:
                 f"--refined names the images to refine, so --refine-order {self.refine_order} "
                 "has nothing to choose: drop one of the two"
             )
+
+    @property
+    def annotator(self) -> Annotator:
+        """The simulated person who refines the chosen images."""
+        return Annotator(self.refine_jitter, self.refine_missed, self.seed)
 
     @property
     def order(self) -> str:
@@ -118,7 +135,10 @@ def load_data(config: RunConfig) -> LesionSet:
             size=config.image_size,
             seed=config.seed,
             balanced_test=config.synth_balanced,
+            placement=config.synth_placement,
         )
+    if config.synth_placement != SynthConfig.placement:
+        raise ValueError("--synth-placement places generated artefacts: use --data synthetic")
     folder = sample_data_dir() / SAMPLE_SET if config.data == "sample" else Path(config.data)
     return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
@@ -183,9 +203,18 @@ class Prepared:
         return masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
 
 
-def refinement_split(train: LesionSet, coarse: np.ndarray, refined) -> masklib.PixelSplit:
-    """The forget and retain pixels when the `refined` images get their fine masks."""
-    return masklib.split_pixels(coarse, {int(i): train.masks[i] for i in refined})
+def refinement_split(
+    train: LesionSet, coarse: np.ndarray, refined, annotator: Annotator | None = None
+) -> masklib.PixelSplit:
+    """The forget and retain pixels when the `refined` images get their fine masks, or the
+    masks `annotator` draws from them (a person's refinements)."""
+    annotator = annotator or Annotator()
+    artefacts = train.artefact_mask() if train.artefacts is not None else None
+    drawn = {}
+    for i in map(int, refined):
+        seen = None if artefacts is None else artefacts[i]
+        drawn[i] = annotator.refine(train.masks[i], coarse[i], seen, i)
+    return masklib.split_pixels(coarse, drawn)
 
 
 def refine_ranked(prepared: Prepared, config: RunConfig, model: Model) -> Prepared:
@@ -196,7 +225,7 @@ def refine_ranked(prepared: Prepared, config: RunConfig, model: Model) -> Prepar
     refined = distributed.from_main(
         lambda: choose_refined(prepared.train, config, prepared.coarse, model)
     )
-    split = refinement_split(prepared.train, prepared.coarse, refined)
+    split = refinement_split(prepared.train, prepared.coarse, refined, config.annotator)
     return replace(prepared, refined=refined, split=split)
 
 
@@ -229,7 +258,7 @@ def prepare_data(config: RunConfig) -> Prepared:
     # The ranked order is chosen once the starting model exists (refine_ranked).
     ranked = config.order == "ranked"
     refined = np.zeros(0, int) if ranked else choose_refined(train_set, config)
-    split = None if ranked else refinement_split(train_set, coarse, refined)
+    split = None if ranked else refinement_split(train_set, coarse, refined, config.annotator)
     evalset = EvalSet.from_lesion_set(
         test, config.coarse, config.coarse_margin, evaluation_groups(test, train_set)
     )

@@ -7,14 +7,17 @@ Masks hold one lesion class per image: 0 background, 1 benign, 2 malignant.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-COARSE_METHODS = ("dilate", "bbox")
+COARSE_METHODS = ("dilate", "bbox", "outline")
 # Default coarse mask: the fine mask dilated by 8% of the shorter image side (10 px at 128 px),
 # about the slack of a hurried outline. The generator puts spurious artefacts in this band.
+# "outline" is a loose hand-drawn-like polygon around the lesion whose slack varies smoothly
+# about the margin (see outline_mask).
 DEFAULT_COARSE_METHOD = "dilate"
 DEFAULT_COARSE_MARGIN = 0.08
 ADDED_CHOICES = ("error", "clip", "keep")
@@ -71,7 +74,8 @@ def lesion_class(mask: np.ndarray, image: int = 0) -> int:
 def coarse_mask(
     fine: np.ndarray, method: str = DEFAULT_COARSE_METHOD, margin: float = DEFAULT_COARSE_MARGIN
 ) -> np.ndarray:
-    """Coarse mask of one (H, W) fine mask: dilated by a radius, or its bounding box plus margin."""
+    """Coarse mask of one (H, W) fine mask: dilated by a radius, its bounding box plus margin,
+    or a hand-drawn-like outline with about that margin of slack."""
     if method not in COARSE_METHODS:
         raise MaskError(f"unknown coarse method {method!r}; choose one of {COARSE_METHODS}")
     k = lesion_class(fine)
@@ -87,13 +91,60 @@ def coarse_mask(
         slice(max(rows[0] - r, 0), rows[-1] + r + 1),
         slice(max(cols[0] - r, 0), cols[-1] + r + 1),
     )
-    if method == "dilate":
+    if method == "outline":
+        out[outline_mask(lesion, r)] = k
+    elif method == "dilate":
         from skimage.morphology import isotropic_dilation  # imported here: the dock opens fast
 
         out[box][isotropic_dilation(lesion[box], r) if r else lesion[box]] = k
     else:
         out[box] = k
     return out
+
+
+OUTLINE_VERTICES = 64
+OUTLINE_SLACK = (0.4, 1.6)  # the outline's gap to the lesion, against the margin, low to high
+
+
+def outline_mask(lesion: np.ndarray, r: int) -> np.ndarray:
+    """A loose outline around `lesion` (bool), as a person draws one: a polygon whose gap to the
+    lesion wanders smoothly between 0.4 and 1.6 times r (at least one pixel), and which holds
+    every lesion pixel.
+
+    Seeded by the mask itself, so every caller (training, evaluation, the generator) draws the
+    same outline for the same lesion. The polygon is star-shaped about the lesion's centre:
+    each vertex lies past the farthest lesion pixel in the sectors on either side of it, so
+    the edges between vertices clear the lesion too.
+    """
+    from skimage.draw import polygon  # imported here: the dock opens fast
+
+    digest = hashlib.blake2b(np.packbits(lesion).tobytes() + bytes(str(lesion.shape), "ascii"))
+    rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
+    points = np.argwhere(lesion).astype(float)
+    centre = points.mean(0)
+    offset = points - centre
+    angle = np.arctan2(offset[:, 0], offset[:, 1])
+    reach = np.hypot(offset[:, 0], offset[:, 1]) + 0.71  # to the pixel's far corner
+    step = 2 * np.pi / OUTLINE_VERTICES
+    sector = np.floor(np.mod(angle, 2 * np.pi) / step).astype(int) % OUTLINE_VERTICES
+    farthest = np.zeros(OUTLINE_VERTICES)
+    np.maximum.at(farthest, sector, reach)
+    # Vertex k sits between sectors k - 1 and k; two more on each side smooth the hand's path.
+    envelope = np.max([np.roll(farthest, shift) for shift in range(-2, 4)], axis=0)
+    theta = np.arange(OUTLINE_VERTICES) * step
+    wobble = sum(
+        rng.uniform(0, 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (1, 2, 3)
+    )
+    low, high = OUTLINE_SLACK
+    wobble = (wobble - wobble.min()) / (np.ptp(wobble) + 1e-12)  # in [0, 1]
+    gap = np.maximum(r * (low + (high - low) * wobble), 1.0)
+    # A chord between vertices dips below them by at most radius * (1 - cos(step / 2)).
+    radius = (envelope + gap) / np.cos(step / 2)
+    rows = centre[0] + radius * np.sin(theta)
+    cols = centre[1] + radius * np.cos(theta)
+    out = np.zeros(lesion.shape, bool)
+    out[polygon(rows, cols, shape=lesion.shape)] = True
+    return out | lesion  # rasterising at the image edge may drop a lesion pixel; keep it
 
 
 def coarse_masks(

@@ -2,11 +2,12 @@
 
 Each image holds one lesion (benign or malignant) on shaded skin, and artefacts from the ISIC
 catalogue (METHOD.md section 8), each with its exact pixel mask. The *spurious* artefacts are
-painted inside the default coarse mask's dilation band (so a coarse mask labels them lesion)
-and follow the label: P(artefact | malignant) = p and P(artefact | benign) = 1 - p in the train
-split, reversed in the test split, and independent of it (1/2) in the optional "test_balanced"
-split (`balanced_test` images), whose groups are large enough for a powered robustness
-measure. The others are nuisances at ISIC prevalence, independent of the label.
+painted inside the default coarse mask's dilation band (so a coarse mask labels them lesion;
+`placement` puts them elsewhere, see PLACEMENTS) and follow the label: P(artefact | malignant)
+= p and P(artefact | benign) = 1 - p in the train split, reversed in the test split, and
+independent of it (1/2) in the optional "test_balanced" split (`balanced_test` images), whose
+groups are large enough for a powered robustness measure. The others are nuisances at ISIC
+prevalence, independent of the label.
 
 Difficulty, fixed once from first principles rather than tuned to a result: each lesion has a
 latent severity s ~ N(0.5 -/+ signal/2, 0.2) (benign/malignant) that drives border
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter
 from scipy.stats import norm
-from skimage.draw import bezier_curve, circle_perimeter, disk, polygon2mask
+from skimage.draw import bezier_curve, circle_perimeter, disk, polygon, polygon2mask
 
 from .. import masks as masklib
 from .lesion_set import ARTEFACTS, BENIGN, LesionSet, artefact_bit
@@ -40,6 +41,13 @@ ISIC_PREVALENCE = {
 # Artefacts that can be painted inside the dilation band, hence serve as spurious.
 BAND_ARTEFACTS = ("ink", "patches", "gel_bubble")
 BAND_ZONES = ("any", "outer")
+# Where the spurious artefacts go. "band": in the coarse mask's band (coarse_method), where the
+# forget set of an exact refinement holds them all; the others do not flatter the method:
+# "corner": in a corner of the lesion's box (the bbox coarse mask) outside the dilation band,
+# so box masks call them lesion and dilated masks do not; "crossing": a strip across the
+# lesion and past it (a ruler's edge or a hair over it), so the fine mask itself calls part of
+# it lesion; "outside": near the lesion but outside every coarse mask kind, never labelled.
+PLACEMENTS = ("band", "corner", "crossing", "outside")
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class SynthConfig:
     artefact_scale: float = 1.0
     artefact_count: int = 1
     band_zone: str = "any"
+    placement: str = "band"  # one of PLACEMENTS
     # Lesion radius against the default's (12-20 % of the image side). Smaller lesions leave
     # the coarse mask's band a larger share of what it calls lesion.
     lesion_scale: float = 1.0
@@ -79,6 +88,8 @@ class SynthConfig:
                 f"spurious artefacts {bad} cannot be placed in the dilation band; "
                 f"choose from {BAND_ARTEFACTS}"
             )
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.band_zone not in BAND_ZONES:
             raise ValueError(f"band_zone must be one of {BAND_ZONES}, got {self.band_zone!r}")
         if self.artefact_scale <= 0 or self.artefact_count < 1 or self.lesion_scale <= 0:
@@ -156,7 +167,7 @@ def _render(cfg: SynthConfig, label: int, wanted: list[str], rng: np.random.Gene
     mask = (fine * (BENIGN + label)).astype(np.uint8)
     coarse = masklib.coarse_mask(mask, cfg.coarse_method, cfg.coarse_margin)
     band = (coarse != 0) & ~fine
-    zone = _outer_band(fine, band) if cfg.band_zone == "outer" else band
+    zone = _spurious_zone(cfg, mask, band)
     art = np.zeros((s, s), np.uint8)
     for name in wanted:
         if name == "dark_corner":
@@ -165,6 +176,8 @@ def _render(cfg: SynthConfig, label: int, wanted: list[str], rng: np.random.Gene
         for _ in range(cfg.artefact_count if spurious else 1):
             if spurious:  # the shortcut lives where the coarse mask wrongly says lesion
                 shape, colour, opacity = PAINTERS[name](s, fine, zone, rng, cfg.artefact_scale)
+                if cfg.placement == "crossing":  # the artefact's colour on a strip
+                    shape = _crossing(fine, cfg.coarse_margin, rng, cfg.artefact_scale)
                 shape &= zone
             else:
                 shape, colour, opacity = PAINTERS[name](s, fine, band, rng)
@@ -178,6 +191,45 @@ def _render(cfg: SynthConfig, label: int, wanted: list[str], rng: np.random.Gene
     return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), mask, art
 
 
+def _spurious_zone(cfg: SynthConfig, mask: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """Where the spurious artefacts of one image may be painted (see PLACEMENTS)."""
+    if cfg.placement == "band":
+        return _outer_band(mask != 0, band) if cfg.band_zone == "outer" else band
+    if cfg.placement == "crossing":
+        return np.ones(mask.shape, bool)
+    coarse = {
+        m: masklib.coarse_mask(mask, m, cfg.coarse_margin) != 0 for m in masklib.COARSE_METHODS
+    }
+    if cfg.placement == "corner":
+        return coarse["bbox"] & ~coarse["dilate"]
+    # "outside": off every coarse mask kind, within two margins of the nearest one
+    anywhere = np.any(list(coarse.values()), axis=0)
+    reach = 2 * max(masklib.radius_pixels(mask.shape, cfg.coarse_margin), 2)
+    return ~anywhere & (distance_transform_edt(~anywhere) <= reach)
+
+
+def _crossing(lesion: np.ndarray, margin: float, rng, scale: float = 1.0) -> np.ndarray:
+    """A straight strip across the lesion, near its centre, reaching two margins past its far
+    edge on both sides: a ruler's edge or a hair over the lesion."""
+    s = lesion.shape[0]
+    points = np.argwhere(lesion)
+    centre = points.mean(0)
+    reach = np.hypot(*(points - centre).T).max() + 2 * masklib.radius_pixels(lesion.shape, margin)
+    angle = rng.uniform(0, np.pi)
+    along = np.array([np.sin(angle), np.cos(angle)])
+    across = np.array([-along[1], along[0]])
+    middle = centre + across * rng.uniform(-0.3, 0.3) * reach  # not always through the centre
+    half = max(0.75, s / 80) * scale
+    corners = [middle + i * reach * along + j * half * across for i, j in RECTANGLE]
+    rows, cols = np.array(corners).T
+    shape = np.zeros(lesion.shape, bool)
+    shape[polygon(rows, cols, shape=lesion.shape)] = True
+    return shape
+
+
+RECTANGLE = ((-1, -1), (1, -1), (1, 1), (-1, 1))  # corners in order around it
+
+
 def _outer_band(lesion: np.ndarray, band: np.ndarray) -> np.ndarray:
     """The band's pixels farther from the lesion than half the band's width (the whole band
     where that leaves nothing)."""
@@ -186,16 +238,17 @@ def _outer_band(lesion: np.ndarray, band: np.ndarray) -> np.ndarray:
     return outer if outer.any() else band
 
 
-def _smooth_field(s: int, sigma: float, rng) -> np.ndarray:
-    """Low-frequency noise scaled to [-1, 1]."""
-    field = gaussian_filter(rng.normal(size=(s, s)), sigma, mode="wrap")
+def smooth_field(shape: int | tuple[int, int], sigma: float, rng) -> np.ndarray:
+    """Low-frequency noise scaled to [-1, 1], of an (s, s) or (h, w) shape."""
+    shape = (shape, shape) if isinstance(shape, int) else tuple(shape)
+    field = gaussian_filter(rng.normal(size=shape), sigma, mode="wrap")
     return field / (np.abs(field).max() + 1e-12)
 
 
 def _skin(s: int, rng) -> np.ndarray:
     tone = np.array([0.86, 0.66, 0.58]) + rng.normal(0, 0.03, 3)
-    shading = 1 + 0.07 * _smooth_field(s, s / 5, rng)
-    texture = 0.02 * _smooth_field(s, 1.5, rng)
+    shading = 1 + 0.07 * smooth_field(s, s / 5, rng)
+    texture = 0.02 * smooth_field(s, 1.5, rng)
     return np.clip(tone * shading[..., None] + texture[..., None], 0, 1)
 
 
@@ -227,14 +280,14 @@ def _paint_lesion(img: np.ndarray, lesion: np.ndarray, severity: float, rng) -> 
     blue_grey = np.array([0.42, 0.47, 0.58])
     colour = np.broadcast_to(brown, img.shape).copy()
     # Variegation: dark patches whose extent grows with severity.
-    mottle = (_smooth_field(s, s / 24, rng) + 1) / 2
+    mottle = (smooth_field(s, s / 24, rng) + 1) / 2
     weight = np.clip((mottle - (1 - severity)) * 2.5, 0, 1) * 0.9
     colour = colour * (1 - weight[..., None]) + dark * weight[..., None]
     # Blue-grey veil: present with probability equal to severity.
     if rng.random() < severity:
-        veil = _smooth_field(s, s / 20, rng) > 0.55 - 0.3 * severity
+        veil = smooth_field(s, s / 20, rng) > 0.55 - 0.3 * severity
         colour[veil] = 0.4 * colour[veil] + 0.6 * blue_grey
-    colour *= 1 + 0.05 * _smooth_field(s, 1.0, rng)[..., None]
+    colour *= 1 + 0.05 * smooth_field(s, 1.0, rng)[..., None]
     alpha = gaussian_filter(lesion.astype(float), 0.8) * 0.92  # soft edge, faint translucency
     img[:] = img * (1 - alpha[..., None]) + colour * alpha[..., None]
 
@@ -328,7 +381,7 @@ def _gel_border(s, lesion, band, rng):
     shape = np.zeros((s, s), bool)
     x = np.arange(s)
     offset = s * rng.uniform(0.04, 0.12)
-    wobble = 0.03 * s * _smooth_field(s, s / 12, rng)[0] * 3
+    wobble = 0.03 * s * smooth_field(s, s / 12, rng)[0] * 3
     y = np.clip(np.round(offset + wobble), 0, s - 1).astype(int)
     shape[y, x] = True
     shape[np.clip(y + 1, 0, s - 1), x] = True
