@@ -40,6 +40,11 @@ def test_a_run_shows_before_and_after_and_leaves_the_model(bench):
     for key in ("s_global", "dice_refined", "malignant_share", "auroc"):
         assert key in record.after.metrics
     assert all(v.equal(start.net.state_dict()[k]) for k, v in before.items())
+    # The dock leads with the verdict in plain words; the nats and intervals are the details.
+    assert record.summary("a method").splitlines()[1] == record.verdict.headline
+    assert "nats/px" not in record.summary("a method")
+    assert "S_global (nats per pixel)" in record.details()
+    assert record.after.lesion_scores.shape == (8,)
     bench.show(record)
     assert "Shown: run 1, not accepted" in bench.status()
     bench.accept()
