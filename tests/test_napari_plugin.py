@@ -89,9 +89,10 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     assert widget.results.scores.rowCount() == 12
     verdict = widget.bench.shown.verdict
     assert widget.results.result.text().splitlines()[1] == verdict.headline
-    assert not widget.results.details.isVisible()  # the numbers are one click away
+    details = widget.results.details
+    assert details.isHidden()  # the numbers are one click away
     click(qtbot, widget.results.details_toggle)
-    assert widget.results.details.isVisible() and "nats per pixel" in widget.results.details.text()
+    assert not details.isHidden() and "nats per pixel" in details.text()
     # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
     assert viewer.layers.selection.active.name == widget.refined_layer.name
     click(qtbot, widget.results.accept)

@@ -67,6 +67,7 @@ def test_the_verdict_follows_band_reliance_as_evaluate_measures_it():
         == "The model's class decision relies less on the erased pixels than before."
     )
     assert forgot.evidence[0].name.startswith("Score change when the erased pixels")
+    assert forgot.short() == "The class decision relies less on the erased pixels"
     assert judge(lesion, ink).reading == MORE
     assert judge(ink, ink).reading == SAME
     assert "as much as before" in judge(ink, ink).headline

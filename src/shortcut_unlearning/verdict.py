@@ -76,8 +76,8 @@ class Verdict:
     def short(self) -> str:
         """The reading in a few words, for the canvas."""
         if self.reading == UNSURE:
-            return "cannot tell whether the class decision changed"
-        return f"the class decision relies {SHORT[self.reading]} on the erased pixels"
+            return "Cannot tell whether the class decision changed"
+        return f"The class decision relies {SHORT[self.reading]} on the erased pixels"
 
 
 HEADLINES = {

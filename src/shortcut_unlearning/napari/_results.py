@@ -40,8 +40,8 @@ from ._texts import TIPS, legend_html, method_label
 TEXT_GLYPHS = "".join(
     sorted(
         set(
-            "Left: before, right: after run : the class decision relies on the erased pixels "
-            "cannot tell whether changed This image (malignant benign): lesion malignancy -> "
+            "Left: before, right: after run the class decision relies on the erased pixels "
+            "Cannot tell whether changed The This image (malignant benign): lesion malignancy -> "
             "no lesion was not measured (a run measures images)"
             + "".join(SHORT.values())
             + string.digits
@@ -277,9 +277,8 @@ class ResultsView(QGroupBox):
             else f"This image{truth} was not measured (a run measures {MEASURED} images)"
         )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
-        overlay.text = (
-            f"Left: before, right: after run {record.number}: {record.verdict.short()}\n" + this
-        )
+        verdict = record.verdict.short()
+        overlay.text = f"Left: before, right: after run {record.number}\n{verdict}\n{this}"
 
     # -- actions -----------------------------------------------------------------------------
     def accept_model(self) -> None:

@@ -179,23 +179,14 @@ class ShortcutUnlearningWidget(QWidget):
         outer.addWidget(scroll)
         outer.addWidget(self.results.actions)  # never scrolled out of view
         # A layer's name never widens the dock; the dock's own choices are never cut.
-        longest = {
-            self.method: METHODS.values(),
-            self.scope: [(label,) for label in SCOPES.values()],
-            self.context: [(label,) for label in CONTEXTS.values()],
-        }
-        for combo in content.findChildren(QComboBox):
+        for combo in (self.image, self.coarse, self.artefacts):
             combo.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
             )
-            labels = [choice[0] for choice in longest.get(combo, [])]
-            combo.setMinimumContentsLength(max([8, *map(len, labels)]))
-        # The dock is never narrower than its content: the horizontal scroll bar is off, so
-        # what did not fit was cut off on the right.
-        margins = self.layout().contentsMargins()
-        beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
-        beside += margins.left() + margins.right()
-        self.setMinimumWidth(max(300, content.minimumSizeHint().width() + beside))
+            combo.setMinimumContentsLength(8)
+        for combo in (self.method, self.scope, self.context, self.device):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self._fit_width()
 
         self._run_controls = (self.method, self.scope, self.context, self.steps, self.epsilon)
         self._run_controls += (self.delta, self.device, self.seed, defaults, self.run)
@@ -207,6 +198,19 @@ class ShortcutUnlearningWidget(QWidget):
         for spin in (self.steps, self.seed, self.epsilon):
             spin.valueChanged.connect(self._parameters_changed)
         self.delta.editingFinished.connect(self._parameters_changed)
+
+    def _fit_width(self) -> None:
+        """The dock is never narrower than its content: the horizontal scroll bar is off, so
+        what did not fit was cut off on the right. Again once napari's style applies (it
+        widens the controls) and once the methods are listed."""
+        scroll, margins = self.scroll, self.layout().contentsMargins()
+        beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
+        beside += margins.left() + margins.right()
+        self.setMinimumWidth(max(300, scroll.widget().minimumSizeHint().width() + beside))
+
+    def showEvent(self, event) -> None:
+        self._fit_width()
+        super().showEvent(event)
 
     # -- start-up: PyTorch and the model load in a background thread ---------------------------
     def _warm_up(self) -> None:
@@ -239,6 +243,7 @@ class ShortcutUnlearningWidget(QWidget):
                 self.method.addItem(label, name)
                 self.method.setItemData(self.method.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
             self.method.blockSignals(False)
+            self._fit_width()
         self._ready = True
         for control in self._run_controls:
             control.setEnabled(True)
