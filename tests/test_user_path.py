@@ -44,8 +44,10 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     # The verdict leads in plain words; the numbers are one click away.
     assert seen["result_text"].splitlines()[1] == seen["verdict"]
     assert "nats" not in seen["result_text"] and "nats per pixel" in seen["details_text"]
-    assert not any("neggrad" in line.lower() for line in seen["progress_lines"])
-    assert any("(Correct and push away)" in line for line in seen["progress_lines"])
+    # The progress line names the method as the dock does, never by its code name.
+    code_name, plain = seen["method"]
+    assert not any(f"({code_name})" in line for line in seen["progress_lines"])
+    assert any(f"({plain})" in line for line in seen["progress_lines"])
     # Accept, Revert and Export are in view at 1280 x 800, the numbers shown or not, and no
     # text in the dock is cut short.
     for state in ("actions_in_view", "actions_in_view_with_details"):

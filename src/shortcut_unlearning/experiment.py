@@ -35,6 +35,7 @@ from .resources import SAMPLE_SET, sample_data_dir
 from .training import TrainConfig, train, validation_split
 from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult, make_operator
 from .unlearning.relearn import Exactness, Relearn
+from .verdict import judge
 
 
 @dataclass
@@ -488,6 +489,7 @@ def build_report(
         "device": str(device),
         **unlearning_report(operator, done.certificate, outcome, done.exactness),
         "warnings": run_warnings(records, outcome),
+        "verdict": judge(records["coarse"], records["unlearned"]).to_dict(),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,
         "forget_pixels": prepared.split.forget_count,
@@ -714,6 +716,8 @@ def table(report: dict) -> str:
         "S_global in nats per pixel; excess = value - permutation-null mean",
     ]
     rows += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    if report.get("verdict"):
+        rows += ["Verdict (unlearned against coarse):", *report["verdict"]["lines"]]
     for guarantee in ("certificate", "exactness"):
         if report.get(guarantee):
             rows.append(report[guarantee]["summary"])

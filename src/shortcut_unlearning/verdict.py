@@ -73,6 +73,10 @@ class Verdict:
     def details(self) -> list[str]:
         return [e.detail for e in self.evidence]
 
+    def to_dict(self) -> dict:
+        """metrics.json's "verdict": the reading, the plain-words lines and the details."""
+        return {"reading": self.reading, "lines": self.lines(), "details": self.details()}
+
     def short(self) -> str:
         """The reading in a few words, for the canvas."""
         if self.reading == UNSURE:

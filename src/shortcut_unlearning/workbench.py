@@ -478,6 +478,7 @@ class Workbench:
         return {
             "coarse": record.before.metrics,
             "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
+            "verdict": record.verdict.to_dict(),
             "config": record.plan.parameters,
             "seed": record.plan.parameters["seed"],
             "device": str(record.model.device),
