@@ -162,3 +162,11 @@ def test_sequential_rounds_are_kept_in_the_export(bench, tiny_data, tmp_path):
     assert rounds[0]["images"] == [0, 1] and rounds[1]["images"] == [2]
     assert "round 1" in report["rounds"]["certificate"]
     assert "not certified" in report["rounds"]["certificate"]
+
+
+def test_erase_and_relearn_says_what_it_guarantees_beside_the_verdict(bench):
+    bench.parameters |= {"method": "relearn", "relearn_steps": 3}
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    summary = record.summary("Erase and relearn").splitlines()
+    assert summary[1] == record.verdict.headline
+    assert summary[-1] == record.exactness.summary()
