@@ -94,6 +94,11 @@ def test_run_writes_metrics_for_every_model_state(report):
     assert written["test_split"] == "test" and len(written["test_ids"]) == written["n_test"]
     for warning in written["warnings"]:
         assert f"WARNING: {warning}" in printed
+    # The verdict on the test split, led by the AUROC where the artefact misleads.
+    verdict = written["verdict"]
+    assert verdict["reading"] in ("less", "as much", "more", "cannot tell")
+    assert verdict["lines"][1].startswith("AUROC where the artefact misleads")
+    assert "\n".join(verdict["lines"]) in printed
 
 
 def test_table_shows_class_takeover_and_failed_training(report):

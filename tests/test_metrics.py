@@ -358,6 +358,17 @@ def test_malignant_share_of_the_predicted_lesion():
     assert np.isnan(metrics.malignant_share(np.zeros((1, 4, 4), int)))
 
 
+def test_lesion_probabilities_pool_over_the_predicted_lesion_only():
+    probs = np.zeros((2, 3, 4, 4))
+    probs[:, 0] = 0.9  # background everywhere, with a little malignant probability
+    probs[:, 2] = 0.1
+    probs[0, :, 0, :2] = np.array([0.1, 0.3, 0.6])[:, None]  # two lesion pixels
+    probs[0, :, 1, 0] = [0.2, 0.6, 0.2]  # and a benign-looking one
+    pooled = metrics.lesion_probabilities(probs)
+    np.testing.assert_allclose(pooled[0], [(0.3 + 0.3 + 0.6) / 3, (0.6 + 0.6 + 0.2) / 3])
+    assert np.isnan(pooled[1]).all()  # no lesion predicted
+
+
 def hanley_mcneil_se(auc, n_pos, n_neg):
     """Standard error of AUROC (Hanley and McNeil 1982), an independent check."""
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)

@@ -86,7 +86,13 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
         lambda: not widget.busy and widget.bench.shown is not None,
         timeout=120_000,
     )
-    assert widget.results.scores.rowCount() == 12 and "S_global" in widget.results.result.text()
+    assert widget.results.scores.rowCount() == 12
+    verdict = widget.bench.shown.verdict
+    assert widget.results.result.text().splitlines()[1] == verdict.headline
+    details = widget.results.details
+    assert details.isHidden()  # the numbers are one click away
+    click(qtbot, widget.results.details_toggle)
+    assert not details.isHidden() and "nats per pixel" in details.text()
     # The eraser stays at hand (the widget holds napari's proxies of the layers: compare names).
     assert viewer.layers.selection.active.name == widget.refined_layer.name
     click(qtbot, widget.results.accept)

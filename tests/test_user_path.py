@@ -40,7 +40,21 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     # The run, its results, and the export of exactly what the dock showed.
     assert seen["finished"]
     assert seen["result_layers"] == ["images (after)", "predicted lesion", "saliency"]
-    assert "S_global" in seen["result_text"] and "Shown: run 1" in seen["current"]
+    assert "Shown: run 1" in seen["current"]
+    # The verdict leads in plain words; the numbers are one click away.
+    assert seen["result_text"].splitlines()[1] == seen["verdict"]
+    assert "nats" not in seen["result_text"] and "nats per pixel" in seen["details_text"]
+    # The progress line names the method as the dock does, never by its code name.
+    code_name, plain = seen["method"]
+    assert not any(f"({code_name})" in line for line in seen["progress_lines"])
+    assert any(f"({plain})" in line for line in seen["progress_lines"])
+    # Accept, Revert and Export are in view at 1280 x 800, the numbers shown or not, and no
+    # text in the dock is cut short.
+    for state in ("actions_in_view", "actions_in_view_with_details"):
+        for name, (whole, rect, dock) in seen[state].items():
+            assert whole, f"{state}: {name} at {rect} is not in view in the dock of {dock}"
+    assert seen["elided_after_run"] == seen["elided_with_details"] == []
+    assert seen["table_names_in_tooltips"] and seen["table_elides_middle"]
     (export,) = [p for p in exports.iterdir() if p.is_dir()]
     report = json.loads((export / "metrics.json").read_text())
     assert report["unlearned"]["s_global"]["value"] == seen["shown_after_s_global"]

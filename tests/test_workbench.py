@@ -40,6 +40,11 @@ def test_a_run_shows_before_and_after_and_leaves_the_model(bench):
     for key in ("s_global", "dice_refined", "malignant_share", "auroc"):
         assert key in record.after.metrics
     assert all(v.equal(start.net.state_dict()[k]) for k, v in before.items())
+    # The dock leads with the verdict in plain words; the nats and intervals are the details.
+    assert record.summary("a method").splitlines()[1] == record.verdict.headline
+    assert "nats/px" not in record.summary("a method")
+    assert "S_global (nats per pixel)" in record.details()
+    assert record.after.lesion_scores.shape == (8,)
     bench.show(record)
     assert "Shown: run 1, not accepted" in bench.status()
     bench.accept()
@@ -180,3 +185,11 @@ def test_sequential_rounds_are_kept_in_the_export(bench, tiny_data, tmp_path):
     assert rounds[0]["images"] == [0, 1] and rounds[1]["images"] == [2]
     assert "round 1" in report["rounds"]["certificate"]
     assert "not certified" in report["rounds"]["certificate"]
+
+
+def test_erase_and_relearn_says_what_it_guarantees_beside_the_verdict(bench):
+    bench.parameters |= {"method": "relearn", "relearn_steps": 3}
+    record = drive(bench.execute(bench.plan()), quiet=True)
+    summary = record.summary("Erase and relearn").splitlines()
+    assert summary[1] == record.verdict.headline
+    assert summary[-1] == record.exactness.summary()

@@ -12,10 +12,19 @@ import time
 
 import napari  # before anything else, as a user starts it
 import numpy as np
-from qtpy.QtCore import QEvent, QPoint, QPointF, Qt
+from qtpy.QtCore import QEvent, QPoint, QPointF, QRect, Qt
 from qtpy.QtGui import QMouseEvent
 from qtpy.QtTest import QTest
-from qtpy.QtWidgets import QApplication, QFileDialog
+from qtpy.QtWidgets import (
+    QAbstractButton,
+    QApplication,
+    QComboBox,
+    QFileDialog,
+    QGroupBox,
+    QLabel,
+    QStyle,
+    QStyleOptionComboBox,
+)
 
 LEFT, NONE = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
 RESULT_LAYERS = ("saliency", "predicted lesion", "images (after)")
@@ -77,6 +86,51 @@ def dock_fits(widget) -> list:
     return [needed, widget.scroll.viewport().width()]
 
 
+def in_view(widget, part) -> list:
+    """Whether `part` shows whole inside the dock `widget` (no parent, such as the scrolling
+    area's viewport, clips it): [shown whole, its rectangle in the dock, the dock's size]."""
+    wait(lambda: False, 0.3)
+    rect = QRect(part.mapTo(widget, QPoint(0, 0)), part.size())
+    whole = part.isVisible() and part.visibleRegion().boundingRect() == part.rect()
+    inside = widget.rect().contains(rect) and widget.visibleRegion().boundingRect().contains(rect)
+    return [whole and inside, rect.getRect(), [widget.width(), widget.height()]]
+
+
+def elided(widget) -> list[str]:
+    """The texts in the dock cut short: a label, button, group title or chosen item of a
+    combo box with less room than its text needs."""
+    cut = []
+    for label in widget.findChildren(QLabel):
+        if not label.isVisible() or not label.text():
+            continue
+        if label.wordWrap():
+            short = label.heightForWidth(label.width()) > label.height()
+        else:
+            short = label.minimumSizeHint().width() > label.width()
+        if short:
+            cut.append(label.text())
+    for button in widget.findChildren(QAbstractButton):
+        if button.isVisible() and button.text() and button.sizeHint().width() > button.width():
+            cut.append(button.text())
+    for box in widget.findChildren(QGroupBox):
+        if box.isVisible() and box.fontMetrics().horizontalAdvance(box.title()) > box.width():
+            cut.append(box.title())
+    for combo in widget.findChildren(QComboBox):
+        if not combo.isVisible() or not combo.currentText():
+            continue
+        option = QStyleOptionComboBox()
+        combo.initStyleOption(option)
+        field = combo.style().subControlRect(
+            QStyle.ComplexControl.CC_ComboBox,
+            option,
+            QStyle.SubControl.SC_ComboBoxEditField,
+            combo,
+        )
+        if combo.fontMetrics().horizontalAdvance(combo.currentText()) > field.width():
+            cut.append(combo.currentText())
+    return cut
+
+
 def main(export_to: str, steps: int) -> None:
     viewer = napari.Viewer()
     viewer.window.resize(1280, 800)
@@ -121,7 +175,15 @@ def main(export_to: str, steps: int) -> None:
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
-    seen["finished"] = wait(lambda: not widget.busy and widget.bench.shown is not None)
+    progress = set()
+
+    def finished() -> bool:
+        progress.add(widget.progress_text.text())
+        return not widget.busy and widget.bench.shown is not None
+
+    seen["finished"] = wait(finished)
+    seen["progress_lines"] = sorted(progress)
+    seen["method"] = [widget.bench.parameters["method"], widget.method.currentText()]
     seen["result_layers"] = sorted(
         layer.name for layer in viewer.layers if layer.name in RESULT_LAYERS and layer.visible
     )
@@ -129,6 +191,24 @@ def main(export_to: str, steps: int) -> None:
     seen["current"] = widget.results.current.text()
     seen["export_enabled"] = widget.results.export.isEnabled()
     seen["dock_fits_after_run"] = dock_fits(widget)
+    seen["verdict"] = widget.bench.shown.verdict.headline
+    results = widget.results
+    seen["actions_in_view"] = {b.text(): in_view(widget, b) for b in actions(results)}
+    seen["elided_after_run"] = elided(widget)
+    toggle = getattr(results, "details_toggle", None)
+    if toggle is not None:  # the numbers, one click away
+        QTest.mouseClick(toggle, LEFT)
+        seen["details_text"] = results.details.text() if results.details.isVisible() else ""
+        seen["actions_in_view_with_details"] = {
+            b.text(): in_view(widget, b) for b in actions(results)
+        }
+        seen["elided_with_details"] = elided(widget)
+    table = results.scores
+    names = [table.item(r, 0) for r in range(table.rowCount())]
+    seen["table_names_in_tooltips"] = bool(names) and all(
+        item.toolTip() == item.text() for item in names
+    )
+    seen["table_elides_middle"] = table.textElideMode() == Qt.TextElideMode.ElideMiddle
     QFileDialog.getExistingDirectory = staticmethod(lambda *a, **k: export_to)
     QTest.mouseClick(widget.results.export, LEFT)
     shown = widget.bench.shown
@@ -152,6 +232,10 @@ def main(export_to: str, steps: int) -> None:
     drag(viewer, [(row, c) for c in np.linspace(c0, c0 + 5, 6)], settle=False)
     seen["closing_with_erased"] = int((refined.data[1] == 0).sum() - (coarse1 == 0).sum())
     viewer.close()
+
+
+def actions(results) -> list:
+    return [results.accept, results.revert, results.export]
 
 
 if __name__ == "__main__":

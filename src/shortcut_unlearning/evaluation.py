@@ -8,7 +8,8 @@ Everything is measured on an `EvalSet`: images at the model's size with whatever
   where labels exist, S_global where S exists.
 - `evaluate(model, evalset, seed, start)`: the full record a metrics.json keeps per model state:
   AUROC pooled and by group with bootstrap intervals, worst-group and conflicting-group AUROC,
-  class-aware Dice, per-image malignancy scores, S_global with its null, the counterfactual
+  class-aware Dice, per-image malignancy scores (over the image and over the predicted
+  lesion), S_global with its null, the counterfactual
   drop (spurious pixels inpainted) and `band_reliance` (the band inpainted).
 
 `collapsed` is the project's one definition of collapse (the model stopped segmenting or went
@@ -37,6 +38,7 @@ TAKEOVER_SHARE = 0.95
 # ... and leaves the other class less than this fraction of its share in a reference.
 TAKEOVER_RATIO = 0.25
 SCORE_UNIT = "malignancy score (mean P(malignant) over the image's pixels)"
+LESION_SCORE_UNIT = "lesion malignancy score (mean P(malignant) over the predicted lesion)"
 
 
 @dataclass
@@ -257,33 +259,53 @@ def band_reliance(
     lesion: np.ndarray | None = None,
     *,
     inpainted: np.ndarray | None = None,
-    scores: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """How much the malignancy score rests on the dilation band.
+    """How much the malignancy score and the lesion's class rest on the dilation band.
 
-    Per image with a nonempty band, the absolute change of its malignancy score
-    (metrics.image_scores) when the band is inpainted with skin (`inpaint_band`; give the
-    `lesion` pixels, (N, H, W) bool, so that the fill comes from the skin alone);
-    `value` is the mean over those images, with a bootstrap interval over images. This is the
-    quantity unlearning exists to shrink, and it needs no artefact annotation: only a mask.
-    `mean_change` is the signed mean (inpainted minus original; negative: the band raised the
-    score). Pass `inpainted` and `scores` when already computed.
+    Per image with a nonempty band (`images`: their indices), the absolute change of its
+    malignancy score (metrics.image_scores) when the band is inpainted with skin
+    (`inpaint_band`; give the `lesion` pixels, (N, H, W) bool, so that the fill comes from the
+    skin alone); `value` is the mean over those images, with a bootstrap interval over images.
+    This is the quantity unlearning exists to shrink, and it needs no artefact annotation: only
+    a mask. `mean_change` is the signed mean (inpainted minus original; negative: the band
+    raised the score). `flipped`, per image with a band: 1.0 when the predicted lesion's class
+    (metrics.lesion_probabilities) changes between benign and malignant once the band is
+    inpainted, 0.0 when it stays, nan when no lesion is predicted on one side; `flips` is its
+    share with an interval. Pass `inpainted` and `probs` (of `images`) when already computed.
     """
     band = np.asarray(band, bool)
     has_band = band.any(axis=(1, 2))
-    if scores is None:
-        scores = metrics.image_scores(model.probabilities(images))
+    if probs is None:
+        probs = model.probabilities(images)
     if inpainted is None:
         inpainted = inpaint_band(images, band, lesion)
-    after = metrics.image_scores(model.probabilities(inpainted))
+    probs_inpainted = model.probabilities(inpainted)
+    scores = metrics.image_scores(probs)
+    after = metrics.image_scores(probs_inpainted)
     change = (after - scores)[has_band].astype(float)
     record = metrics.mean_ci(np.abs(change), n_boot=n_boot, seed=seed)
     record["mean_change"] = float(change.mean()) if len(change) else float("nan")
     record["unit"] = SCORE_UNIT
     record["scores_inpainted"] = after.astype(float).tolist()
+    record["images"] = np.flatnonzero(has_band).tolist()
+    classes, classes_inpainted = (lesion_classes(p[has_band]) for p in (probs, probs_inpainted))
+    flipped = np.where(
+        (classes != 0) & (classes_inpainted != 0), (classes != classes_inpainted) * 1.0, np.nan
+    )
+    record["flipped"] = flipped.tolist()
+    record["flips"] = metrics.mean_ci(flipped[np.isfinite(flipped)], n_boot=n_boot, seed=seed)
     return record
+
+
+def lesion_classes(probs: np.ndarray) -> np.ndarray:
+    """(N,) the class of each image's predicted lesion: the class with the larger probability
+    pooled over it (BENIGN or MALIGNANT), 0 where no lesion is predicted."""
+    pooled = metrics.lesion_probabilities(probs)
+    kind = np.where(pooled[:, 1] > pooled[:, 0], MALIGNANT, BENIGN)
+    return np.where(np.isnan(pooled[:, 0]), 0, kind)
 
 
 def truth_malignant_share(evalset: EvalSet) -> tuple[str, float] | None:
@@ -314,7 +336,8 @@ def evaluate(
     becomes a reference of the class-takeover check. Keys: n_images, auroc, auroc_ci,
     auroc_by_group, auroc_by_group_ci, worst_group_auroc, worst_group, conflicting_auroc,
     conflicting_group, dice, dice_by_class, malignant_share, truth_malignant_share,
-    class_takeover, image_scores, s_global, counterfactual_drop, band_reliance.
+    class_takeover, image_scores, lesion_scores (nan where no lesion is predicted), s_global,
+    counterfactual_drop, band_reliance.
     """
     probs = model.probabilities(evalset.images)
     scores = metrics.image_scores(probs)
@@ -354,6 +377,8 @@ def evaluate(
         "class_takeover": class_takeover(share, references),
         "image_scores": scores.astype(float).tolist(),
         "score_unit": SCORE_UNIT,
+        "lesion_scores": metrics.lesion_probabilities(probs)[:, 1].tolist(),
+        "lesion_score_unit": LESION_SCORE_UNIT,
     }
 
     spurious = evalset.spurious
@@ -374,7 +399,7 @@ def evaluate(
             evalset.images,
             evalset.band,
             inpainted=evalset.inpainted("band"),
-            scores=scores,
+            probs=probs,
             **boot,
         )
         if evalset.band is not None and evalset.band.any()

@@ -45,6 +45,7 @@ from .unlearning import (
 )
 from .unlearning.certified import issued
 from .unlearning.relearn import Exactness, Relearn
+from .verdict import judge
 
 
 @dataclass
@@ -526,6 +527,7 @@ def build_report(
         "device": str(device),
         **unlearning_report(operator, done.certificate, outcome, done.exactness),
         "warnings": run_warnings(records, outcome),
+        "verdict": judge(records["coarse"], records["unlearned"]).to_dict(),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,
         "forget_pixels": prepared.split.forget_count,
@@ -754,6 +756,8 @@ def table(report: dict) -> str:
         "S_global in nats per pixel; excess = value - permutation-null mean",
     ]
     rows += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    if report.get("verdict"):
+        rows += ["Verdict (unlearned against coarse):", *report["verdict"]["lines"]]
     for guarantee in ("certificate", "exactness"):
         if report.get(guarantee):
             rows.append(report[guarantee]["summary"])

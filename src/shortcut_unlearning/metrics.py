@@ -55,6 +55,22 @@ def image_scores(probs, k: int = MALIGNANT) -> np.ndarray:
     return probs[:, k].mean(axis=(1, 2))
 
 
+def lesion_probabilities(probs) -> np.ndarray:
+    """(N, 2) the benign and malignant probabilities pooled (averaged) over each image's
+    predicted lesion (argmax not background); nan for an image with no lesion predicted.
+    Column 1 is the per-lesion malignancy score; the larger column is the lesion's class."""
+    probs = np.asarray(probs)
+    if probs.ndim != 4:
+        raise ValueError(f"probs must have shape (N, K, H, W), got {probs.shape}")
+    lesion = probs.argmax(axis=1) != 0
+    pixels = lesion.sum(axis=(1, 2))
+    pooled = np.stack(
+        [(probs[:, k] * lesion).sum(axis=(1, 2)) for k in (BENIGN, MALIGNANT)], axis=1
+    )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pixels[:, None] > 0, pooled / pixels[:, None], np.nan)
+
+
 def _auroc(scores: np.ndarray, labels: np.ndarray, min_per_class: int = 1) -> float:
     """AUROC, or nan when either class has fewer than min_per_class images (undefined or noise)."""
     labels = np.asarray(labels).astype(bool)

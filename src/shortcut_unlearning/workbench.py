@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,9 @@ class Views:
     predictions: np.ndarray  # (N, H, W) uint8 predicted classes
     saliency: np.ndarray  # (N, H, W) float32 attribution of the malignant score
     saliency_vmax: float  # 99th percentile of the maps: their own colour scale
-    scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability)
+    scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability); nan:
+    # not measured
+    lesion_scores: np.ndarray  # (N,) lesion malignancy score (pooled over the predicted lesion)
     metrics: dict  # evaluation.evaluate's record, plus "refined": the probe on refined images
 
 
@@ -102,44 +105,50 @@ class RunRecord:
         """The model the shown numbers describe (the rejected one after a collapse)."""
         return self.result.rejected or self.result.model
 
+    @cached_property
+    def verdict(self):
+        """What the run did to the class decision's reliance on the erased pixels
+        (verdict.judge); None for a cancelled run."""
+        from .verdict import judge
+
+        return None if self.after is None else judge(self.before.metrics, self.after.metrics)
+
     def summary(self, method: str) -> str:
-        """The dock's lines on this run: plain words first, numbers with their uncertainty."""
-        before, after = self.before.metrics, self.after.metrics
-        sb, sa = before["s_global"], after["s_global"]
-        rb, ra = before["refined"], after["refined"]
-        lines = [
-            f"Run {self.number} ({method}):",
-            f"S_global {change(sb['value'], sa['value'])}. Lower means the predictions carry "
-            "less information from the artefact pixels.",
-            f"95% intervals over images: before [{sb['ci_low']:.1e}, {sb['ci_high']:.1e}], "
-            f"after [{sa['ci_low']:.1e}, {sa['ci_high']:.1e}]; chance level "
-            f"{sb['null_mean']:.1e}.",
-        ]
-        bb, ba = before["band_reliance"], after["band_reliance"]
-        if bb and ba:
+        """The dock's plain words on this run: the verdict, then what the run guarantees."""
+        lines = [f"Run {self.number} ({method}):", *self.verdict.lines()]
+        if self.result.collapsed:
+            lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
+        if self.exactness is not None:
+            lines.append(self.exactness.summary())
+        if self.certificate is not None:
+            c = self.certificate
             lines.append(
-                f"Reliance on the erased pixels {bb['value']:.3f} -> {ba['value']:.3f} (how much "
-                "the malignancy score moves when they are filled with skin)."
+                f"Certified forgetting over the {c.scope} scope (epsilon {c.epsilon:g}, delta "
+                f"{c.delta:.0e}); the full certificate is under Details."
             )
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """The numbers behind the summary, with their intervals and chance levels."""
+        before, after = self.before.metrics, self.after.metrics
+        rb, ra = before["refined"], after["refined"]
+        lines = self.verdict.details()
         lines.append(
             f"Dice on the refined images {rb['dice']:.2f} -> {ra['dice']:.2f} (benign "
             f"{_num(rb['dice_benign'])} -> {_num(ra['dice_benign'])}, malignant "
             f"{_num(rb['dice_malignant'])} -> {_num(ra['dice_malignant'])})."
         )
         lines.append(
-            f"Predicted lesion called malignant: {_share(before['malignant_share'])} -> "
+            f"Predicted lesion pixels called malignant: {_share(before['malignant_share'])} -> "
             f"{_share(after['malignant_share'])}."
         )
         if np.isfinite(after["auroc"]):
-            ci = after["auroc_ci"]
+            cb, ca = before["auroc_ci"], after["auroc_ci"]
             lines.append(
-                f"AUROC on these images {before['auroc']:.2f} -> {after['auroc']:.2f} "
-                f"[{ci['ci_low']:.2f}, {ci['ci_high']:.2f}]."
+                f"AUROC on these images {cb['value']:.2f} [{cb['ci_low']:.2f}, "
+                f"{cb['ci_high']:.2f}] -> {ca['value']:.2f} [{ca['ci_low']:.2f}, "
+                f"{ca['ci_high']:.2f}] (chance 0.50)."
             )
-        if after.get("class_takeover"):
-            lines.append(f"WARNING: {after['class_takeover']}")
-        if self.result.collapsed:
-            lines.append("COLLAPSED: the unlearned model stopped segmenting; it is not used.")
         if self.certificate is not None:
             lines.append(self.certificate.summary())
         else:
@@ -474,6 +483,7 @@ class Workbench:
         return {
             "coarse": record.before.metrics,
             "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
+            "verdict": record.verdict.to_dict(),
             "config": record.plan.parameters,
             "seed": record.plan.parameters["seed"],
             "device": str(record.model.device),
@@ -498,9 +508,10 @@ class Workbench:
         from .figures import saliency_grid
 
         picks = record.refined_index[:6]
-        scores = zip(record.before.scores[picks], record.after.scores[picks], strict=True)
+        before, after = record.before.lesion_scores, record.after.lesion_scores
+        scores = zip(before[picks], after[picks], strict=True)
         captions = [
-            f"{self._id(i)}\nmalignancy {a:.2f} -> {b:.2f}"
+            f"{self._id(i)}\nlesion malignancy {_num(a)} -> {_num(b)}"
             for i, (a, b) in zip(picks, scores, strict=True)
         ]
         saliency_grid(
@@ -554,13 +565,14 @@ class _Measure:
         images = self.measured.images
         predictions = model.probabilities(images).argmax(1).astype(np.uint8)
         maps = saliency.saliency_maps(model, images).astype(np.float32)
-        scores = np.full(len(self.stack), np.nan)
-        scores[self.index] = record["image_scores"]
+        scores = np.full((2, len(self.stack)), np.nan)
+        scores[:, self.index] = record["image_scores"], record["lesion_scores"]
         return Views(
             predictions=self._planes(predictions, labels=True),
             saliency=self._planes(maps),
             saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
-            scores=scores,
+            scores=scores[0],
+            lesion_scores=scores[1],
             metrics=record,
         )
 
@@ -572,15 +584,6 @@ class _Measure:
         out = np.zeros((len(self.stack), *back.shape[1:]), back.dtype)
         out[self.index] = back
         return out
-
-
-def change(before: float, after: float, numbers: bool = True) -> str:
-    """'87% lower (1.3e-02 -> 1.7e-03 nats/px)', or higher, for S_global."""
-    if not before > 0:
-        return f"{before:.1e} -> {after:.1e} nats/px"
-    drop = 1 - after / before
-    text = f"{abs(drop):.0%} {'lower' if drop >= 0 else 'higher'}"
-    return text + (f" ({before:.1e} -> {after:.1e} nats/px)" if numbers else "")
 
 
 def _num(value: float) -> str:

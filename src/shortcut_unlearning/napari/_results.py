@@ -1,9 +1,11 @@
 """The dock's Results box and the result layers on the canvas.
 
 Before over the images, after over a copy to their right: saliency and the predicted lesion in
-one layer each (both halves side by side), numbers in the dock (the workbench's summary, a
-table of per-image malignancy scores) and on the canvas (the current image's score). Accept,
-Revert and Export act on the workbench; the box only shows what it holds.
+one layer each (both halves side by side), numbers in the dock (the run's verdict in plain words,
+its numbers under Details, a table of per-image lesion malignancy scores) and on the canvas (the
+verdict in a few words, the current image's score). Accept, Revert and Export act on the
+workbench; the box only shows what it holds, and the dock pins their row (`actions`) below its
+scrolling area.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -23,23 +25,27 @@ from qtpy.QtWidgets import (
     QLabel,
     QTableWidget,
     QTableWidgetItem,
+    QToolButton,
     QVBoxLayout,
 )
 
 from ..settings import exports_folder
-from ..workbench import MEASURED, Workbench, change
+from ..verdict import SHORT
+from ..workbench import MEASURED, Workbench
 from . import _layers
 from ._qt import button, row, text
 from ._texts import TIPS, legend_html, method_label
 
-# Every glyph show_current_image writes on the canvas (words, numbers, S_global's change).
+# Every glyph show_current_image writes on the canvas (words, numbers, the verdict's words).
 TEXT_GLYPHS = "".join(
     sorted(
         set(
-            "Left: before, right: after run ; S_global lower higher nats/px This image "
-            "(malignant benign): malignancy -> was not measured (a run measures images)"
+            "Left: before, right: after run the class decision relies on the erased pixels "
+            "Cannot tell whether changed The This image (malignant benign): lesion malignancy -> "
+            "no lesion was not measured (a run measures images)"
+            + "".join(SHORT.values())
             + string.digits
-            + ".%e+-n/a"
+            + ".-"
         )
     )
 )
@@ -68,20 +74,32 @@ class ResultsView(QGroupBox):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         self.scores.verticalHeader().setVisible(False)
         self.scores.setMaximumHeight(160)
-        self.scores.setToolTip("Malignancy score per image: the mean malignant probability")
+        self.scores.setToolTip(TIPS["scores"])
+        self.scores.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # names keep both ends
         self._rows = np.zeros(0, int)  # the image of each table row
         self.scores.cellClicked.connect(lambda r, _: self.viewer.dims.set_point(0, self._rows[r]))
         self.accept = button("Accept", self.accept_model, "Make the unlearned model current")
         self.revert = button("Revert", self.revert_model, "Go back to the model before the run")
         self.export = button("Export…", self.export_run, "Save this run into a folder you pick")
+        self.actions = row(self.accept, self.revert, self.export)  # the dock pins it in view
+        self.details = text("")
+        self.details.setVisible(False)
+        self.details_toggle = QToolButton(
+            text="Details", checkable=True, toolTip=TIPS["details"], autoRaise=True
+        )
+        self.details_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.details_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.details_toggle.toggled.connect(self.show_details)
         column = QVBoxLayout(self)
         for part in (
             self.current,
             self.result,
-            row(QLabel("Saliency scale"), self.scale),
+            self.details_toggle,
+            self.details,
+            text("Lesion malignancy score per image (click a row to go there):", TIPS["scores"]),
             self.scores,
+            row(QLabel("Saliency scale"), self.scale),
             text(legend_html()),
-            row(self.accept, self.revert, self.export),
         ):
             column.addWidget(part)
         self.viewer.dims.events.current_step.connect(self.show_current_image)
@@ -118,17 +136,23 @@ class ResultsView(QGroupBox):
         if record is None:
             self.clear()
             self.result.setText("No run on display.")
-            for widget in (self.scale, self.scores):
+            for widget in (self.scale, self.scores, self.details_toggle):
                 widget.setEnabled(False)
             self.enable_actions()
             return
         self._draw_layers(record)
         self.result.setText(record.summary(method_label(record.method)))
+        self.details.setText(record.details())
         self._fill_scores(record)
-        self.scale.setEnabled(True)
-        self.scores.setEnabled(True)
+        for widget in (self.scale, self.scores, self.details_toggle):
+            widget.setEnabled(True)
         self.show_current_image()
         self.enable_actions()
+
+    def show_details(self, shown: bool) -> None:
+        self.details.setVisible(shown)
+        arrow = Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow
+        self.details_toggle.setArrowType(arrow)
 
     def enable_actions(self, running: bool = False) -> None:
         record = None if running else self.bench.shown
@@ -147,6 +171,7 @@ class ResultsView(QGroupBox):
                 layer.visible = False
         _layers.text_overlay(self.viewer).visible = False
         self.result.setText("")
+        self.details.setText("")
         self.scores.setRowCount(0)
 
     @property
@@ -218,7 +243,8 @@ class ResultsView(QGroupBox):
         layer.data, layer.contrast_limits = panels, limits
 
     def _fill_scores(self, record) -> None:
-        """One row per measured image; a click on it moves the viewer there."""
+        """One row per measured image with its lesion malignancy scores; a click on it moves
+        the viewer there. Long names are elided in the middle, whole in the tooltip."""
         measured = np.flatnonzero(np.isfinite(record.before.scores))
         ids = self.bench.meta.get("ids") or [f"image {i}" for i in range(len(self.bench.stack))]
         labels = self.bench.labels
@@ -226,9 +252,12 @@ class ResultsView(QGroupBox):
         self._rows = measured
         for r, i in enumerate(measured):
             label = "" if labels is None else ("malignant" if labels[i] else "benign")
-            before, after = record.before.scores[i], record.after.scores[i]
-            for column, cell in enumerate((str(ids[i]), label, f"{before:.3f}", f"{after:.3f}")):
-                self.scores.setItem(r, column, QTableWidgetItem(cell))
+            before, after = record.before.lesion_scores[i], record.after.lesion_scores[i]
+            cells = (str(ids[i]), label, _score(before), _score(after))
+            for column, cell in enumerate(cells):
+                item = QTableWidgetItem(cell)
+                item.setToolTip(str(ids[i]) if column == 0 else TIPS["scores"])
+                self.scores.setItem(r, column, item)
 
     def show_current_image(self, *_) -> None:
         record = self.bench.shown
@@ -241,19 +270,15 @@ class ResultsView(QGroupBox):
             return
         labels = self.bench.labels
         truth = "" if labels is None else f" ({'malignant' if labels[i] else 'benign'})"
-        sb = record.before.metrics["s_global"]["value"]
-        sa = record.after.metrics["s_global"]["value"]
-        before, after = record.before.scores[i], record.after.scores[i]
+        before, after = record.before.lesion_scores[i], record.after.lesion_scores[i]
         this = (
-            f"This image{truth}: malignancy {before:.2f} -> {after:.2f}"
-            if np.isfinite(before)
+            f"This image{truth}: lesion malignancy {_score(before)} -> {_score(after)}"
+            if np.isfinite(record.before.scores[i])
             else f"This image{truth} was not measured (a run measures {MEASURED} images)"
         )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
-        overlay.text = (
-            f"Left: before, right: after run {record.number}; S_global {change(sb, sa, False)}\n"
-            + this
-        )
+        verdict = record.verdict.short()
+        overlay.text = f"Left: before, right: after run {record.number}\n{verdict}\n{this}"
 
     # -- actions -----------------------------------------------------------------------------
     def accept_model(self) -> None:
@@ -282,3 +307,8 @@ class ResultsView(QGroupBox):
             return None
         show_info(f"Exported run {self.bench.shown.number} to {out}")
         return out
+
+
+def _score(value: float) -> str:
+    """A lesion malignancy score; "no lesion" where the model predicts none."""
+    return f"{value:.2f}" if np.isfinite(value) else "no lesion"

@@ -64,6 +64,10 @@ TIPS = {
     "stop improving; the certified methods' noisy phase comes before them.",
     "forget": "Forget set: the pixels the coarse masks call lesion and your refinement erased. "
     "Unlearning removes what the model learned from them.",
+    "scores": "Lesion malignancy score per image: the mean malignant probability over the "
+    "lesion the model predicts, before and after the run. Click a row to go to the image.",
+    "details": "The numbers behind the verdict: S_global in nats per pixel, the 95% intervals "
+    "and chance levels, Dice, and the certificate where there is one.",
     "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
     "Separate: each on its own scale (where does each model look?).",
 }
@@ -86,3 +90,11 @@ def legend_html() -> str:
 
 def method_label(name: str) -> str:
     return METHODS.get(name, (name, ""))[0]
+
+
+# The phases a run's progress line names (a plain operator's phase is its method's name).
+PHASES = {"noisy": "noisy steps", "fine-tune": "relearning"}
+
+
+def phase_label(phase: str) -> str:
+    return PHASES.get(phase) or method_label(phase)

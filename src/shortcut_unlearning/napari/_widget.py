@@ -5,7 +5,8 @@ redrawn and the edited images autosaved after each edit (brush, fill, polygon, u
 replaced data).
 Unlearn -> the workbench's job in a thread worker, with progress, a live curve and Cancel.
 Results -> saliency and predictions before (over the images) and after (over a copy to their
-right), numbers in the dock and on the canvas; Accept, Revert, Export.
+right), the verdict in the dock and on the canvas; Accept, Revert, Export pinned below the
+scrolling area, always in view.
 
 Nothing here imports torch: the dock shows at once and loads PyTorch and the model in a worker.
 """
@@ -42,7 +43,7 @@ from . import _layers
 from ._edits import edited_planes
 from ._qt import button, duration, row, section, text
 from ._results import ResultsView
-from ._texts import CONTEXTS, FORGET_AS_S, METHODS, SCOPES, TIPS
+from ._texts import CONTEXTS, FORGET_AS_S, METHODS, SCOPES, TIPS, method_label, phase_label
 
 
 class ShortcutUnlearningWidget(QWidget):
@@ -174,18 +175,18 @@ class ShortcutUnlearningWidget(QWidget):
         self.scroll = scroll = QScrollArea(widgetResizable=True)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(content)
-        QVBoxLayout(self).addWidget(scroll)
-        for combo in content.findChildren(QComboBox):  # a long choice never widens the dock
+        outer = QVBoxLayout(self)
+        outer.addWidget(scroll)
+        outer.addWidget(self.results.actions)  # never scrolled out of view
+        # A layer's name never widens the dock; the dock's own choices are never cut.
+        for combo in (self.image, self.coarse, self.artefacts):
             combo.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
             )
             combo.setMinimumContentsLength(8)
-        # The dock is never narrower than its content: the horizontal scroll bar is off, so
-        # what did not fit was cut off on the right.
-        margins = self.layout().contentsMargins()
-        beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
-        beside += margins.left() + margins.right()
-        self.setMinimumWidth(max(300, content.minimumSizeHint().width() + beside))
+        for combo in (self.method, self.scope, self.context, self.device):
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self._fit_width()
 
         self._run_controls = (self.method, self.scope, self.context, self.steps, self.epsilon)
         self._run_controls += (self.delta, self.device, self.seed, defaults, self.run)
@@ -197,6 +198,19 @@ class ShortcutUnlearningWidget(QWidget):
         for spin in (self.steps, self.seed, self.epsilon):
             spin.valueChanged.connect(self._parameters_changed)
         self.delta.editingFinished.connect(self._parameters_changed)
+
+    def _fit_width(self) -> None:
+        """The dock is never narrower than its content: the horizontal scroll bar is off, so
+        what did not fit was cut off on the right. Again once napari's style applies (it
+        widens the controls) and once the methods are listed."""
+        scroll, margins = self.scroll, self.layout().contentsMargins()
+        beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
+        beside += margins.left() + margins.right()
+        self.setMinimumWidth(max(300, scroll.widget().minimumSizeHint().width() + beside))
+
+    def showEvent(self, event) -> None:
+        self._fit_width()
+        super().showEvent(event)
 
     # -- start-up: PyTorch and the model load in a background thread ---------------------------
     def _warm_up(self) -> None:
@@ -229,6 +243,7 @@ class ShortcutUnlearningWidget(QWidget):
                 self.method.addItem(label, name)
                 self.method.setItemData(self.method.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
             self.method.blockSignals(False)
+            self._fit_width()
         self._ready = True
         for control in self._run_controls:
             control.setEnabled(True)
@@ -563,7 +578,10 @@ class ShortcutUnlearningWidget(QWidget):
             self.bench.execute,
             plan,
             self.cancel,
-            _progress={"total": steps + 3, "desc": f"Unlearning ({plan.operator.name})"},
+            _progress={
+                "total": steps + 3,
+                "desc": f"Unlearning ({method_label(plan.operator.name)})",
+            },
         )
         self.worker.yielded.connect(self._on_step)
         self.worker.returned.connect(self._on_result)
@@ -595,7 +613,7 @@ class ShortcutUnlearningWidget(QWidget):
         left = (now - t0) / done * (event.total - event.step) if done else float("nan")
         eta = f", about {duration(left)} left" if np.isfinite(left) else ""
         self.progress_text.setText(
-            f"Step {event.step} of {event.total} ({event.phase}){eta}; "
+            f"Step {event.step} of {event.total} ({phase_label(event.phase)}){eta}; "
             f"{duration(now - self._started)} so far"
         )
         self._curve["step"].append(event.step)
@@ -632,7 +650,7 @@ class ShortcutUnlearningWidget(QWidget):
         for line in self._lines:
             line.axes.relim()
             line.axes.autoscale_view()
-        s_line.axes.set_xlabel(f"step ({phase})", fontsize=7)
+        s_line.axes.set_xlabel(f"step ({phase_label(phase)})", fontsize=7)
         self._curve_canvas.draw_idle()
 
     def _on_result(self, record) -> None:
@@ -669,8 +687,8 @@ class ShortcutUnlearningWidget(QWidget):
 
     def _show_results(self, record) -> None:
         self.results.display(record)
-        if record is not None:
-            self.scroll.ensureWidgetVisible(self.results)
+        if record is not None:  # the verdict at the top of the view, once laid out
+            QTimer.singleShot(0, lambda: self.scroll.verticalScrollBar().setValue(self.results.y()))
 
 
 # -- helpers (no state) ------------------------------------------------------------------------
