@@ -189,9 +189,12 @@ def test_run_refine_order(order, checkpoint, tmp_path, capsys):
         assert ids == given  # in the given order
         return
     assert len(ids) == round(0.2 * report["n_train"])
-    from shortcut_unlearning.experiment import load_data
+    from shortcut_unlearning.experiment import prepare_data
 
-    train = load_data(RunConfig(data="synthetic", synth_n=24, image_size=48)).split("train")
+    # the training images the run refines among: the split less its held-out validation images
+    train = prepare_data(
+        RunConfig(data="synthetic", synth_n=24, image_size=48, refine_order="ranked")
+    ).train
     coarse = masklib.coarse_masks(train.masks)
     if order == "ranked":
         top = ranking.rank_images(Model.load(checkpoint), train.images, coarse).top(len(ids))

@@ -126,6 +126,12 @@ class RunRecord:
                 f"Certified forgetting over the {c.scope} scope (epsilon {c.epsilon:g}, delta "
                 f"{c.delta:.0e}); the full certificate is under Details."
             )
+        else:
+            from .certificate import NOT_ISSUED  # a run has loaded torch and scipy by now
+            from .unlearning import CERTIFIED
+
+            if self.method in CERTIFIED:
+                lines.append(NOT_ISSUED)
         return "\n".join(lines)
 
     def details(self) -> str:
@@ -151,12 +157,6 @@ class RunRecord:
             )
         if self.certificate is not None:
             lines.append(self.certificate.summary())
-        else:
-            from .certificate import NOT_ISSUED  # a run has loaded torch and scipy by now
-            from .unlearning import CERTIFIED
-
-            if self.method in CERTIFIED:
-                lines.append(NOT_ISSUED)
         return "\n".join(lines)
 
 
