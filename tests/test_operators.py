@@ -15,7 +15,7 @@ from shortcut_unlearning.unlearning import (
     make_operator,
 )
 from shortcut_unlearning.unlearning.certified import issued
-from shortcut_unlearning.unlearning.relearn import Relearning
+from shortcut_unlearning.unlearning.recovery import Relearning
 
 # The certified operators warn that their noise dwarfs the tiny decoder; that is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")
@@ -80,7 +80,7 @@ def test_a_run_leaves_the_start_logs_every_step_and_probes_on_schedule(name, sta
         assert result.stopping["steps"] == op.steps and result.stopping["recovery_steps"] == 2
     elif isinstance(op, Relearning):
         assert result.stopping["reason"] == "relearning reached its maximum steps"
-        assert result.stopping["steps"] == op.steps == result.stopping["relearn_steps"]
+        assert result.stopping["steps"] == op.steps == result.stopping["recovery_steps"]
     else:
         assert result.stopping is None
 

@@ -10,7 +10,7 @@ from shortcut_unlearning import certificate as cert
 from shortcut_unlearning.model import Model
 from shortcut_unlearning.progress import drive
 from shortcut_unlearning.unlearning import GradientClipping, ModelClipping, UnlearnData, certified
-from shortcut_unlearning.unlearning.certified import ValidationProbe
+from shortcut_unlearning.unlearning.recovery import ValidationProbe
 
 # The noise dwarfs the tiny decoder: expected, and warned about.
 pytestmark = pytest.mark.filterwarnings("ignore:.*noise has expected norm:UserWarning")

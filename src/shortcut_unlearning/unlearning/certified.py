@@ -35,15 +35,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import certificate as cert
 from .. import distributed, evaluation
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
-from ..retain import FORGETS, IGNORE, RETAINS
-from ..training import _scope_state, soft_dice_loss
-from .base import Operator, UnlearnResult
+from ..retain import FORGETS, RETAINS
+from .base import UnlearnResult
+from .recovery import Relearning
 
 
 def global_norm(tensors) -> torch.Tensor:
@@ -186,47 +185,8 @@ def issued(certificate: Certificate, result: UnlearnResult) -> Certificate | Non
     return certificate.after_recovery(result.stopping)
 
 
-class ValidationProbe:
-    """The recovery's stopping rule: the retain loss (cross-entropy plus soft Dice, the
-    uncertain band ignored) of retain images held out of training, measured every few steps;
-    it remembers the best weights and counts the measurements since they were found."""
-
-    def __init__(self, inputs: FrozenInputs, targets: torch.Tensor, rows: np.ndarray):
-        self.inputs, self.targets, self.rows = inputs, targets, rows
-        self.best, self.best_step, self.best_state, self.stale = math.inf, 0, None, 0
-        self.curve: list[tuple[int, float]] = []
-
-    @torch.no_grad()
-    def loss(self, model: Model) -> float:
-        model.net.eval()  # the loop sets the mode again before its next step
-        logits = []
-        for start in range(0, len(self.rows), 32):
-            with model.autocast():
-                logits.append(model.scoped_forward(self.inputs[self.rows[start : start + 32]]))
-        logits = torch.cat(logits).float()
-        targets = self.targets[torch.as_tensor(self.rows, device=logits.device)]
-        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
-        # rank 0 alone measures (measure): no collective in here
-        return float(ce + soft_dice_loss(logits, targets, pooled=False))
-
-    def measure(self, model: Model, step: int, min_gain: float = 1e-3) -> None:
-        """Measure at `step`; keep the weights when the loss fell by more than min_gain
-        (relative) below the best so far."""
-        loss = distributed.from_main(lambda: self.loss(model))  # every rank stops together
-        self.curve.append((step, loss))
-        if loss < self.best * (1 - min_gain) or self.best_state is None:
-            self.best, self.best_step, self.stale = loss, step, 0
-            self.best_state = _scope_state(model)
-        else:
-            self.stale += 1
-
-    def restore(self, model: Model) -> None:
-        if self.best_state is not None:
-            model.net.load_state_dict(self.best_state, strict=False)
-
-
 @dataclass
-class CertifiedOperator(Operator):
+class CertifiedOperator(Relearning):
     """An operator with an (eps, delta) certificate: a noisy phase, then noise-free recovery."""
 
     epsilon: float = 1.0
@@ -243,12 +203,9 @@ class CertifiedOperator(Operator):
     # cross-entropy alone some recoveries called every lesion one class (BENCHMARKS 12e).
     # 0: cross-entropy alone.
     finetune_dice_weight: float = 1.0
-    validation_share: float = 0.15  # of the unrefined retain images, seeded by `seed`
     # Recovery starts by giving each scoped tensor a fresh initialisation's scale
     # (rescale_to_initial_norms): the noise becomes a random start of the usual scale.
     rescale: bool = True
-    validate_every: int = 25
-    patience: int = 4
     # None: the noise comes from fresh OS entropy and is never recorded. A number (any
     # non-negative int, every bit of it used) makes the noise reproducible, and voids the
     # guarantee against whoever knows it.
@@ -311,16 +268,13 @@ class CertifiedOperator(Operator):
             raise ValueError(f"collapse_dice must lie in [0, 1], got {self.collapse_dice}")
         if not self.target_snr > 0:
             raise ValueError(f"target_snr must be positive, got {self.target_snr}")
-        if self.finetune_steps < 0 or self.validate_every < 1 or self.patience < 1:
-            raise ValueError("finetune_steps must be >= 0, validate_every and patience at least 1")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be at least 0, got {self.finetune_steps}")
         if not self.finetune_dice_weight >= 0:
             raise ValueError(
                 f"finetune_dice_weight must be at least 0, got {self.finetune_dice_weight}"
             )
-        if not 0 <= self.validation_share < 1:
-            raise ValueError(f"validation_share must lie in [0, 1), got {self.validation_share}")
         self.steps = self.noisy_steps() + self.finetune_steps
-        self._probe: ValidationProbe | None = None
 
     # -- the noise is secret --------------------------------------------------------------
     def noise_generator(self) -> np.random.Generator:
@@ -344,44 +298,11 @@ class CertifiedOperator(Operator):
         probe (`before`) is not read."""
         return evaluation.collapsed(None, after, model, floor=self.collapse_dice)
 
-    # -- recovery ---------------------------------------------------------------------------
-    def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
-        """Keep a seeded share of the unrefined retain images back for the validation probe
-        (none without a recovery: nothing would be stopped)."""
-        count = round(self.validation_share * len(train_rows)) if self.finetune_steps else 0
-        if count < 1 or count >= len(train_rows):
-            self._probe = ValidationProbe(inputs, targets, np.zeros(0, int))
-            return train_rows
-        held = np.random.default_rng([self.seed, len(train_rows)]).permutation(train_rows)[:count]
-        self._probe = ValidationProbe(inputs, targets, np.sort(held))
-        return np.setdiff1d(train_rows, held)
+    # -- recovery (recovery.Relearning) ------------------------------------------------------
+    finished = "recovery reached its maximum steps"
 
-    def should_stop(self, model: Model, step: int) -> dict | None:
-        noisy, probe = self.noisy_steps(), self._probe
-        if step < noisy or probe is None:
-            return None
-        last = step == self.steps
-        since = step - noisy  # recovery steps taken; 0: the noisy phase's released iterate
-        if len(probe.rows) and (since % self.validate_every == 0 or last):
-            probe.measure(model, step)
-        if last:
-            reason = "recovery reached its maximum steps" if self.finetune_steps else "no recovery"
-        elif since and probe.stale >= self.patience:
-            reason = "the validation probe stopped improving"
-        else:
-            return None
-        probe.restore(model)
-        return {
-            "reason": reason,
-            "steps": step,
-            "noisy_steps": noisy,
-            "recovery_steps": since,
-            "max_recovery_steps": self.finetune_steps,
-            "best_step": probe.best_step if probe.best_state is not None else step,
-            "validation_images": len(probe.rows),
-            "validation_loss": probe.best if probe.best_state is not None else None,
-            "validation_curve": [[s, v] for s, v in probe.curve],
-        }
+    def relearn_from(self) -> int:
+        return self.noisy_steps()
 
     def phase(self, step: int) -> str:
         return "noisy" if step <= self.noisy_steps() else "fine-tune"

@@ -24,13 +24,12 @@ import torch
 
 from ..model import FrozenInputs, Model, frozen_provenance
 from ..retain import FORGETS
-from .base import Operator
 from .certified import (
-    ValidationProbe,
     estimate_batch_statistics,
     rescale_to_initial_norms,
     reset_batch_statistics,
 )
+from .recovery import Relearning
 
 # How the scope starts: "fresh" a new initialisation (seeded; exact unlearning), "rescaled"
 # the coarse weights given a fresh initialisation's scale (what the certified operators'
@@ -41,71 +40,6 @@ STARTS = ("fresh", "rescaled", "kept")
 # relearning and re-estimated on the retain images for the release; "kept" the coarse
 # model's, normalising with them throughout (an ablation: do they carry the shortcut?).
 STATISTICS = ("reestimated", "kept")
-
-
-@dataclass
-class Relearning(Operator):
-    """An operator whose last phase is training on the retain set, stopped on held-out images.
-
-    Steps from `relearn_from()` on are the relearning; a seeded `validation_share` of the
-    unrefined retain images is held out of it and its retain loss measured every
-    `validate_every` steps; the run stops once it has not improved `patience` times, and the
-    best weights measured are released."""
-
-    validation_share: float = 0.15
-    validate_every: int = 25
-    patience: int = 4
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.validation_share < 1:
-            raise ValueError(f"validation_share must lie in [0, 1), got {self.validation_share}")
-        if self.validate_every < 1 or self.patience < 1:
-            raise ValueError("validate_every and patience must be at least 1")
-        self._probe: ValidationProbe | None = None
-
-    def relearn_from(self) -> int:
-        """The steps taken before the relearning starts."""
-        return 0
-
-    def hold_out(self, inputs, targets, train_rows: np.ndarray) -> np.ndarray:
-        """Keep a seeded share of the unrefined retain images back for the validation probe
-        (none without a relearning: nothing would be stopped)."""
-        relearning = self.steps > self.relearn_from()
-        count = round(self.validation_share * len(train_rows)) if relearning else 0
-        if count < 1 or count >= len(train_rows):
-            self._probe = ValidationProbe(inputs, targets, np.zeros(0, int))
-            return train_rows
-        held = np.random.default_rng([self.seed, len(train_rows)]).permutation(train_rows)[:count]
-        self._probe = ValidationProbe(inputs, targets, np.sort(held))
-        return np.setdiff1d(train_rows, held)
-
-    def should_stop(self, model: Model, step: int) -> dict | None:
-        start, probe = self.relearn_from(), self._probe
-        if step < start or probe is None:
-            return None
-        last = step == self.steps
-        since = step - start  # relearning steps taken
-        if len(probe.rows) and (since % self.validate_every == 0 or last):
-            probe.measure(model, step)
-        if last:
-            reason = "relearning reached its maximum steps" if since else "no relearning"
-        elif since and probe.stale >= self.patience:
-            reason = "the validation probe stopped improving"
-        else:
-            return None
-        probe.restore(model)
-        return {
-            "reason": reason,
-            "steps": step,
-            "relearn_from": start,
-            "relearn_steps": since,
-            "max_relearn_steps": self.steps - start,
-            "best_step": probe.best_step if probe.best_state is not None else step,
-            "validation_images": len(probe.rows),
-            "validation_loss": probe.best if probe.best_state is not None else None,
-            "validation_curve": [[s, v] for s, v in probe.curve],
-        }
 
 
 @dataclass
