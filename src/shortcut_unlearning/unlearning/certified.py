@@ -112,6 +112,14 @@ def estimate_batch_statistics(
     model.net.eval()
 
 
+def initial_parameters(model: Model, seed: int) -> dict[str, torch.Tensor]:
+    """The parameters a fresh initialisation of `model`'s architecture gets with `seed`, on
+    the CPU (the same on every rank under torchrun); the run's own random state is kept."""
+    with torch.random.fork_rng(devices=[]):  # building a model reseeds torch
+        fresh = Model(replace(model.config, seed=seed, encoder_weights=None, provenance={}))
+    return dict(fresh.net.named_parameters())
+
+
 @torch.no_grad()
 def rescale_to_initial_norms(model: Model) -> None:
     """Give each scoped parameter tensor the scale a fresh initialisation of the same
@@ -124,10 +132,7 @@ def rescale_to_initial_norms(model: Model) -> None:
     scale is slow; rescaled, the noise is a random start of the usual scale. The constants are
     a fresh model's because scaled noise gives batch-norm scales random signs, a start no
     initialisation uses (over 64 runs each, no change in issue 10's criterion: BENCHMARKS 12e)."""
-    with torch.random.fork_rng(devices=[]):  # the fresh model must not reseed the run
-        torch.manual_seed(0)  # and is the same on every rank under torchrun
-        fresh = Model(replace(model.config, encoder_weights=None, provenance={}), "cpu")
-    reference = dict(fresh.net.named_parameters())
+    reference = initial_parameters(model, model.config.seed)
     for name, p in model.scoped_named_parameters().items():
         start = reference[name].detach().to(p.device, p.dtype)
         if bool((start == start.flatten()[0]).all()):

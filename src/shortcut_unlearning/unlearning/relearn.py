@@ -17,7 +17,7 @@ on the retain images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from ..model import FrozenInputs, Model, frozen_provenance
 from ..retain import FORGETS
 from .certified import (
     estimate_batch_statistics,
+    initial_parameters,
     rescale_to_initial_norms,
     reset_batch_statistics,
 )
@@ -147,8 +148,6 @@ class Relearn(Relearning):
 def fresh_scope_(model: Model, seed: int) -> None:
     """Replace the scope's parameters with a new initialisation of the same architecture,
     seeded by `seed` (and the same on every rank under torchrun)."""
-    with torch.random.fork_rng(devices=[]):  # building a model reseeds torch
-        fresh = Model(replace(model.config, seed=seed, encoder_weights=None, provenance={}))
-    reference = dict(fresh.net.named_parameters())
+    reference = initial_parameters(model, seed)
     for name, p in model.scoped_named_parameters().items():
         p.copy_(reference[name].detach().to(p.device, p.dtype))
