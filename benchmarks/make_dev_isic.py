@@ -118,6 +118,7 @@ def write_folder(
     balanced: int = 240,
     seed: int = 0,
     overwrite: bool = False,
+    class_signal: float | None = None,
 ) -> Path:
     """Write the variant's folder and return it (see the module docstring)."""
     from shortcut_unlearning.data.synthetic import SynthConfig, generate
@@ -130,6 +131,7 @@ def write_folder(
         seed=style["seed_offset"] + seed,
         balanced_test=balanced,
         **style["generator"],
+        **({} if class_signal is None else {"class_signal": class_signal}),
     )
     data = generate(config)
     rng = np.random.default_rng([style["seed_offset"], seed])
@@ -183,8 +185,16 @@ def main(argv=None) -> int:
     parser.add_argument("--balanced", type=int, default=240, help="balanced test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--class-signal",
+        type=float,
+        help="distance between the class means of the lesion's severity (generator default 0.5);"
+        " lower it for a set whose coarse model leans on the artefact more than on the lesion",
+    )
     args = parser.parse_args(argv)
-    out = write_folder(args.out, args.variant, args.n, args.balanced, args.seed, args.overwrite)
+    out = write_folder(
+        args.out, args.variant, args.n, args.balanced, args.seed, args.overwrite, args.class_signal
+    )
     counts = json.loads((out / "generator.json").read_text())["counts"]
     print(f"wrote {args.variant} variant to {out}: {counts}")
     return 0
