@@ -86,3 +86,27 @@ def test_settings_are_checked():
         Relearn(start="noisy")
     with pytest.raises(ValueError, match="validation_share"):
         Relearn(validation_share=1.0)
+    with pytest.raises(ValueError, match="batches one of"):
+        Relearn(batches="stratified")
+
+
+def test_pooled_batches_draw_every_retain_image_alike():
+    """Paired batches give the refined images half of every step; pooled ones their share."""
+    refined, others = np.arange(2), np.arange(2, 20)
+    rng = np.random.default_rng(0)
+
+    def drawn(op):
+        return np.concatenate(
+            [np.concatenate(op.batch_rows(rng, refined, others)) for _ in range(200)]
+        )
+
+    paired = drawn(Relearn(batch_size=8))
+    pooled = drawn(Relearn(batch_size=8, batches="pooled"))
+    assert np.isin(paired, refined).mean() == 0.5
+    assert abs(np.isin(pooled, refined).mean() - 0.1) < 0.05  # 2 of 20 images
+    assert set(np.unique(pooled)) == set(range(20))
+
+
+def test_pooled_relearning_runs(data):
+    result = drive(relearn(batches="pooled").run(Model(TINY), data), quiet=True)
+    assert result.steps >= 1 and not result.collapsed

@@ -144,6 +144,14 @@ class Operator:
         An operator that stops may first load the weights it releases."""
         return None
 
+    def batch_rows(
+        self, rng: np.random.Generator, refined: np.ndarray, others: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """A step's two batches: one from the refined images (the forget term's), one from
+        the other retain images (None when there are none)."""
+        first = rng.choice(refined, self.batch_size)
+        return first, rng.choice(others, self.batch_size) if len(others) else None
+
     def noise_generator(self) -> np.random.Generator:
         """The generator after_step draws noise from (on the host: the same on every device)."""
         return np.random.default_rng(self.seed)
@@ -225,7 +233,7 @@ class Operator:
                 optimiser = self.optimiser(work, phase)
             work.train_mode(self.batch_statistics_in(phase))
             # every rank draws the same rows and computes its part of them (distributed)
-            drawn = rng.choice(forget_rows, self.batch_size)
+            drawn, others = self.batch_rows(rng, forget_rows, other_rows)
             rows = distributed.shard(drawn)
             logits = self._logits(work, inputs, rows)
             refined_rows = rows  # this rank's refined rows (the context term's)
@@ -239,8 +247,8 @@ class Operator:
                 forget_ce, [int(forget_pixels[part].sum()) for part in distributed.shards(drawn)]
             )
             retain_targets = targets[at]
-            if len(other_rows):  # the refined images' batch, and one of the others
-                rows = distributed.shard(rng.choice(other_rows, self.batch_size))
+            if others is not None:  # the refined images' batch, and one of the others
+                rows = distributed.shard(others)
                 at = to_device(rows, device)
                 logits = torch.cat([logits, self._logits(work, inputs, rows)])
                 retain_targets = torch.cat([retain_targets, targets[at]])

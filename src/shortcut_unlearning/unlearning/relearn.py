@@ -41,6 +41,10 @@ STARTS = ("fresh", "rescaled", "kept")
 # relearning and re-estimated on the retain images for the release; "kept" the coarse
 # model's, normalising with them throughout (an ablation: do they carry the shortcut?).
 STATISTICS = ("reestimated", "kept")
+# A step's batches: "paired" half from the refined images, half from the others (the loop's,
+# which the forget term of the other operators needs), "pooled" both drawn from all retain
+# images alike, as training draws them, so the few refined images do not set the class mix.
+BATCHES = ("paired", "pooled")
 
 
 @dataclass
@@ -99,15 +103,21 @@ class Relearn(Relearning):
     dice_weight: float = 1.0  # training's soft Dice term beside cross-entropy
     start: str = "fresh"
     statistics: str = "reestimated"
+    batches: str = "paired"
 
     name = "relearn"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.start not in STARTS or self.statistics not in STATISTICS:
+        if (
+            self.start not in STARTS
+            or self.statistics not in STATISTICS
+            or self.batches not in BATCHES
+        ):
             raise ValueError(
-                f"start must be one of {STARTS} and statistics one of {STATISTICS}, got "
-                f"{self.start!r} and {self.statistics!r}"
+                f"start must be one of {STARTS}, statistics one of {STATISTICS} and batches "
+                f"one of {BATCHES}, got {self.start!r}, {self.statistics!r} and "
+                f"{self.batches!r}"
             )
         if not self.dice_weight >= 0:
             raise ValueError(f"dice_weight must be at least 0, got {self.dice_weight}")
@@ -115,6 +125,12 @@ class Relearn(Relearning):
     def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
         # The retain loss alone; the forget pixels are not read.
         return {"total": retain_ce, "retain": retain_ce.detach()}
+
+    def batch_rows(self, rng, refined, others):
+        if self.batches == "paired":
+            return super().batch_rows(rng, refined, others)
+        pool = np.union1d(refined, others)
+        return rng.choice(pool, self.batch_size), rng.choice(pool, self.batch_size)
 
     def prepare(self, model: Model) -> None:
         if self.start == "fresh":
