@@ -210,11 +210,19 @@ class ShortcutUnlearningWidget(QWidget):
     def _fit_width(self) -> None:
         """The dock is never narrower than its content: the horizontal scroll bar is off, so
         what did not fit was cut off on the right. Again once napari's style applies (it
-        widens the controls) and once the methods are listed."""
+        widens the controls), once the methods are listed and when rows come or go. The
+        dock's own choices are never cut: each such box is as wide as its longest item."""
+        for combo in (self.method, self.scope, self.context, self.device):
+            combo.setMinimumWidth(combo.sizeHint().width())
         scroll, margins = self.scroll, self.layout().contentsMargins()
         beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
         beside += margins.left() + margins.right()
-        self.setMinimumWidth(max(300, scroll.widget().minimumSizeHint().width() + beside))
+        width = max(300, scroll.widget().minimumSizeHint().width() + beside)
+        if width != self.minimumWidth():
+            self.setMinimumWidth(width)
+            window = self.window()  # napari's window: its docks follow at its next layout,
+            if window is not self and window.layout() is not None:  # which may be long
+                window.layout().invalidate()
 
     def showEvent(self, event) -> None:
         self._fit_width()
@@ -339,6 +347,7 @@ class ShortcutUnlearningWidget(QWidget):
             self.steps.setValue(self.bench.parameters[self._steps_for])
             self.steps.blockSignals(False)
         self.form.labelForField(self.steps).setText("Relearn steps" if certified else "Steps")
+        QTimer.singleShot(0, self._fit_width)  # rows shown or relabelled: once laid out
         device = _device_in_use(self.bench.parameters["device"])
         try:
             preview = self.bench.preview()
