@@ -18,29 +18,34 @@ def top_share(percent: np.ndarray) -> np.ndarray:
     return display.saliency_tops(percent)
 
 
+def drawn(before, after, per_image=True) -> tuple[np.ndarray, np.ndarray]:
+    """Before and after maps as drawn, in percent."""
+    scales = display.saliency_scales(
+        display.saliency_tops(before), display.saliency_tops(after), per_image
+    )
+    return display.as_percent(before, scales[0]), display.as_percent(after, scales[1])
+
+
 def test_per_image_scale_shows_a_weak_image_as_fully_as_a_strong_one():
     # As on the ISIC folder: one image's evidence a tenth of another's.
     before = maps_of([2000.0, 200.0])
-    after = maps_of([2000.0, 200.0], seed=1)
-    tops_b, tops_a = display.saliency_tops(before), display.saliency_tops(after)
-    per_image = display.as_percent(before, display.saliency_scale(tops_b, tops_a))
-    shared = display.as_percent(before, display.saliency_scale(tops_b, tops_a, per_image=False))
-    assert np.allclose(top_share(per_image), 100, atol=2)
-    assert top_share(shared)[1] < 12  # nearly blank on one scale for the stack
+    after = maps_of([2000.0, 20.0], seed=1)
+    per_image = drawn(before, after)
+    assert all(np.allclose(top_share(half), 100, atol=2) for half in per_image)
+    shared = drawn(before, after, per_image=False)
+    assert top_share(shared[0])[1] < 12 and top_share(shared[1])[1] < 2  # nearly blank
 
 
-def test_both_halves_of_an_image_share_its_scale():
+def test_a_shared_scale_compares_before_and_after_in_strength():
     before, after = maps_of([100.0]), maps_of([50.0], seed=1)
-    scale = display.saliency_scale(display.saliency_tops(before), display.saliency_tops(after))
-    halves = display.as_percent(before, scale), display.as_percent(after, scale)
+    halves = drawn(before, after, per_image=False)
     assert np.allclose([top_share(h)[0] for h in halves], [100, 50], atol=2)
 
 
 def test_one_hot_pixel_does_not_set_the_scale():
     before = maps_of([1.0])
     before[0, 0, 0] = 1e6
-    scale = display.saliency_scale(display.saliency_tops(before), [np.nan])
-    assert top_share(display.as_percent(before, scale))[0] > 90
+    assert top_share(drawn(before, before.copy())[0])[0] > 90
 
 
 def test_images_not_measured_are_drawn_empty_without_warnings():
@@ -50,10 +55,12 @@ def test_images_not_measured_are_drawn_empty_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for per_image in (True, False):
-            out = display.as_percent(maps, display.saliency_scale(tops, tops, per_image))
-            assert out.dtype == np.float32 and np.isfinite(out).all()
-            assert (out[1:] == 0).all() and np.allclose(out[0], 100)
-        assert np.isnan(display.saliency_scale([np.nan], [np.nan], per_image=False)).all()
+            for scale in display.saliency_scales(tops, tops, per_image):
+                out = display.as_percent(maps, scale)
+                assert out.dtype == np.float32 and np.isfinite(out).all()
+                assert (out[1:] == 0).all() and np.allclose(out[0], 100)
+        nothing = display.saliency_scales([np.nan], [np.nan], per_image=False)
+        assert all(np.isnan(scale).all() for scale in nothing)
 
 
 def test_outlines_and_the_eraser_scale_with_the_image():

@@ -162,9 +162,9 @@ def test_both_halves_carry_the_same_overlays_and_each_image_its_own_scale(
     assert tuple(saliency.contrast_limits) == (0, 100)
     measured = np.flatnonzero(np.isfinite(record.before.saliency_tops))
 
-    def drawn_tops() -> np.ndarray:  # each image's top as drawn, the larger of its halves'
+    def drawn_tops() -> np.ndarray:  # each half's top as drawn, (2, images)
         panels = saliency.data[measured]
-        return np.fmax(*(display.saliency_tops(h) for h in np.split(panels, [offset], axis=2)))
+        return np.array([display.saliency_tops(h) for h in np.split(panels, [offset], axis=2)])
 
     assert np.allclose(drawn_tops(), 100, rtol=0.05)
     caption = viewer.canvas.overlays[_layers.SALIENCY_WORDS]

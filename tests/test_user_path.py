@@ -53,7 +53,8 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert any(f"({plain})" in line for line in seen["progress_lines"])
     # Accept, Revert and Export are in view at 1280 x 800, the numbers shown or not, and no
     # text in the dock is cut short.
-    states = ("actions_in_view", "actions_in_view_with_details", "actions_in_view_certified")
+    states = ("actions_in_view_after_refine", "actions_in_view")
+    states += ("actions_in_view_with_details", "actions_in_view_certified")
     for state in states:
         for name, (whole, rect, dock) in seen[state].items():
             assert whole, f"{state}: {name} at {rect} is not in view in the dock of {dock}"

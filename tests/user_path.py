@@ -44,7 +44,7 @@ def dock_fits(widget) -> list:
 
 def actions_in_view(widget) -> dict:
     wait(lambda: False, 0.3)  # let the layout settle
-    return {b.text(): in_view(widget, b) for b in actions(widget.results)}
+    return {b.text(): in_view(widget, b) for b in actions(widget)}
 
 
 def main(export_to: str, steps: int) -> None:
@@ -110,6 +110,7 @@ def main(export_to: str, steps: int) -> None:
     QTest.mouseClick(widget.refine, LEFT)  # pressed again: no second layer
     seen["refined_layers"] = sum(layer.name.startswith("refined") for layer in viewer.layers)
     seen["dock_fits_after_refine"] = dock_fits(widget)
+    seen["actions_in_view_after_refine"] = actions_in_view(widget)
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
@@ -178,8 +179,9 @@ def main(export_to: str, steps: int) -> None:
     viewer.close()
 
 
-def actions(results) -> list:
-    return [results.accept, results.revert, results.export]
+def actions(widget) -> list:
+    """The buttons that must never need a scroll: Unlearn, and the actions on a run."""
+    return [widget.run, widget.results.accept, widget.results.revert, widget.results.export]
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """How the plugin draws a run and an edit, in numbers only (no Qt, no napari): the saliency
 colour scale, the width of outlines and the eraser's size.
 
-Saliency is shown in percent of a robust top, the 99th percentile of the maps, so that one
-bright pixel cannot set the scale. Per image (the default), each image has its own top, the
-larger of its before and after maps' percentiles: every image's map is visible (one scale for
-a whole ISIC folder left an image whose top was a tenth of the stack's blank), and the two
-halves of an image stay comparable. Shared, one top for every image: images compare with
-each other.
+Saliency is shown in percent of a robust top, the 99th percentile of a map, so that one
+bright pixel cannot set the scale. Per image (the default), each map has its own top: every
+image's map is visible (one scale for a whole ISIC folder left an image whose top was a tenth
+of the stack's blank), and each half shows where its model's evidence lies, as a share of its
+strongest. Shared, one top for every map: images, and before and after, compare in strength.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from .masks import DEFAULT_COARSE_MARGIN, radius_pixels
 SALIENCY_PERCENTILE = 99.0
 # The colour bar's caption, in words: what 100 on it means.
 SALIENCY_WORDS = {
-    True: "share of the malignant evidence,\n% of this image's strongest",
+    True: "share of the malignant evidence,\n% of the strongest in each half",
     False: "share of the malignant evidence,\n% of the strongest in all images",
 }
 
@@ -31,16 +30,18 @@ def saliency_tops(maps: np.ndarray) -> np.ndarray:
     return np.percentile(maps.reshape(len(maps), -1), SALIENCY_PERCENTILE, axis=1)
 
 
-def saliency_scale(
+def saliency_scales(
     before_tops: np.ndarray, after_tops: np.ndarray, per_image: bool = True
-) -> np.ndarray:
-    """The top of the colour scale for each image, from the per-image tops of the before and
-    after maps (nan where an image was not measured): per image, the larger of its two tops;
-    shared, the largest over the images (the tops are robust already)."""
-    tops = np.fmax(np.asarray(before_tops, float), np.asarray(after_tops, float))
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top of the colour scale for each before and each after map, from their robust tops
+    (nan where an image was not measured): per image, each map's own; shared, the largest of
+    them all for every map."""
+    before, after = np.asarray(before_tops, float), np.asarray(after_tops, float)
+    tops = np.fmax(before, after)
     if per_image or not np.isfinite(tops).any():
-        return tops
-    return np.full_like(tops, np.nanmax(tops))
+        return before, after
+    shared = np.full_like(tops, np.nanmax(tops))
+    return shared, shared
 
 
 def as_percent(maps: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -72,12 +72,13 @@ def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 
 def saliency_panels(record, per_image: bool) -> np.ndarray:
-    """Before | after saliency in percent of each image's scale, or of one scale for the
-    stack (display.saliency_scale): the colour scale runs from 0 to 100."""
+    """Before | after saliency in percent of each map's top, or of one top for every map
+    (display.saliency_scales): the colour scale runs from 0 to 100."""
     before, after = record.before, record.after
-    scale = display.saliency_scale(before.saliency_tops, after.saliency_tops, per_image)
+    scales = display.saliency_scales(before.saliency_tops, after.saliency_tops, per_image)
     return side_by_side(
-        display.as_percent(before.saliency, scale), display.as_percent(after.saliency, scale)
+        display.as_percent(before.saliency, scales[0]),
+        display.as_percent(after.saliency, scales[1]),
     )
 
 

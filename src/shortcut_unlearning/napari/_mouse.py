@@ -45,6 +45,31 @@ def menu_action(menu, *path):
     raise LookupError(f"no menu item {path[0]!r} among {[a.text() for a in menu.actions()]}")
 
 
+def click_menu(window, *path) -> int:
+    """Choose `path` (texts, matched by prefix) from the menu bar of the Qt main `window`
+    with real clicks: the title, then each item. Returns the number of clicks."""
+
+    def item(actions, text):
+        for action in actions:
+            if action.text().replace("&", "").startswith(text):
+                return action
+        raise LookupError(f"no menu item {text!r} among {[a.text() for a in actions]}")
+
+    bar = window.menuBar()
+    action = item(bar.actions(), path[0])
+    QTest.mouseClick(bar, LEFT, NONE, bar.actionGeometry(action).center())
+    menu = action.menu()
+    wait(menu.isVisible, 10)
+    for text in path[1:]:
+        action = item(menu.actions(), text)
+        QTest.mouseClick(menu, LEFT, NONE, menu.actionGeometry(action).center())
+        if action.menu() is not None:
+            menu = action.menu()
+            wait(menu.isVisible, 10)
+    wait(lambda: False, 0.1)
+    return len(path)
+
+
 def canvas_point(viewer, row: float, col: float) -> QPoint:
     """Canvas pixel of a data coordinate in the displayed plane."""
     canvas = viewer.window._qt_viewer.canvas

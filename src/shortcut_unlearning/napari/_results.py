@@ -305,9 +305,10 @@ class ResultsView(QGroupBox):
         truth = "" if labels is None else f" ({'malignant' if labels[i] else 'benign'})"
         before, after = record.before.lesion_scores[i], record.after.lesion_scores[i]
         this = (
-            f"This image{truth}: lesion malignancy {_score(before)} -> {_score(after)}"
+            # two lines: one was wider than the canvas beside the dock at 1280 x 800
+            f"This image{truth}:\nlesion malignancy {_score(before)} -> {_score(after)}"
             if np.isfinite(record.before.scores[i])
-            else f"This image{truth} was not measured (a run measures {MEASURED} images)"
+            else f"This image{truth} was not measured\n(a run measures {MEASURED} images)"
         )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
         verdict = record.verdict.short()

@@ -5,8 +5,8 @@ redrawn and the edited images autosaved after each edit (brush, fill, polygon, u
 replaced data).
 Unlearn -> the workbench's job in a thread worker, with progress, a live curve and Cancel.
 Results -> saliency and predictions before (over the images) and after (over a copy to their
-right), the verdict in the dock and on the canvas; Accept, Revert, Export pinned below the
-scrolling area, always in view.
+right), the verdict in the dock and on the canvas. Unlearn and Cancel, the progress bar, and
+Accept, Revert, Export are pinned below the scrolling area, always in view.
 
 Nothing here imports torch: the dock shows at once and loads PyTorch and the model in a worker.
 """
@@ -162,7 +162,7 @@ class ShortcutUnlearningWidget(QWidget):
         column.addLayout(self.form)
         for part in (self.preview, self.preview_toggle, self.preview_details):
             column.addWidget(part)
-        for part in (defaults, row(self.run, self.stop), self.progress):
+        for part in (defaults,):
             column.addWidget(part)
         column.addWidget(self.progress_text)
         column.addLayout(self.curve_box)
@@ -185,7 +185,10 @@ class ShortcutUnlearningWidget(QWidget):
         scroll.setWidget(content)
         outer = QVBoxLayout(self)
         outer.addWidget(scroll)
-        outer.addWidget(self.results.actions)  # never scrolled out of view
+        # Never scrolled out of view: Unlearn and Cancel with the progress, then the actions
+        # on the run shown (at 1280 x 800 Unlearn was below the fold after a refinement).
+        for part in (row(self.run, self.stop), self.progress, self.results.actions):
+            outer.addWidget(part)
         # A layer's name never widens the dock; the dock's own choices are never cut.
         for combo in (self.image, self.coarse, self.artefacts):
             combo.setSizeAdjustPolicy(
