@@ -156,6 +156,7 @@ class ResultsView(QGroupBox):
         """Take the shown run off the screen: its layers go (or hide, when a new run will
         reuse them), with the canvas text and the dock's numbers."""
         self._run_steps([])  # results still being drawn are not drawn
+        self._offset = 0  # nothing drawn: the overlays' copies no longer follow them
         if remove:
             _layers.remove_result_layers(self.viewer, keep=("forget set",))
         for layer in self.viewer.layers:
@@ -235,8 +236,8 @@ class ResultsView(QGroupBox):
 
     def follow_overlays(self) -> None:
         """After an edit or a new overlay: the "after" half shows the overlays as they are."""
-        if self.bench.shown is None or self.displaying:  # the drawing will do it
-            return
+        if not self._offset or self.bench.shown is None or self.displaying:
+            return  # nothing drawn, or the drawing will do it
         for step in self._mirror_steps():
             step()
 
