@@ -211,4 +211,4 @@ def test_the_plugin_preview_names_the_sample_models_pretrained_encoder():
 
     bench = Workbench(parameters={"device": "cpu"})  # the shipped sample model
     bench.current_model()
-    assert "mobilenet_v2 (frozen), pretrained; never saw the coarse labels" in bench.preview()
+    assert "mobilenet_v2 (frozen), pretrained; never saw the coarse labels" in bench.preview().plain

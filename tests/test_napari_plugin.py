@@ -98,12 +98,87 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     click(qtbot, widget.results.accept)
     assert widget.bench.current_model() is widget.bench.shown.model
     assert "accepted" in widget.results.current.text() and not widget.results.accept.isEnabled()
-    shared = viewer.layers["saliency"].contrast_limits[1]
-    assert shared == pytest.approx(max(widget.bench.shown.before.saliency_vmax, 1e-12))
-    widget.results.scale.setCurrentText("separate")
-    assert viewer.layers["saliency"].contrast_limits == [0, 1]
     click(qtbot, widget.results.revert)
     assert widget.bench.current_model() is start and "saliency" not in viewer.layers
+
+
+def halves(viewer, offset: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The canvas colours at the centre of each pixel of image 0, before half and after."""
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(float)
+    transform = viewer.window._qt_viewer.canvas.view.scene.transform
+    rows, cols = (a.ravel() for a in np.mgrid[:width, :width])
+
+    def sample(left: int) -> np.ndarray:
+        xy = transform.map(np.c_[cols + left + 0.5, rows + 0.5])[:, :2]  # pixel i: [i, i+1]
+        x, y = np.round(xy).astype(int).T
+        return shot[y, x]
+
+    return sample(0), sample(offset)
+
+
+def test_both_halves_carry_the_same_overlays_and_each_image_its_own_scale(
+    make_napari_viewer, qtbot, small_model
+):
+    from shortcut_unlearning import display
+
+    viewer = make_napari_viewer(show=True)
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0, 1))
+    widget.steps.setValue(2)
+    click(qtbot, widget.run)
+    qtbot.waitUntil(lambda: not widget.busy and widget.bench.shown is not None, timeout=120_000)
+    record, width = widget.bench.shown, 128
+    offset = _layers.after_offset(width)
+    # Saliency and predictions differ between the halves by design: hide them, and what is
+    # left (image, refined masks, forget set) must look the same on both.
+    for name in ("saliency", "predicted lesion"):
+        viewer.layers[name].visible = False
+    viewer.dims.set_point(0, 0)
+    qtbot.wait(100)
+    before, after = halves(viewer, offset, width)
+    same = np.abs(before - after).mean()
+    mirrors = [viewer.layers[f"{layer.name} (after)"] for layer in widget._overlays()]
+    assert len(mirrors) == 2
+    for mirror in mirrors:
+        mirror.visible = False
+    qtbot.wait(100)
+    before, after = halves(viewer, offset, width)
+    assert same < np.abs(before - after).mean() / 4, "the after half lacks the overlays"
+    # The copies follow the overlays: hidden with them, and an edit shows on both halves.
+    widget.forget_layer.visible = False
+    widget.forget_layer.visible = True
+    assert all(mirror.visible for mirror in mirrors)
+    widget.forget_layer.visible = False
+    assert not viewer.layers["forget set (after)"].visible
+    widget.forget_layer.visible = True
+    erase_band(viewer, widget, [3])
+    viewer.dims.set_point(0, 3)
+    qtbot.waitUntil(lambda: widget.bench.refinement.edited()[3], timeout=5_000)
+    qtbot.wait(100)
+    before, after = halves(viewer, offset, width)
+    assert np.abs(before - after).mean() <= 2 * same + 1
+    # Saliency in percent of each image's own scale by default; one scale on request.
+    saliency = viewer.layers["saliency"]
+    assert tuple(saliency.contrast_limits) == (0, 100)
+    measured = np.flatnonzero(np.isfinite(record.before.saliency_tops))
+
+    def drawn_tops() -> np.ndarray:  # each half's top as drawn, (2, images)
+        panels = saliency.data[measured]
+        return np.array([display.saliency_tops(h) for h in np.split(panels, [offset], axis=2)])
+
+    assert np.allclose(drawn_tops(), 100, rtol=0.05)
+    caption = viewer.canvas.overlays[_layers.SALIENCY_WORDS]
+    assert caption.text == display.SALIENCY_WORDS[True]
+    widget.results.shared_scale.setChecked(True)
+    tops = drawn_tops()
+    assert tops.max() == pytest.approx(100, rel=0.05) and tops.min() < 95
+    assert caption.text == display.SALIENCY_WORDS[False]
+    # Outlines scale with the image; the colour bar's words go with the saliency layer.
+    assert viewer.layers["predicted lesion"].contour == display.outline_width((width, width))
+    saliency.visible = True
+    assert caption.visible
+    saliency.visible = False
+    assert not caption.visible
 
 
 def test_revert_while_results_are_drawn_leaves_none_on_the_canvas(
@@ -191,7 +266,12 @@ def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     assert widget.steps.value() == 400  # the relearn steps are remembered apart
     widget.steps.setValue(90)
     widget.seed.setValue(7)
-    assert "certified by model-clipping" in widget.preview.text()
+    # Two plain sentences; the certificate's numbers one click away.
+    assert widget.preview.text().splitlines()[1].startswith("Guaranteed at privacy ε")
+    assert "scope" not in widget.preview.text() and widget.preview_details.isHidden()
+    click(qtbot, widget.preview_toggle)
+    assert "certified by model-clipping" in widget.preview_details.text()
+    assert not widget.preview_details.isHidden()
     widget.context.setCurrentIndex(widget.context.findData("blind+consistent"))
     assert widget.bench.parameters["context"] == "blind+consistent"
     # it inpaints at the forget positions: a certified method refuses it, and the dock says why

@@ -202,7 +202,7 @@ def test_run_and_the_plugin_say_what_to_expect_before_a_run(tmp_path):
     assert _expectation(parsed("--method", "neggrad-seg")) is None
     bench = Workbench(None, {"method": "gradient-clipping", "epsilon": 3.0, "device": "cpu"})
     assert not bench.loaded
-    preview = bench.preview()  # before the model is loaded
+    preview = bench.preview().details  # before the model is loaded
     assert bench.operator().expectation() in preview and "<= 0.335; eps 10.7" in preview
 
 

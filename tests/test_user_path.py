@@ -33,6 +33,9 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert seen["erased_after_undo"] == 0
     assert seen["erased_after_redo"] == seen["erased_after_drag"]
     assert seen["refined_layers"] == 1
+    # The eraser as it comes keeps to the band: a stroke along its middle erases no lesion.
+    stroke = seen["band_stroke"]
+    assert stroke["erased_band"] > 0 and stroke["erased_lesion"] == 0, stroke
     # At 1280 x 800 every control and line of the dock is within its width.
     for state in ("dock_fits_after_refine", "dock_fits_after_run"):
         needed, shown = seen[state]
@@ -50,10 +53,15 @@ def test_a_clinicians_session_from_the_plugins_menu(tmp_path):
     assert any(f"({plain})" in line for line in seen["progress_lines"])
     # Accept, Revert and Export are in view at 1280 x 800, the numbers shown or not, and no
     # text in the dock is cut short.
-    for state in ("actions_in_view", "actions_in_view_with_details"):
+    states = ("actions_in_view_after_refine", "actions_in_view")
+    states += ("actions_in_view_with_details", "actions_in_view_certified")
+    for state in states:
         for name, (whole, rect, dock) in seen[state].items():
             assert whole, f"{state}: {name} at {rect} is not in view in the dock of {dock}"
     assert seen["elided_after_run"] == seen["elided_with_details"] == []
+    # A certified method's settings and its preview's details too.
+    assert seen["certified_shown"] == ["Certified, gradient clip", True]
+    assert seen["elided_certified"] == []
     assert seen["table_names_in_tooltips"] and seen["table_elides_middle"]
     (export,) = [p for p in exports.iterdir() if p.is_dir()]
     report = json.loads((export / "metrics.json").read_text())

@@ -1,6 +1,7 @@
 """The plugin's state and decisions, driven without Qt."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,9 +70,48 @@ def test_the_context_term_chosen_in_the_dock_is_the_one_that_runs(bench):
 
 def test_a_certified_method_refuses_the_context_term_in_the_dock(bench):
     bench.parameters.update(method="gradient-clipping", context="blind")
-    assert "cannot use the context term" in bench.preview()
+    assert "cannot use the context term" in bench.preview().plain
     with pytest.raises(ValueError, match="cannot use the context term"):
         bench.plan()
+
+
+# Words a clinician should not meet in the main text of the certified preview.
+JARGON = ("scope", "norm", "sigma", "head", "noisy phase", "iterate", "read-out", "x", "=")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.])\s+", text.strip()) if s]
+
+
+@pytest.mark.parametrize("method", ["gradient-clipping", "model-clipping"])
+@pytest.mark.parametrize("scope", ["decoder", "head"])
+def test_the_certified_preview_is_two_plain_sentences_with_the_numbers_apart(bench, method, scope):
+    bench.parameters.update(method=method, scope=scope)
+    bench.current_model()
+    preview = bench.preview()
+    guaranteed, expect = sentences(preview.plain)
+    assert guaranteed.startswith("Guaranteed at privacy ε 1") and expect.startswith("Expect")
+    words = set(re.findall(r"[a-z=]+|x(?=\d)", preview.plain.lower()))
+    assert not words & set(JARGON), words & set(JARGON)
+    assert "sigma" in preview.details and "parameters" in preview.details
+    wiped = "wipe out" in expect
+    assert wiped == ("noise has expected norm" in preview.details)  # as the warning says
+    # No smaller scope is suggested: its frozen parts may have seen the coarse masks.
+    assert "last layer only" not in expect
+
+
+def test_the_certified_preview_says_when_frozen_parts_void_it():
+    from shortcut_unlearning.certificate import guarantee
+
+    assert guarantee(1, 1e-5, "head", ["encoder", "decoder"], saw=True).endswith(
+        "but the frozen encoder and decoder saw the coarse masks, which voids it."
+    )
+    assert "(not recorded)" in guarantee(1, 1e-5, "decoder", ["encoder"], saw=None)
+    assert "frozen" not in guarantee(1, 1e-5, "decoder", ["encoder"], saw=False)
+    # Before the model is loaded: what is guaranteed, and when to expect the rest.
+    bench = Workbench(None, {"method": "gradient-clipping", "device": "cpu"})
+    first, second = sentences(bench.preview().plain)
+    assert first.startswith("Guaranteed") and "once the model is loaded" in second
 
 
 def test_a_certified_run_whose_gate_kept_the_start_says_no_certificate_was_issued(

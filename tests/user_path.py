@@ -8,69 +8,25 @@ object of what it saw; the test checks it.
 
 import json
 import sys
-import time
 
 import napari  # before anything else, as a user starts it
 import numpy as np
-from qtpy.QtCore import QEvent, QPoint, QPointF, QRect, Qt
-from qtpy.QtGui import QMouseEvent
+from qtpy.QtCore import Qt
 from qtpy.QtTest import QTest
-from qtpy.QtWidgets import (
-    QAbstractButton,
-    QApplication,
-    QComboBox,
-    QFileDialog,
-    QGroupBox,
-    QLabel,
-    QStyle,
-    QStyleOptionComboBox,
+from qtpy.QtWidgets import QFileDialog
+
+from shortcut_unlearning.napari._mouse import (
+    LEFT,
+    drag,
+    elided,
+    in_view,
+    menu_action,
+    rings,
+    wait,
 )
 
-LEFT, NONE = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
 RESULT_LAYERS = ("saliency", "predicted lesion", "images (after)")
 seen: dict = {}
-
-
-def wait(condition, timeout_s: float = 300) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QApplication.processEvents()
-        time.sleep(0.01)
-    return True
-
-
-def menu_action(menu, *path):
-    """The action at `path` (texts, matched by prefix) in a Qt menu."""
-    for action in menu.actions():
-        if action.text().replace("&", "").startswith(path[0]):
-            return action if len(path) == 1 else menu_action(action.menu(), *path[1:])
-    raise LookupError(f"no menu item {path[0]!r} among {[a.text() for a in menu.actions()]}")
-
-
-def canvas_point(viewer, row: float, col: float) -> QPoint:
-    """Canvas pixel of a data coordinate in the displayed plane."""
-    canvas = viewer.window._qt_viewer.canvas
-    x, y = canvas.view.scene.transform.map([col, row])[:2]
-    return QPoint(round(x), round(y))
-
-
-def drag(viewer, points, settle: bool = True) -> None:
-    """Press at the first point, move through the rest, release: one brush stroke."""
-    native = viewer.window._qt_viewer.canvas.native
-    pixels = [canvas_point(viewer, r, c) for r, c in points]
-    QTest.mousePress(native, LEFT, NONE, pixels[0])
-    for p in pixels[1:]:
-        global_p = QPointF(native.mapToGlobal(p))
-        move = QMouseEvent(
-            QEvent.Type.MouseMove, QPointF(p), global_p, Qt.MouseButton.NoButton, LEFT, NONE
-        )
-        QApplication.sendEvent(native, move)
-        QApplication.processEvents()
-    QTest.mouseRelease(native, LEFT, NONE, pixels[-1])
-    if settle:
-        wait(lambda: False, 0.2)
 
 
 def key(viewer, code, modifiers) -> None:
@@ -86,49 +42,9 @@ def dock_fits(widget) -> list:
     return [needed, widget.scroll.viewport().width()]
 
 
-def in_view(widget, part) -> list:
-    """Whether `part` shows whole inside the dock `widget` (no parent, such as the scrolling
-    area's viewport, clips it): [shown whole, its rectangle in the dock, the dock's size]."""
-    wait(lambda: False, 0.3)
-    rect = QRect(part.mapTo(widget, QPoint(0, 0)), part.size())
-    whole = part.isVisible() and part.visibleRegion().boundingRect() == part.rect()
-    inside = widget.rect().contains(rect) and widget.visibleRegion().boundingRect().contains(rect)
-    return [whole and inside, rect.getRect(), [widget.width(), widget.height()]]
-
-
-def elided(widget) -> list[str]:
-    """The texts in the dock cut short: a label, button, group title or chosen item of a
-    combo box with less room than its text needs."""
-    cut = []
-    for label in widget.findChildren(QLabel):
-        if not label.isVisible() or not label.text():
-            continue
-        if label.wordWrap():
-            short = label.heightForWidth(label.width()) > label.height()
-        else:
-            short = label.minimumSizeHint().width() > label.width()
-        if short:
-            cut.append(label.text())
-    for button in widget.findChildren(QAbstractButton):
-        if button.isVisible() and button.text() and button.sizeHint().width() > button.width():
-            cut.append(button.text())
-    for box in widget.findChildren(QGroupBox):
-        if box.isVisible() and box.fontMetrics().horizontalAdvance(box.title()) > box.width():
-            cut.append(box.title())
-    for combo in widget.findChildren(QComboBox):
-        if not combo.isVisible() or not combo.currentText():
-            continue
-        option = QStyleOptionComboBox()
-        combo.initStyleOption(option)
-        field = combo.style().subControlRect(
-            QStyle.ComplexControl.CC_ComboBox,
-            option,
-            QStyle.SubControl.SC_ComboBoxEditField,
-            combo,
-        )
-        if combo.fontMetrics().horizontalAdvance(combo.currentText()) > field.width():
-            cut.append(combo.currentText())
-    return cut
+def actions_in_view(widget) -> dict:
+    wait(lambda: False, 0.3)  # let the layout settle
+    return {b.text(): in_view(widget, b) for b in actions(widget)}
 
 
 def main(export_to: str, steps: int) -> None:
@@ -146,6 +62,7 @@ def main(export_to: str, steps: int) -> None:
     QTest.mouseClick(widget.refine, LEFT)
     refined = widget.refined_layer
     seen["mode"] = str(refined.mode)
+    default_brush = refined.brush_size  # the eraser as it comes
     # Erase along the band of image 0: what the coarse mask wrongly calls lesion.
     viewer.dims.set_point(0, 0)
     fine = viewer.layers["reference masks"].data[0]
@@ -169,9 +86,31 @@ def main(export_to: str, steps: int) -> None:
         Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier,
     )
     seen["erased_after_redo"] = int(viewer.layers["forget set"].data[0].sum())
+    # The eraser as it comes, along the middle of image 2's band (the cursor stays in the
+    # band): no pixel of the true lesion is erased.
+    viewer.dims.set_point(0, 2)
+    wait(lambda: False, 0.2)
+    lesion = viewer.layers["reference masks"].data[2] != 0
+    band = (widget.bench.refinement.coarse[2] != 0) & ~lesion
+    from scipy.ndimage import distance_transform_edt
+
+    middle = float(distance_transform_edt(~lesion)[band].max()) / 2
+    refined.brush_size = default_brush
+    for path in rings(lesion, middle):
+        drag(viewer, path)
+    wait(lambda: False, 0.3)
+    erased = (widget.bench.refinement.coarse[2] != 0) & (refined.data[2] == 0)
+    seen["band_stroke"] = {
+        "brush": int(refined.brush_size),
+        "distance": middle,
+        "erased_band": int((erased & band).sum()),
+        "erased_lesion": int((erased & lesion).sum()),
+        "opacity": float(refined.opacity),
+    }
     QTest.mouseClick(widget.refine, LEFT)  # pressed again: no second layer
     seen["refined_layers"] = sum(layer.name.startswith("refined") for layer in viewer.layers)
     seen["dock_fits_after_refine"] = dock_fits(widget)
+    seen["actions_in_view_after_refine"] = actions_in_view(widget)
 
     widget.steps.setValue(steps)
     QTest.mouseClick(widget.run, LEFT)
@@ -193,16 +132,22 @@ def main(export_to: str, steps: int) -> None:
     seen["dock_fits_after_run"] = dock_fits(widget)
     seen["verdict"] = widget.bench.shown.verdict.headline
     results = widget.results
-    seen["actions_in_view"] = {b.text(): in_view(widget, b) for b in actions(results)}
+    seen["actions_in_view"] = actions_in_view(widget)
     seen["elided_after_run"] = elided(widget)
     toggle = getattr(results, "details_toggle", None)
     if toggle is not None:  # the numbers, one click away
         QTest.mouseClick(toggle, LEFT)
         seen["details_text"] = results.details.text() if results.details.isVisible() else ""
-        seen["actions_in_view_with_details"] = {
-            b.text(): in_view(widget, b) for b in actions(results)
-        }
+        seen["actions_in_view_with_details"] = actions_in_view(widget)
         seen["elided_with_details"] = elided(widget)
+    # A certified method's settings: its name, privacy boxes and preview, none cut short.
+    widget.method.setCurrentIndex(widget.method.findData("gradient-clipping"))
+    QTest.mouseClick(widget.preview_toggle, LEFT)
+    seen["certified_shown"] = [widget.method.currentText(), widget.epsilon.isVisible()]
+    seen["actions_in_view_certified"] = actions_in_view(widget)
+    seen["elided_certified"] = elided(widget)
+    QTest.mouseClick(widget.preview_toggle, LEFT)
+    widget.method.setCurrentIndex(widget.method.findData(seen["method"][0]))
     table = results.scores
     names = [table.item(r, 0) for r in range(table.rowCount())]
     seen["table_names_in_tooltips"] = bool(names) and all(
@@ -234,8 +179,9 @@ def main(export_to: str, steps: int) -> None:
     viewer.close()
 
 
-def actions(results) -> list:
-    return [results.accept, results.revert, results.export]
+def actions(widget) -> list:
+    """The buttons that must never need a scroll: Unlearn, and the actions on a run."""
+    return [widget.run, widget.results.accept, widget.results.revert, widget.results.export]
 
 
 if __name__ == "__main__":

@@ -339,6 +339,38 @@ def expectation(
     return f"signal-to-noise of any linear read-out of the scope <= {snr_bound:.3g}; {keep}"
 
 
+# The network's parts and scopes in plain words (model.SCOPE_MODULES).
+PARTS = {
+    "encoder": "encoder",
+    "decoder": "decoder",
+    "segmentation_head": "last layer",
+    "head": "last layer",
+    "all": "whole network",
+}
+
+
+def guarantee(
+    epsilon: float,
+    delta: float,
+    scope: str | None,
+    frozen: tuple[str, ...] | list[str] = (),
+    saw: bool | None = False,
+) -> str:
+    """What a certified run guarantees, in one plain sentence (the assumptions behind it are
+    in the full certificate): `saw` whether the `frozen` parts saw the coarse masks."""
+    parts = " and ".join(PARTS.get(name, name) for name in frozen)
+    void = {
+        True: f"; but the frozen {parts} saw the coarse masks, which voids it",
+        None: f"; unless the frozen {parts} saw the coarse masks (not recorded), which voids it",
+        False: "",
+    }[saw]
+    return (
+        f"Guaranteed at privacy ε {epsilon:g}, δ {delta:.0e}: the "
+        f"{PARTS.get(scope or '', 'updated part')} after the run is nearly indistinguishable "
+        f"from one trained on your corrected masks only{void if frozen else ''}."
+    )
+
+
 @dataclass(frozen=True)
 class Certificate:
     """What a certified run guarantees, for which tensors, and at what cost in noise."""
@@ -392,6 +424,26 @@ class Certificate:
         return expectation(
             self.snr_bound, self.target_snr, self.epsilon_for_target_snr, self.sigma_for_target_snr
         )
+
+    def plain(self) -> str:
+        """Two plain sentences: what is guaranteed, what to expect (the numbers: summary)."""
+        first = guarantee(
+            self.epsilon, self.delta, self.scope, self.frozen, self.frozen_saw_coarse_labels
+        )
+        part = PARTS.get(self.scope, self.scope)
+        # As unlearning.certified.collapse_warning; no smaller scope is suggested: its frozen
+        # parts may have seen the coarse masks, which voids the guarantee.
+        if self.noise_to_parameters > 1:
+            second = (
+                f"Expect the noise to wipe out what the {part} learned, and relearning on your "
+                "corrected masks to rebuild it; a larger ε adds less noise."
+            )
+        else:
+            second = (
+                f"Expect noise about {self.noise_to_parameters:.0%} of the {part}'s size, then "
+                "relearning on your corrected masks."
+            )
+        return f"{first} {second}"
 
     def summary(self) -> str:
         void = (

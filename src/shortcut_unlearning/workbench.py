@@ -45,11 +45,20 @@ class Views:
 
     predictions: np.ndarray  # (N, H, W) uint8 predicted classes
     saliency: np.ndarray  # (N, H, W) float32 attribution of the malignant score
-    saliency_vmax: float  # 99th percentile of the maps: their own colour scale
+    saliency_tops: np.ndarray  # (N,) each map's robust top (display.saliency_tops); nan: not
+    # measured
     scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability); nan:
     # not measured
     lesion_scores: np.ndarray  # (N,) lesion malignancy score (pooled over the predicted lesion)
     metrics: dict  # evaluation.evaluate's record, plus "refined": the probe on refined images
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the chosen method will do, before a run: plain words, then the numbers."""
+
+    plain: str  # for a certified method two sentences: what is guaranteed, what to expect
+    details: str = ""  # the numbers behind them (the full certificate)
 
 
 @dataclass
@@ -260,8 +269,9 @@ class Workbench:
             **({"epsilon": p["epsilon"], "delta": p["delta"]} if certified else {}),
         )
 
-    def preview(self) -> str:
+    def preview(self) -> Preview:
         """What the chosen operator will do: the certificate and its warnings, before a run."""
+        from .certificate import guarantee
         from .model import encoder_origin
         from .unlearning.certified import CertifiedOperator, collapse_warning
         from .unlearning.relearn import Relearn
@@ -269,20 +279,24 @@ class Workbench:
         try:
             operator = self.operator()
         except ValueError as error:
-            return str(error)
+            return Preview(str(error))
         if isinstance(operator, Relearn):
             steps = f"At most {operator.steps} relearning steps, stopped on held-out images."
             if not self.loaded:
-                return steps
-            return f"{steps}\n{operator.exactness(self.current_model()).summary()}"
+                return Preview(steps)
+            return Preview(f"{steps}\n{operator.exactness(self.current_model()).summary()}")
         if not isinstance(operator, CertifiedOperator):
             encoder = f"\n{encoder_origin(self.current_model().config)}" if self.loaded else ""
-            return f"{operator.steps} steps; not certified (no formal guarantee).{encoder}"
-        if not self.loaded:  # what to expect needs no model
-            return f"{operator.expectation()}.\nCertificate: shown once the model is loaded."
+            return Preview(f"{operator.steps} steps; not certified (no formal guarantee).{encoder}")
+        if not self.loaded:  # what to expect needs the model's size
+            first = guarantee(operator.epsilon, operator.delta, operator.scope)
+            return Preview(
+                f"{first} What to expect shows once the model is loaded.", operator.expectation()
+            )
         certificate = operator.certificate(self.current_model())
         warning = collapse_warning(certificate)
-        return certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
+        details = certificate.summary() + (f"\nWARNING: {warning}" if warning else "")
+        return Preview(certificate.plain(), details)
 
     # -- which image next ---------------------------------------------------------------------
     def suggest(self) -> Suggestion:
@@ -555,7 +569,7 @@ class _Measure:
         return probe(model, self.refined)
 
     def views(self, model, start: dict | None = None) -> Views:
-        from . import evaluation, saliency
+        from . import display, evaluation, saliency
 
         record = evaluation.evaluate(model, self.measured, seed=0, start=start, n_boot=200)
         refined = evaluation.probe(model, self.refined)
@@ -565,12 +579,16 @@ class _Measure:
         images = self.measured.images
         predictions = model.probabilities(images).argmax(1).astype(np.uint8)
         maps = saliency.saliency_maps(model, images).astype(np.float32)
-        scores = np.full((2, len(self.stack)), np.nan)
-        scores[:, self.index] = record["image_scores"], record["lesion_scores"]
+        scores = np.full((3, len(self.stack)), np.nan)
+        scores[:, self.index] = (
+            record["image_scores"],
+            record["lesion_scores"],
+            display.saliency_tops(maps),
+        )
         return Views(
             predictions=self._planes(predictions, labels=True),
             saliency=self._planes(maps),
-            saliency_vmax=float(np.percentile(maps, 99)) if maps.size else 0.0,
+            saliency_tops=scores[2],
             scores=scores[0],
             lesion_scores=scores[1],
             metrics=record,

@@ -48,6 +48,15 @@ def erase_band(viewer, widget, images) -> None:
         layer.data_setitem((np.full(len(wrong[0]), i), *wrong), 0)
 
 
+def hide_notifications(viewer) -> None:
+    """Hide napari's notification pop-ups (they stay in the notification list)."""
+    from qtpy.QtWidgets import QWidget
+
+    for child in viewer.window._qt_window.findChildren(QWidget):
+        if type(child).__name__ == "NapariQtNotification":
+            child.hide()
+
+
 def interactive() -> None:
     import napari
 
@@ -62,9 +71,11 @@ def scripted(
     timeout_s: float = 900,
     size: tuple[int, int] = (1600, 1000),
     export: bool = True,
+    methods: tuple[str, ...] = ("neggrad-seg",),
 ) -> dict:
-    """Drive the workflow as a clinician would, headless; screenshots after the refinement and
-    after the run at the window `size`. Returns what it wrote."""
+    """Drive the workflow as a clinician would, headless, at the window `size`: a screenshot
+    after the refinement, then one run of each method from the same model (Revert between
+    them), each with its screenshot. Returns what it wrote and the last run's verdict."""
     viewer, widget = open_viewer(show=True)
     viewer.window.resize(*size)
     if not process_until(lambda: widget._ready, timeout_s):
@@ -75,34 +86,44 @@ def scripted(
     process_until(lambda: False, 0.3)
     out.mkdir(parents=True, exist_ok=True)
     name = f"widget-{size[0]}x{size[1]}"
-    shots = {"refined": out / f"{name}-refined.png", "result": out / f"{name}-result.png"}
+    shots = {"refined": out / f"{name}-refined.png"}
     viewer.screenshot(str(shots["refined"]), canvas_only=False)
-    widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
-    widget.steps.setValue(steps)
-    widget.run.click()
-    process_until(lambda: not widget.busy, timeout_s)
-    if widget.bench.shown is None:
-        raise RuntimeError("the demo's unlearning run did not finish")
-    viewer.layers["forget set"].visible = False
-    viewer.dims.set_point(0, 0)
-    process_until(lambda: False, 0.3)
-    viewer.screenshot(str(shots["result"]), canvas_only=False)
+    for method in methods:
+        if widget.bench.shown is not None:
+            widget.results.revert.click()
+        viewer.layers["forget set"].visible = True
+        widget.method.setCurrentIndex(widget.method.findData(method))
+        widget.steps.setValue(steps)
+        widget.run.click()
+        process_until(lambda: not widget.busy, timeout_s)
+        if widget.bench.shown is None:
+            raise RuntimeError(f"the demo's {method} run did not finish")
+        viewer.layers["forget set"].visible = False  # the erased pixels: see the legend
+        viewer.dims.set_point(0, 0)
+        hide_notifications(viewer)  # Revert's would cover the colour bar's words
+        process_until(lambda: False, 0.3)
+        shots[method] = out / f"{name}-{method}.png"
+        viewer.screenshot(str(shots[method]), canvas_only=False)
     exported = widget.results.export_run(out / "exports") if export else None
     text = widget.results.result.text()
     viewer.close()
     return {"screenshots": shots, "export": exported, "result": text}
 
 
+# The README's pictures: the method most use, erase and relearn, and a certified method.
+SCREENSHOT_METHODS = ("neggrad-seg", "relearn", "gradient-clipping")
+
+
 def screenshots(out: Path, steps: int = 40) -> list[Path]:
-    """The README's pictures: after the refinement and after a run, at 1280 x 800 and
-    1600 x 1000."""
+    """The README's pictures: after the refinement and after a run of each of
+    SCREENSHOT_METHODS, at 1280 x 800 and 1600 x 1000."""
     import os
     import tempfile
 
     shots = []
     for size in ((1280, 800), (1600, 1000)):
-        # Each picture starts from nothing saved: no autosave restored, default settings.
+        # Each window size starts from nothing saved: no autosave restored, default settings.
         os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
-        done = scripted(out, steps=steps, size=size, export=False)
+        done = scripted(out, steps=steps, size=size, export=False, methods=SCREENSHOT_METHODS)
         shots += list(done["screenshots"].values())
     return shots

@@ -6,11 +6,18 @@ project's figures), the forget set yellow on top, saliency in inferno with a col
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
+
+from .. import display
 
 RESULT = "shortcut_unlearning_result"  # metadata flag of the layers this plugin owns
 BENIGN, MALIGNANT, FORGET = "#2ca02c", "#d62728", "#ffd400"
 AFTER_GAP = 1.06  # the "after" copy sits this many image widths to the right
+# The refined masks' fill lets 65% of the image through (napari's 0.7 hid the lesion's edge
+# and strokes along it erased lesion); the forget set lets 40% through.
+REFINED_OPACITY, FORGET_OPACITY = 0.35, 0.6
 
 
 def class_colormap():
@@ -64,18 +71,14 @@ def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return out
 
 
-def saliency_panels(record, shared: bool) -> tuple[np.ndarray, tuple[float, float]]:
-    """Before | after saliency and its contrast limits: on the before map's scale (shared), or
-    each half divided by its own 99th percentile (separate, unitless 0..1)."""
+def saliency_panels(record, per_image: bool) -> np.ndarray:
+    """Before | after saliency in percent of each map's top, or of one top for every map
+    (display.saliency_scales): the colour scale runs from 0 to 100."""
     before, after = record.before, record.after
-    if shared:
-        return side_by_side(before.saliency, after.saliency), (0, max(before.saliency_vmax, 1e-12))
-    return (
-        side_by_side(
-            before.saliency / max(before.saliency_vmax, 1e-12),
-            after.saliency / max(after.saliency_vmax, 1e-12),
-        ),
-        (0, 1),
+    scales = display.saliency_scales(before.saliency_tops, after.saliency_tops, per_image)
+    return side_by_side(
+        display.as_percent(before.saliency, scales[0]),
+        display.as_percent(after.saliency, scales[1]),
     )
 
 
@@ -90,7 +93,7 @@ def result_layer(viewer, name: str):
 def update_result_layer(layer, data, style: dict) -> None:
     """Show new data in a result layer already on the canvas."""
     layer.data = data
-    for key in ("translate", "contrast_limits"):
+    for key in ("translate", "contrast_limits", "contour"):
         if key in style:
             setattr(layer, key, style[key])
     layer.visible = True
@@ -120,12 +123,74 @@ def set_result_layer(viewer, name: str, data, kind: str, **style):
         update_result_layer(layer, data, style)
 
 
-def show_colorbar(viewer, name: str, position: str) -> None:
-    """The colour bar of this plugin's result layer `name` (its own step: napari takes about
-    100 ms to make one, as long as adding the layer)."""
+SALIENCY_WORDS = "saliency_words"  # the canvas text under the colour bar
+
+
+def show_colorbar(viewer, name: str, position: str, words: str) -> None:
+    """The colour bar of this plugin's result layer `name`, with `words` under it saying what
+    its numbers mean (napari's colour bar has numbers only); both go with the layer. Its own
+    step: napari takes about 100 ms to make a colour bar, as long as adding the layer."""
+    from napari.components.overlays import TextOverlay
+
     layer = viewer.layers[name]
     layer.colorbar.visible = True
     layer.colorbar.position = position
+    overlays = viewer.canvas.overlays
+    if SALIENCY_WORDS not in overlays:
+        overlays[SALIENCY_WORDS] = TextOverlay(position=position, font_size=10)
+    if layer not in _CAPTIONED:
+        _CAPTIONED.add(layer)
+        layer.events.visible.connect(lambda event: set_caption(viewer, event.source.visible))
+    set_caption(viewer, layer.visible, words)
+
+
+_CAPTIONED = weakref.WeakSet()  # layers whose visibility the caption follows
+
+
+def set_caption(viewer, visible: bool, words: str | None = None) -> None:
+    """Show or hide the colour bar's words (and change them)."""
+    overlays = viewer.canvas.overlays
+    if SALIENCY_WORDS in overlays:
+        caption = overlays[SALIENCY_WORDS]
+        caption.visible = visible
+        if words is not None:
+            caption.text = words
+
+
+def mirror_name(layer) -> str:
+    return f"{layer.name} (after)"
+
+
+def make_mirror(layer, offset: int):
+    """A copy of the overlay `layer` (the refined masks, the forget set...) over the "after"
+    half, `offset` columns to its right: the same data, not copied, and the same look."""
+    from napari.layers import Labels
+
+    if isinstance(layer, Labels):  # made with the class colours, as the refined layer
+        mirror = make_result_layer(mirror_name(layer), layer.data, "labels")
+    else:
+        style = {"colormap": layer.colormap, "contrast_limits": layer.contrast_limits}
+        mirror = make_result_layer(mirror_name(layer), layer.data, "image", **style)
+    follow(layer, mirror, offset)
+    return mirror
+
+
+LOOK = ("visible", "opacity", "blending", "contour")  # what a mirror copies (contour: Labels)
+
+
+def follow(layer, mirror, offset: int) -> None:
+    """`mirror` shows the overlay `layer` as it is now: its data (edited in place or
+    replaced), its look, over the "after" half."""
+    if mirror.data is not layer.data:
+        mirror.data = layer.data
+    elif mirror.visible:
+        mirror.refresh()
+    for attribute in LOOK:
+        value = getattr(layer, attribute, None)
+        if value is not None and getattr(mirror, attribute) != value:
+            setattr(mirror, attribute, value)
+    if tuple(mirror.translate[-1:]) != (offset,):
+        mirror.translate = (0, 0, offset)
 
 
 def remove_result_layers(viewer, keep=()) -> None:

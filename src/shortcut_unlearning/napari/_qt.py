@@ -10,6 +10,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSizePolicy,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -68,6 +69,23 @@ def text(text: str, tip: str = "") -> QLabel:
     label.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
     label.setMinimumWidth(40)
     return label
+
+
+def expander(title: str, tip: str = "") -> tuple[QToolButton, QLabel]:
+    """A "title" button with an arrow, and the wrapped text it shows or hides (hidden first):
+    the numbers one click away from the plain words."""
+    details = text("")
+    details.setVisible(False)
+    toggle = QToolButton(text=title, checkable=True, toolTip=tip, autoRaise=True)
+    toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+    toggle.setArrowType(Qt.ArrowType.RightArrow)
+
+    def show(shown: bool) -> None:
+        details.setVisible(shown)
+        toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
+
+    toggle.toggled.connect(show)
+    return toggle, details
 
 
 def duration(seconds: float) -> str:

@@ -18,25 +18,25 @@ import numpy as np
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QComboBox,
+    QCheckBox,
     QFileDialog,
     QGroupBox,
     QHeaderView,
-    QLabel,
     QTableWidget,
     QTableWidgetItem,
-    QToolButton,
     QVBoxLayout,
 )
 
+from .. import display
 from ..settings import exports_folder
 from ..verdict import SHORT
 from ..workbench import MEASURED, Workbench
 from . import _layers
-from ._qt import button, row, text
+from ._qt import button, expander, row, text
 from ._texts import TIPS, legend_html, method_label
 
-# Every glyph show_current_image writes on the canvas (words, numbers, the verdict's words).
+# Every glyph written on the canvas: show_current_image's words, numbers and verdict, and
+# the colour bar's words.
 TEXT_GLYPHS = "".join(
     sorted(
         set(
@@ -44,6 +44,7 @@ TEXT_GLYPHS = "".join(
             "Cannot tell whether changed The This image (malignant benign): lesion malignancy -> "
             "no lesion was not measured (a run measures images)"
             + "".join(SHORT.values())
+            + "".join(display.SALIENCY_WORDS.values())
             + string.digits
             + ".-"
         )
@@ -53,20 +54,23 @@ TEXT_GLYPHS = "".join(
 
 class ResultsView(QGroupBox):
     """Results of the run on display. `images()` names the image layer; `refined()` is the
-    layer the eraser works on (selected again once results are drawn)."""
+    layer the eraser works on (selected again once results are drawn); `overlays()` are the
+    editing layers over the images (refined masks, forget set, band), copied over the "after"
+    half so that both halves carry the same overlays."""
 
-    def __init__(self, viewer, bench: Workbench, images, refined):
+    def __init__(self, viewer, bench: Workbench, images, refined, overlays):
         super().__init__("Results")
         self.viewer, self.bench, self._images, self._refined = viewer, bench, images, refined
+        self._overlays = overlays
+        self._offset = 0  # columns from an image to its "after" copy, once results are drawn
         self._steps: list = []  # what is left to draw, one step per turn of the event loop
         self._next_turn = False  # a turn of the event loop is booked for the next step
         self._warmed = False  # the canvas text's glyphs (warm_text)
         self.current = text(bench.status())
         self.current.setStyleSheet("font-weight: bold")
         self.result = text("")
-        self.scale = QComboBox(toolTip=TIPS["scale"])
-        self.scale.addItems(["shared", "separate"])
-        self.scale.currentTextChanged.connect(self.apply_scale)
+        self.shared_scale = QCheckBox("One saliency scale for all images", toolTip=TIPS["scale"])
+        self.shared_scale.toggled.connect(self.apply_scale)
         self.scores = QTableWidget(0, 4)
         self.scores.setHorizontalHeaderLabels(["image", "label", "before", "after"])
         header = self.scores.horizontalHeader()
@@ -82,14 +86,7 @@ class ResultsView(QGroupBox):
         self.revert = button("Revert", self.revert_model, "Go back to the model before the run")
         self.export = button("Export…", self.export_run, "Save this run into a folder you pick")
         self.actions = row(self.accept, self.revert, self.export)  # the dock pins it in view
-        self.details = text("")
-        self.details.setVisible(False)
-        self.details_toggle = QToolButton(
-            text="Details", checkable=True, toolTip=TIPS["details"], autoRaise=True
-        )
-        self.details_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.details_toggle.setArrowType(Qt.ArrowType.RightArrow)
-        self.details_toggle.toggled.connect(self.show_details)
+        self.details_toggle, self.details = expander("Details", TIPS["details"])
         column = QVBoxLayout(self)
         for part in (
             self.current,
@@ -98,7 +95,7 @@ class ResultsView(QGroupBox):
             self.details,
             text("Lesion malignancy score per image (click a row to go there):", TIPS["scores"]),
             self.scores,
-            row(QLabel("Saliency scale"), self.scale),
+            self.shared_scale,
             text(legend_html()),
         ):
             column.addWidget(part)
@@ -136,7 +133,7 @@ class ResultsView(QGroupBox):
         if record is None:
             self.clear()
             self.result.setText("No run on display.")
-            for widget in (self.scale, self.scores, self.details_toggle):
+            for widget in (self.shared_scale, self.scores, self.details_toggle):
                 widget.setEnabled(False)
             self.enable_actions()
             return
@@ -144,15 +141,10 @@ class ResultsView(QGroupBox):
         self.result.setText(record.summary(method_label(record.method)))
         self.details.setText(record.details())
         self._fill_scores(record)
-        for widget in (self.scale, self.scores, self.details_toggle):
+        for widget in (self.shared_scale, self.scores, self.details_toggle):
             widget.setEnabled(True)
         self.show_current_image()
         self.enable_actions()
-
-    def show_details(self, shown: bool) -> None:
-        self.details.setVisible(shown)
-        arrow = Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow
-        self.details_toggle.setArrowType(arrow)
 
     def enable_actions(self, running: bool = False) -> None:
         record = None if running else self.bench.shown
@@ -164,12 +156,14 @@ class ResultsView(QGroupBox):
         """Take the shown run off the screen: its layers go (or hide, when a new run will
         reuse them), with the canvas text and the dock's numbers."""
         self._run_steps([])  # results still being drawn are not drawn
+        self._offset = 0  # nothing drawn: the overlays' copies no longer follow them
         if remove:
             _layers.remove_result_layers(self.viewer, keep=("forget set",))
         for layer in self.viewer.layers:
             if layer.metadata.get(_layers.RESULT) and layer.name != "forget set":
                 layer.visible = False
         _layers.text_overlay(self.viewer).visible = False
+        _layers.set_caption(self.viewer, False)
         self.result.setText("")
         self.details.setText("")
         self.scores.setRowCount(0)
@@ -184,32 +178,71 @@ class ResultsView(QGroupBox):
         of the event loop and put on the canvas in the next: on our 2-core machine napari
         takes 10-50 ms to make one and 90-130 ms to put it on the canvas."""
         images = self.viewer.layers[self._images()]
-        offset = _layers.after_offset(images.data.shape[2])
-        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
-        heat = {"colormap": _layers.saliency_colormap(), "blending": "translucent"}
-        after = {"rgb": images.rgb, "translate": (0, 0, offset)}
+        self._offset = _layers.after_offset(images.data.shape[2])
+        per_image = not self.shared_scale.isChecked()
+        panels = _layers.saliency_panels(record, per_image)
+        heat = {
+            "colormap": _layers.saliency_colormap(),
+            "blending": "translucent",
+            "contrast_limits": (0, 100),
+        }
+        after = {"rgb": images.rgb, "translate": (0, 0, self._offset)}
         predictions = _layers.side_by_side(record.before.predictions, record.after.predictions)
+        outline = {"contour": display.outline_width(images.data.shape[1:3])}
         saliency = _layers.SALIENCY_LAYER
+        words = display.SALIENCY_WORDS[per_image]
         self._run_steps(
             [
                 *self._layer_steps(_layers.AFTER_IMAGES, images.data, "image", after),
-                *self._layer_steps(saliency, panels, "image", {"contrast_limits": limits, **heat}),
-                partial(_layers.show_colorbar, self.viewer, saliency, "bottom_right"),
-                *self._layer_steps(_layers.PREDICTION_LAYER, predictions, "labels", {"contour": 1}),
+                *self._mirror_steps(),
+                *self._layer_steps(saliency, panels, "image", heat),
+                partial(_layers.show_colorbar, self.viewer, saliency, "bottom_right", words),
+                *self._layer_steps(_layers.PREDICTION_LAYER, predictions, "labels", outline),
                 self._drawn,
             ]
         )
 
     def _layer_steps(self, name: str, data, kind: str, style: dict) -> list:
         """One step that updates the result layer `name`, or two that make and add it."""
+        return self._steps_for(
+            name,
+            lambda: _layers.make_result_layer(name, data, kind, **style),
+            partial(_layers.update_result_layer, data=data, style=style),
+        )
+
+    def _mirror_steps(self) -> list:
+        """Steps that copy each editing overlay over the "after" half, or bring its copy up
+        to date; a copy follows its overlay's look from then on (follow_overlays)."""
+        steps = []
+        for layer in self._overlays():
+            for attribute in _layers.LOOK:
+                if hasattr(layer.events, attribute):
+                    getattr(layer.events, attribute).connect(self._overlay_changed)
+            steps += self._steps_for(
+                _layers.mirror_name(layer),
+                partial(_layers.make_mirror, layer, self._offset),
+                partial(_layers.follow, layer, offset=self._offset),
+            )
+        return steps
+
+    def _steps_for(self, name: str, make, update) -> list:
+        """One step that updates the result layer `name` (`update(layer)`), or two that make
+        it (`make()`) and add it."""
         layer = _layers.result_layer(self.viewer, name)
         if layer is not None:
-            return [partial(_layers.update_result_layer, layer, data, style)]
+            return [partial(update, layer)]
         made = []
-        return [
-            lambda: made.append(_layers.make_result_layer(name, data, kind, **style)),
-            lambda: self.viewer.layers.append(made.pop()),
-        ]
+        return [lambda: made.append(make()), lambda: self.viewer.layers.append(made.pop())]
+
+    def follow_overlays(self) -> None:
+        """After an edit or a new overlay: the "after" half shows the overlays as they are."""
+        if not self._offset or self.bench.shown is None or self.displaying:
+            return  # nothing drawn, or the drawing will do it
+        for step in self._mirror_steps():
+            step()
+
+    def _overlay_changed(self, event=None) -> None:  # an overlay shown, hidden, restyled
+        self.follow_overlays()
 
     def _run_steps(self, steps) -> None:
         """Run `steps` one per turn of the event loop, from the next one on, in place of any
@@ -236,11 +269,12 @@ class ResultsView(QGroupBox):
 
     def apply_scale(self, *_) -> None:
         record = self.bench.shown
-        if record is None or _layers.SALIENCY_LAYER not in self.viewer.layers:
+        layer = _layers.result_layer(self.viewer, _layers.SALIENCY_LAYER)
+        if record is None or layer is None:
             return
-        panels, limits = _layers.saliency_panels(record, self.scale.currentText() == "shared")
-        layer = self.viewer.layers[_layers.SALIENCY_LAYER]
-        layer.data, layer.contrast_limits = panels, limits
+        per_image = not self.shared_scale.isChecked()
+        layer.data = _layers.saliency_panels(record, per_image)
+        _layers.set_caption(self.viewer, layer.visible, display.SALIENCY_WORDS[per_image])
 
     def _fill_scores(self, record) -> None:
         """One row per measured image with its lesion malignancy scores; a click on it moves
@@ -272,9 +306,10 @@ class ResultsView(QGroupBox):
         truth = "" if labels is None else f" ({'malignant' if labels[i] else 'benign'})"
         before, after = record.before.lesion_scores[i], record.after.lesion_scores[i]
         this = (
-            f"This image{truth}: lesion malignancy {_score(before)} -> {_score(after)}"
+            # two lines: one was wider than the canvas beside the dock at 1280 x 800
+            f"This image{truth}:\nlesion malignancy {_score(before)} -> {_score(after)}"
             if np.isfinite(record.before.scores[i])
-            else f"This image{truth} was not measured (a run measures {MEASURED} images)"
+            else f"This image{truth} was not measured\n(a run measures {MEASURED} images)"
         )
         overlay.visible, overlay.font_size, overlay.position = True, 12, "top_left"
         verdict = record.verdict.short()

@@ -68,8 +68,11 @@ TIPS = {
     "lesion the model predicts, before and after the run. Click a row to go to the image.",
     "details": "The numbers behind the verdict: S_global in nats per pixel, the 95% intervals "
     "and chance levels, Dice, and the certificate where there is one.",
-    "scale": "Shared: before and after on one colour scale (is the after map weaker?). "
-    "Separate: each on its own scale (where does each model look?).",
+    "scale": "Saliency is drawn in percent of a scale: by default each image's own (the "
+    "99th percentile of its before and after maps), so every image's map shows and its two "
+    "halves compare; checked, one scale for all images, so images compare with each other.",
+    "preview": "The numbers behind the preview: the noise, the parameters it covers, the "
+    "full certificate and its warnings.",
 }
 
 

@@ -5,8 +5,8 @@ redrawn and the edited images autosaved after each edit (brush, fill, polygon, u
 replaced data).
 Unlearn -> the workbench's job in a thread worker, with progress, a live curve and Cancel.
 Results -> saliency and predictions before (over the images) and after (over a copy to their
-right), the verdict in the dock and on the canvas; Accept, Revert, Export pinned below the
-scrolling area, always in view.
+right), the verdict in the dock and on the canvas. Unlearn and Cancel, the progress bar, and
+Accept, Revert, Export are pinned below the scrolling area, always in view.
 
 Nothing here imports torch: the dock shows at once and loads PyTorch and the model in a worker.
 """
@@ -35,13 +35,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .. import display
 from ..masks import MaskError
 from ..progress import Cancel
 from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
-from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Workbench
+from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Preview, Workbench
 from . import _layers
 from ._edits import edited_planes
-from ._qt import button, duration, row, section, text
+from ._qt import button, duration, expander, row, section, text
 from ._results import ResultsView
 from ._texts import CONTEXTS, FORGET_AS_S, METHODS, SCOPES, TIPS, method_label, phase_label
 
@@ -135,6 +136,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.device.addItems(["auto", "cuda", "mps", "cpu"])
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1)
         self.preview = text("Loading PyTorch and the model…")
+        self.preview_toggle, self.preview_details = expander("Details", TIPS["preview"])
         defaults = button("Restore defaults", self.restore_defaults)
         self.form = QFormLayout()
         for label, widget in (
@@ -158,13 +160,19 @@ class ShortcutUnlearningWidget(QWidget):
         settings = QGroupBox("Unlearning")
         column = QVBoxLayout(settings)
         column.addLayout(self.form)
-        for part in (self.preview, defaults, row(self.run, self.stop), self.progress):
+        for part in (self.preview, self.preview_toggle, self.preview_details):
+            column.addWidget(part)
+        for part in (defaults,):
             column.addWidget(part)
         column.addWidget(self.progress_text)
         column.addLayout(self.curve_box)
 
         self.results = ResultsView(
-            self.viewer, self.bench, self.image.currentText, lambda: self.refined_layer
+            self.viewer,
+            self.bench,
+            self.image.currentText,
+            lambda: self.refined_layer,
+            self._overlays,
         )
 
         content = QWidget()
@@ -177,7 +185,10 @@ class ShortcutUnlearningWidget(QWidget):
         scroll.setWidget(content)
         outer = QVBoxLayout(self)
         outer.addWidget(scroll)
-        outer.addWidget(self.results.actions)  # never scrolled out of view
+        # Never scrolled out of view: Unlearn and Cancel with the progress, then the actions
+        # on the run shown (at 1280 x 800 Unlearn was below the fold after a refinement).
+        for part in (row(self.run, self.stop), self.progress, self.results.actions):
+            outer.addWidget(part)
         # A layer's name never widens the dock; the dock's own choices are never cut.
         for combo in (self.image, self.coarse, self.artefacts):
             combo.setSizeAdjustPolicy(
@@ -202,11 +213,19 @@ class ShortcutUnlearningWidget(QWidget):
     def _fit_width(self) -> None:
         """The dock is never narrower than its content: the horizontal scroll bar is off, so
         what did not fit was cut off on the right. Again once napari's style applies (it
-        widens the controls) and once the methods are listed."""
+        widens the controls), once the methods are listed and when rows come or go. The
+        dock's own choices are never cut: each such box is as wide as its longest item."""
+        for combo in (self.method, self.scope, self.context, self.device):
+            combo.setMinimumWidth(combo.sizeHint().width())
         scroll, margins = self.scroll, self.layout().contentsMargins()
         beside = scroll.verticalScrollBar().sizeHint().width() + 2 * scroll.frameWidth()
         beside += margins.left() + margins.right()
-        self.setMinimumWidth(max(300, scroll.widget().minimumSizeHint().width() + beside))
+        width = max(300, scroll.widget().minimumSizeHint().width() + beside)
+        if width != self.minimumWidth():
+            self.setMinimumWidth(width)
+            window = self.window()  # napari's window: its docks follow at its next layout,
+            if window is not self and window.layout() is not None:  # which may be long
+                window.layout().invalidate()
 
     def showEvent(self, event) -> None:
         self._fit_width()
@@ -331,12 +350,15 @@ class ShortcutUnlearningWidget(QWidget):
             self.steps.setValue(self.bench.parameters[self._steps_for])
             self.steps.blockSignals(False)
         self.form.labelForField(self.steps).setText("Relearn steps" if certified else "Steps")
+        QTimer.singleShot(0, self._fit_width)  # rows shown or relabelled: once laid out
         device = _device_in_use(self.bench.parameters["device"])
         try:
             preview = self.bench.preview()
         except (ValueError, FileNotFoundError) as error:
-            preview = str(error)
-        self.preview.setText(f"Device in use: {device}\n{preview}")
+            preview = Preview(str(error))
+        self.preview.setText(f"Device in use: {device}\n{preview.plain}")
+        self.preview_details.setText(preview.details)
+        self.preview_toggle.setVisible(bool(preview.details))
         save_settings(self.bench.parameters)
 
     def open_dataset(self) -> None:
@@ -395,16 +417,21 @@ class ShortcutUnlearningWidget(QWidget):
         self._drop_refinement_layers()
         refinement = self.bench.refinement
         self.coarse_layer = coarse_layer
+        # Light enough that the lesion's own edge shows through while erasing.
         self.refined_layer = self.viewer.add_labels(
-            refinement.refined, name=f"refined {coarse_layer.name}", metadata=meta
+            refinement.refined,
+            name=f"refined {coarse_layer.name}",
+            metadata=meta,
+            opacity=_layers.REFINED_OPACITY,
         )
         self.refined_layer.colormap = _layers.class_colormap()
+        self.refined_layer.brush_size = display.eraser_size(refinement.coarse.shape)
         self.forget_layer = self.viewer.add_image(
             refinement.forget.view(np.uint8),
             name="forget set",
             colormap=_layers.forget_colormap(),
             blending="translucent",
-            opacity=0.9,
+            opacity=_layers.FORGET_OPACITY,
             contrast_limits=(0, 1),
             metadata={_layers.RESULT: True},
         )
@@ -423,6 +450,12 @@ class ShortcutUnlearningWidget(QWidget):
         self.viewer.layers.move(
             self.viewer.layers.index(self.forget_layer), len(self.viewer.layers)
         )
+
+    def _overlays(self) -> list:
+        """The editing layers over the images: refined masks, forget set, suggested band."""
+        layers = [self.refined_layer, self.forget_layer]
+        layers.append(_layers.result_layer(self.viewer, _layers.SUGGESTED_BAND))
+        return [layer for layer in layers if layer is not None and layer in self.viewer.layers]
 
     def _drop_refinement_layers(self) -> None:
         for layer in (self.refined_layer, self.forget_layer):
@@ -474,6 +507,7 @@ class ShortcutUnlearningWidget(QWidget):
         if changed:
             self._touched |= set(changed)
             self.forget_layer.refresh()
+            self.results.follow_overlays()
             self._show_stats()
 
     def flush_autosave(self) -> None:
@@ -526,6 +560,7 @@ class ShortcutUnlearningWidget(QWidget):
         ids = self.bench.meta.get("ids")
         name = ids[i] if ids else f"image {i}"
         self.suggestion.setText(f"{name}, {self._suggestion.why[i]}. Its band is shaded cyan.")
+        self.results.follow_overlays()
         self._pick_eraser()
 
     def _rank(self, then_show: bool = False) -> None:
@@ -552,6 +587,7 @@ class ShortcutUnlearningWidget(QWidget):
         self.bench.refinement.sync(None, autosave_folder())
         self.refined_layer.refresh()
         self.forget_layer.refresh()
+        self.results.follow_overlays()
         self._show_stats()
         show_info(f"Removed {count} pixels painted outside the coarse masks.")
 
