@@ -157,7 +157,7 @@ def _demo(args) -> None:
     if args.screenshots or args.headless:
         _scripted_home()
     if args.screenshots:
-        for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps):
+        for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps or 40):
             print(f"screenshot: {shot}")
         return
     if not args.headless:
@@ -768,7 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--headless", action="store_true", help="drive the workflow and exit, even with a display"
     )
     demo.add_argument(
-        "--steps", type=_whole(1), default=40, help="unlearning steps of the demo run"
+        "--steps",
+        type=_whole(1),
+        help="unlearning steps of the demo run (default: the dock's, at most, for the method)",
     )
     demo.add_argument(
         "--screenshots",

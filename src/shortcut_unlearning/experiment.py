@@ -62,7 +62,7 @@ class RunConfig:
     # Which images get refined: "ranked" (the coarse model's ranking, see ranking.py),
     # "random" (seeded) or "given" (the --refined ids). None: given with --refined, else random.
     refine_order: str | None = None
-    method: str = "neggrad-seg"
+    method: str = "relearn"
     steps: int | None = None  # unlearning steps (None: the operator's default)
     epochs: int = 20  # at most, for the coarse model and the baselines (early stopping)
     encoder: str = ModelConfig.encoder

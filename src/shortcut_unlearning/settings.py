@@ -17,7 +17,7 @@ from .files import write_text
 
 APP = "shortcut-unlearning"
 DEFAULTS = {
-    "method": "neggrad-seg",
+    "method": "relearn",
     "scope": "decoder",
     "epsilon": 1.0,
     "delta": 1e-5,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..settings import DEFAULTS
+
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
 
 
@@ -67,15 +69,16 @@ def interactive() -> None:
 def scripted(
     out: Path,
     refine: int = 3,
-    steps: int = 40,
+    steps: int | None = None,
     timeout_s: float = 900,
     size: tuple[int, int] = (1600, 1000),
     export: bool = True,
-    methods: tuple[str, ...] = ("neggrad-seg",),
+    methods: tuple[str, ...] = (DEFAULTS["method"],),
 ) -> dict:
     """Drive the workflow as a clinician would, headless, at the window `size`: a screenshot
     after the refinement, then one run of each method from the same model (Revert between
-    them), each with its screenshot. Returns what it wrote and the last run's verdict."""
+    them), each with its screenshot (`steps` None: the dock's). Returns what it wrote and the
+    last run's verdict."""
     viewer, widget = open_viewer(show=True)
     viewer.window.resize(*size)
     if not process_until(lambda: widget._ready, timeout_s):
@@ -93,7 +96,8 @@ def scripted(
             widget.results.revert.click()
         viewer.layers["forget set"].visible = True
         widget.method.setCurrentIndex(widget.method.findData(method))
-        widget.steps.setValue(steps)
+        if steps is not None:
+            widget.steps.setValue(steps)
         widget.run.click()
         process_until(lambda: not widget.busy, timeout_s)
         if widget.bench.shown is None:
@@ -114,7 +118,7 @@ def scripted(
 SCREENSHOT_METHODS = ("neggrad-seg", "relearn", "gradient-clipping")
 
 
-def screenshots(out: Path, steps: int = 40) -> list[Path]:
+def screenshots(out: Path, steps: int | None = 40) -> list[Path]:
     """The README's pictures: after the refinement and after a run of each of
     SCREENSHOT_METHODS, at 1280 x 800 and 1600 x 1000."""
     import os
