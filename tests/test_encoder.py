@@ -29,8 +29,8 @@ def encoder_file(tmp_path_factory):
 def test_pretrain_encoder_writes_a_small_checkpoint_that_says_what_it_saw(encoder_file):
     path, _ = encoder_file
     info = read_encoder_info(path)
-    assert info["encoder"] == "mobilenet_v2" and info["storage"] == "float16"
-    seen = info["provenance"]
+    assert info.encoder == "mobilenet_v2" and info.storage == "float16"
+    seen = info.provenance
     assert seen["saw_coarse_labels"] is False and seen["masks"] == "fine"
     assert seen["generator"]["p"] == 0.5 and seen["scope"] == "all"
     assert seen["training"]["epochs_run"] == 1

@@ -638,11 +638,10 @@ def check_encoder_settings(config: RunConfig) -> None:
         )
     check_encoder_weights(config.encoder, config.encoder_weights)
     if config.encoder_checkpoint:
-        info = read_encoder_info(config.encoder_checkpoint)
-        if info["encoder"] != config.encoder:
+        held = read_encoder_info(config.encoder_checkpoint).encoder
+        if held != config.encoder:
             raise ValueError(
-                f"{config.encoder_checkpoint} holds a {info['encoder']} encoder; pass --encoder "
-                f"{info['encoder']}"
+                f"{config.encoder_checkpoint} holds a {held} encoder; pass --encoder {held}"
             )
 
 
