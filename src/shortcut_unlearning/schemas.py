@@ -22,19 +22,18 @@ from typing import Annotated, Any, TypeVar
 import numpy as np
 from pydantic import Field, Strict, TypeAdapter, ValidationError
 
-# JSON files the tool reads are small (a sidecar is 2 kB, a benchmark summary of 20 seeds
-# about 200 kB); a larger one is not ours and is refused before it is parsed.
+# JSON files the tool reads are small (the shipped checkpoint's sidecar is 2 kB); a far larger
+# one is not ours and is refused before it is parsed.
 MAX_JSON_BYTES = 16 * 2**20
-# Our files nest at most 7 levels (a checkpoint's provenance); 64 leaves room for the user's
+# The shipped checkpoint's sidecar nests 6 levels (its provenance); 64 leaves room for a user's
 # own metadata and stays far below the depth where parsing or validating recursion fails.
 MAX_DEPTH = 64
-# Seeds are 32-bit: numpy's and scikit-learn's seeded generators take no more, and torch
-# overflows on larger ones ("Overflow when unpacking long long").
+# Seeds are 32-bit: numpy's legacy RandomState and scikit-learn's random_state take no more,
+# and torch overflows on far larger ones ("Overflow when unpacking long long").
 MAX_SEED = 2**32 - 1
 # Most numbers in the tool's files are counts, sizes or seeds: a whole number below this.
 MAX_COUNT = 2**31 - 1
 
-Int = Annotated[int, Strict()]
 Count = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 Whole = Annotated[int, Strict(), Field(ge=1, le=MAX_COUNT)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
