@@ -351,6 +351,18 @@ def test_train_on_a_full_disk_keeps_the_earlier_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
 
+def test_train_into_a_read_only_file_system_says_so(tmp_path, capsys, monkeypatch):
+    """It said "permission denied" (the test runs as root, so the file system is simulated)."""
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly)
+    assert main(["train", "--out", str(tmp_path / "model")]) == 2
+    assert "(the file system is read-only); choose another --out" in one_error_line(capsys)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset folders: dataset.json, labels CSVs, ids, masks
 

@@ -494,7 +494,7 @@ def list_project(path: Path | str) -> Listing:
     labels_path = path / "labels.csv"
     if not labels_path.is_file():
         raise FolderError(f"{labels_path} is missing; rewrite the folder with write_project")
-    header, lines = read_csv(labels_path, PROJECT_FIX, delimiter=",")
+    header, lines = read_csv(labels_path, "rewrite the folder with write_project", ",")
     if not lines:
         raise FolderError(f"{labels_path} lists no images; rewrite the folder with write_project")
     for column in ("id", "label", "split"):
@@ -891,8 +891,7 @@ def _read_labels(path: Path, labels) -> dict[str, dict]:
 def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
     """Rows of one labels CSV by 7-digit id, each checked against its format's schema
     (IsicRow or Task3Row); unknown headers are skipped unless asked for."""
-    fix = f"fix or remove that row ({LABEL_FORMATS})"
-    header, lines = read_csv(file, fix)
+    header, lines = read_csv(file, f"it should hold {LABEL_FORMATS}")
     is_task3 = all(name in header for name in TASK3_CLASSES)
     if "image" not in header or not ("label" in header or is_task3):
         if explicit:
