@@ -336,10 +336,10 @@ def test_dataset_json_of_another_version(tmp_path, capsys, version, message):
     folder = project(tmp_path / "set")
     info = json.loads((folder / "dataset.json").read_text())
     (folder / "dataset.json").write_text(json.dumps({**info, "version": version}))
-    with pytest.raises(FolderError, match=rf"version {version!r} but this reader .*{message}"):
+    with pytest.raises(FolderError, match=rf"version {version!r}, but this tool reads .*{message}"):
         read_folder(folder)
     assert main(["train", "--data", str(folder), "--out", str(tmp_path / "m")]) == 2
-    assert "this reader reads version 1" in capsys.readouterr().err
+    assert "this tool reads version 1" in capsys.readouterr().err
 
 
 def isic_folder(root: Path, numbers=(0, 1, 2), mask_values=(0, 255)) -> Path:
@@ -388,7 +388,8 @@ def test_isic_duplicate_rows(tmp_path):
 def test_isic_csv_image_names_are_plain_names(tmp_path):
     root = isic_folder(tmp_path)
     (root / "labels.csv").write_text("image,label\nISIC_0000000,0\n../x/ISIC_0000001.jpg,1\n")
-    with pytest.raises(FolderError, match=r"labels\.csv line 3: id '\.\./x/ISIC_0000001\.jpg'"):
+    message = r"labels\.csv line 3: column 'image': id '\.\./x/ISIC_0000001\.jpg'"
+    with pytest.raises(FolderError, match=message):
         read_folder(root)
 
 
@@ -429,11 +430,11 @@ DROP = object()
     ("change", "message"),
     [
         (lambda info: [info], r"model\.json is not a shortcut-unlearning model config"),
-        (with_keys(architecture="FPN"), r"has the unknown keys \['architecture'\].*architecture"),
+        (with_keys(architecture="FPN"), r"model\.json: architecture is not a known field"),
         (with_keys(seed=DROP, mean=DROP), r"lacks the keys \['mean', 'seed'\]"),
         (with_keys(encoder="resnet9000"), r"unknown encoder 'resnet9000'.*e\.g\. resnet18"),
-        (with_keys(std=[0.2, 0.0, 0.2]), r"checkpoint .*model\.json holds an unusable config"),
-        (with_keys(mean=[0.5, float("nan"), 0.5]), r"unusable config.*every number finite"),
+        (with_keys(std=[0.2, 0.0, 0.2]), r"model\.json: std\.1 should be greater than 0"),
+        (with_keys(mean=[0.5, float("nan"), 0.5]), r"mean\.1 should be a finite number"),
         (with_keys(version=2), r"version 2, but this tool reads version 1; update"),
         (with_keys(encoder="resnet34"), r"weights in .*model\.safetensors do not fit the resnet34"),
     ],
@@ -480,7 +481,7 @@ BAD_ARGUMENTS = [
     (["--refined", ""], "--refined: needs comma-separated image ids"),
     (["--refined", "a,,b"], "--refined: needs comma-separated image ids"),
     (["--refined", "a,b, a"], "--refined: names 'a' more than once"),
-    (["--image-size", "7"], "--image-size: must be a whole number >= 32"),
+    (["--image-size", "7"], "--image-size: must be a whole number from 32 to 4096"),
     (["--device", "tpu"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
     (["--fine-fraction", "0"], "--fine-fraction: must lie in (0, 1]"),
     (["--fine-fraction", "1.5"], "--fine-fraction: must lie in (0, 1]"),
@@ -488,7 +489,7 @@ BAD_ARGUMENTS = [
     (["--coarse-margin", "1"], "--coarse-margin: must lie in [0, 1)"),
     (["--delta", "1"], "--delta: must lie in (0, 1)"),
     (["--epsilon", "0"], "--epsilon: must lie in (0, inf)"),
-    (["--seed", "-1"], "--seed: must be a whole number >= 0"),
+    (["--seed", "-1"], "--seed: must be a whole number from 0 to 4294967295"),
     (["--encoder", "resnet9000"], "unknown encoder 'resnet9000'"),
     (["--method", "magic"], "--method: invalid choice"),
 ]
@@ -506,9 +507,9 @@ def test_bad_run_arguments_are_refused_on_one_line(tmp_path, capsys, flags, mess
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["synth", "--size", "4"], "--size: must be a whole number >= 16"),
+        (["synth", "--size", "4"], "--size: must be a whole number from 16 to 4096"),
         (["bench", "seeds", "--methods", "neggrad-seg,magic"], "'magic' is not a method"),
-        (["bench", "seeds", "--seeds", "0,x"], "--seeds: must be a whole number >= 0"),
+        (["bench", "seeds", "--seeds", "0,x"], "--seeds: must be a whole number from 0 to"),
         (["demo", "--steps", "0"], "--steps: must be a whole number >= 1"),
         (["train", "--epochs", "0"], "--epochs: must be a whole number >= 1"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -520,17 +521,6 @@ def test_bad_arguments_of_other_commands(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
-
-
-def test_unexpected_exceptions_keep_their_traceback(monkeypatch, tmp_path):
-    from shortcut_unlearning import experiment
-
-    def bug(config):
-        raise RuntimeError("a bug")
-
-    monkeypatch.setattr(experiment, "run", bug)
-    with pytest.raises(RuntimeError, match="a bug"):
-        main(tiny_run(tmp_path, 16))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -757,15 +747,14 @@ def test_labels_flags_pick_trap_set_csvs_from_a_subfolder(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    from shortcut_unlearning import files, outputs
-
-    outputs.save_checkpoint(Model(TINY), tmp_path / "m")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Call full_disk() and the disk fills up after a few bytes of each file written."""
+    from shortcut_unlearning import files
 
     real_fdopen = os.fdopen
 
-    class HalfWritten:  # the disk fills up after a few bytes of each file
+    class HalfWritten:
         def __init__(self, handle, mode):
             self.file = real_fdopen(handle, mode)
 
@@ -779,10 +768,17 @@ def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, monkeypat
             self.file.write(data[:10])
             raise OSError(28, "No space left on device")
 
-    disk_full = HalfWritten
+    return lambda: monkeypatch.setattr(files.os, "fdopen", HalfWritten)
 
-    monkeypatch.setattr(files.os, "fdopen", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+
+def test_a_failed_checkpoint_write_leaves_the_old_checkpoint(tmp_path, full_disk):
+    from shortcut_unlearning import files, outputs
+
+    outputs.save_checkpoint(Model(TINY), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    full_disk()
+    message = r"cannot write .*m\.safetensors: the disk is full .*keeps its earlier content"
+    with pytest.raises(files.DiskError, match=message):
         outputs.save_checkpoint(Model(ModelConfig(image_size=48, seed=3)), tmp_path / "m")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -795,7 +791,7 @@ def test_label_and_split_values_are_checked(tmp_path, column, value):
         rows[2][column] = value
 
     rewrite_labels(folder, change)
-    with pytest.raises(FolderError, match=r"labels\.csv line 4: label must be 0 or 1 and split"):
+    with pytest.raises(FolderError, match=r"labels\.csv line 4: column '(label|split)' should be"):
         read_folder(folder)
 
 
@@ -811,7 +807,7 @@ def test_project_artefact_flags_are_0_or_1(tmp_path, value):
         rows[1]["ink"] = value
 
     rewrite_labels(folder, change)
-    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+    with pytest.raises(FolderError, match=r"labels\.csv line 3: column 'ink' should be '0' or '1'"):
         read_folder(folder)
 
 
@@ -828,7 +824,8 @@ def test_project_flags_with_spaces_are_read_and_short_rows_refused(tmp_path):
     lines = (folder / "labels.csv").read_text().splitlines()
     lines[2] = lines[2].rsplit(",", 2)[0]  # the last two flags cut off
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(FolderError, match=r"line 3, column '\w+': the artefact flag is nothing"):
+    short = r"line 3: column '\w+' should be .* \(it is nothing: the row is short\)"
+    with pytest.raises(FolderError, match=short):
         read_folder(folder)
 
 
@@ -836,12 +833,13 @@ def test_project_flags_with_spaces_are_read_and_short_rows_refused(tmp_path):
 def test_isic_artefact_flags_are_0_or_1(tmp_path, value):
     root = isic_folder(tmp_path, numbers=(0, 1))
     (root / "labels.csv").write_text(f"image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1,{value}\n")
-    with pytest.raises(FolderError, match=r"labels\.csv line 3, column 'ink': the artefact flag"):
+    with pytest.raises(FolderError, match=r"labels\.csv line 3: column 'ink' should be '0' or '1'"):
         read_folder(root)
     (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0, 1\nISIC_0000001,1,0\n")
     assert read_folder(root).flags["ink"].tolist() == [True, False]
     (root / "labels.csv").write_text("image,label,ink\nISIC_0000000,0,1\nISIC_0000001,1\n")
-    with pytest.raises(FolderError, match=r"line 3, column 'ink': the artefact flag is nothing"):
+    short = r"line 3: column 'ink' should be .* \(it is nothing: the row is short\)"
+    with pytest.raises(FolderError, match=short):
         read_folder(root)
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 # Failures a user can act on: their message says what is wrong and what to do, so the command
-# prints it on one line and exits 2. Any other exception is a bug and keeps its traceback.
+# prints it on one line and exits 2 (so do a full or read-only disk and running out of memory).
+# Any other exception is a bug: one line names it and the log file that holds its traceback,
+# and the command exits 1 (main, _unexpected).
 EXPECTED_ERRORS = (
     ValueError,  # FolderError, MaskError, OutputError, UsageError and every checked setting
     FloatingPointError,  # training or unlearning diverged
@@ -30,19 +33,34 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _whole(low: int):
-    """An argparse type: a whole number >= low."""
+def _whole(low: int, high: int | None = None, why: str = ""):
+    """An argparse type: a whole number >= low (and <= high, for the reason `why`)."""
+    span = f">= {low}" if high is None else f"from {low} to {high}{why}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {text!r:.40}")
         return value
 
     return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, a whole number that fits 32 bits (schemas.MAX_SEED)."""
+    from .schemas import MAX_SEED
+
+    return _whole(0, MAX_SEED, " (seeds are 32-bit)")(text)
+
+
+def _side(low: int):
+    """An argparse type: an image side in pixels, from `low` to model.MAX_IMAGE_SIZE."""
+    from .model import MAX_IMAGE_SIZE
+
+    return _whole(low, MAX_IMAGE_SIZE, " (larger images do not fit in memory)")
 
 
 def _number(low: float, high: float, low_open: bool = False, high_open: bool = False):
@@ -245,7 +263,7 @@ def _train(args) -> None:
     from . import masks as masklib
     from . import outputs
     from .distributed import is_main
-    from .experiment import check_encoder_settings, load_data, train_model
+    from .experiment import check_encoder_settings, load_data, train_model, training_split
     from .model import ModelConfig, resolve_device
 
     config = _config(args)
@@ -254,7 +272,7 @@ def _train(args) -> None:
     check_encoder_settings(config)
     size = outputs.checkpoint_bytes(ModelConfig(encoder=config.encoder))
     outputs.check_checkpoint_target(args.out, args.overwrite, 2 * size)  # old and new, briefly
-    train_set = load_data(config).split("train")
+    train_set = training_split(load_data(config))
     if args.masks == "coarse":
         targets = masklib.coarse_masks(train_set.masks, args.coarse, args.coarse_margin)
         kind = f"coarse ({args.coarse} {args.coarse_margin:g})"
@@ -425,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.synthetic import PLACEMENTS
     from .experiment import REFINE_ORDERS, RunConfig
     from .masks import COARSE_METHODS
-    from .model import MIN_IMAGE_SIZE, SCOPES
+    from .model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
     from .unlearning.context import CONTEXT_TERMS
 
@@ -436,9 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, type=Path, help="folder to write")
     synth.add_argument("--n", type=_whole(1), default=600, help="number of images")
     synth.add_argument(
-        "--size", type=_whole(MIN_SIDE), default=128, help=f"image side in pixels (>= {MIN_SIDE})"
+        "--size",
+        type=_side(MIN_SIDE),
+        default=128,
+        help=f"image side in pixels ({MIN_SIDE} to {MAX_IMAGE_SIZE})",
     )
-    synth.add_argument("--seed", type=_whole(0), default=0)
+    synth.add_argument("--seed", type=_seed, default=0)
     synth.add_argument(
         "--p",
         type=_number(0, 1),
@@ -493,9 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--image-size",
-        type=_whole(MIN_IMAGE_SIZE),
+        type=_side(MIN_IMAGE_SIZE),
         default=defaults.image_size,
-        help=f"working size in pixels (>= {MIN_IMAGE_SIZE}: the U-Net halves it five times)",
+        help=f"working size in pixels ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}: the U-Net halves "
+        "it five times)",
     )
     common.add_argument(
         "--coarse",
@@ -565,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the frozen encoder from an encoder checkpoint written by pretrain-encoder "
         "(PATH.safetensors with PATH.json); --encoder must name its encoder",
     )
-    common.add_argument("--seed", type=_whole(0), default=defaults.seed)
+    common.add_argument("--seed", type=_seed, default=defaults.seed)
     common.add_argument(
         "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
     )
@@ -654,9 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, required=True, help="writes OUT.safetensors and OUT.json")
     pre.add_argument("--encoder", type=_encoder, default="mobilenet_v2")
     pre.add_argument("--n", type=_whole(8), default=600, help="synthetic training images")
-    pre.add_argument("--image-size", type=_whole(MIN_IMAGE_SIZE), default=96)
+    pre.add_argument("--image-size", type=_side(MIN_IMAGE_SIZE), default=96)
     pre.add_argument("--epochs", type=_whole(1), default=30, help="at most (early stopping)")
-    pre.add_argument("--seed", type=_whole(0), default=0)
+    pre.add_argument("--seed", type=_seed, default=0)
     pre.add_argument(
         "--p",
         type=_number(0, 1),
@@ -798,8 +820,7 @@ def _working_size(text: str) -> int | None:
 
 
 def _seed_list(text: str) -> list[int]:
-    parse = _whole(0)
-    return [parse(part.strip()) for part in text.split(",")]
+    return [_seed(part.strip()) for part in text.split(",")]
 
 
 def _epsilon_list(text: str) -> list[float]:
@@ -878,12 +899,62 @@ def main(argv=None) -> int:
     except EXPECTED_ERRORS as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(
+            "error: out of memory; use a smaller --image-size or --size, or fewer images "
+            "(--n, --synth-n), or a machine with more memory",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as err:
+        from .files import disk_trouble
+
+        if disk_trouble(err):  # a full or read-only disk outside the writers that say more
+            print(f"error: {_one_line(err)}; free some space or write elsewhere", file=sys.stderr)
+            return 2
+        return _unexpected(err, sys.argv[1:] if argv is None else argv)
     finally:
         if joined:  # leave the process group this call joined
             from . import distributed
 
             distributed.teardown()
     return 0
+
+
+def _unexpected(err: Exception, argv) -> int:
+    """Say on one line that `err` is a bug and where its traceback is logged; exit code 1."""
+    log = _crash_log(err, argv)
+    where = f"its traceback is in {log}" if log else "its traceback follows"
+    print(
+        f"error: unexpected {type(err).__name__}: {_one_line(err)[:300]}; this is a bug in "
+        f"shortcut-unlearning: {where} (please report it with that file)",
+        file=sys.stderr,
+    )
+    if log is None:
+        traceback.print_exception(err)
+    return 1
+
+
+def _crash_log(err: Exception, argv) -> Path | None:
+    """A new log file holding the command line and the traceback of `err`, in the user log
+    folder (settings.log_folder), else the temporary folder; None if neither takes it."""
+    import os
+    import tempfile
+    import time
+
+    from .files import OutputError, make_folder, write_text
+    from .settings import log_folder
+
+    text = f"shortcut-unlearning {' '.join(map(str, argv))}\n\n" + "".join(
+        traceback.format_exception(err)
+    )
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (log_folder(), Path(tempfile.gettempdir())):
+        try:
+            return write_text(make_folder(folder) / name, text)
+        except (OSError, OutputError):
+            continue
+    return None
 
 
 def _one_line(err: BaseException) -> str:

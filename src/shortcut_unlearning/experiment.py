@@ -144,6 +144,19 @@ def load_data(config: RunConfig) -> LesionSet:
     return read_folder(folder, image_size=config.image_size, labels=config.labels)
 
 
+def training_split(data: LesionSet) -> LesionSet:
+    """The data's train split; ValueError when it holds no image (every image in another
+    split: there is nothing to train or unlearn on)."""
+    train_set = data.split("train")
+    if not len(train_set):
+        splits = ", ".join(sorted(set(data.splits.tolist())))
+        raise ValueError(
+            f"the data has no training images: all {len(data)} are in the {splits} split; "
+            "put images in the train split (the split column of labels.csv)"
+        )
+    return train_set
+
+
 def choose_refined(
     train_set: LesionSet, config: RunConfig, coarse: np.ndarray | None = None, model=None
 ) -> np.ndarray:
@@ -247,7 +260,7 @@ def prepare_data(config: RunConfig) -> Prepared:
     """Load the data, choose the refined images, and build the evaluation and probe sets."""
     clock = time.perf_counter()
     data = load_data(config)
-    train_set = data.split("train")
+    train_set = training_split(data)
     test = evaluation_split(data, config.test_split)
     if (data.splits == "val").any() and test.splits[0] != "val":
         val = data.split("val")
@@ -638,11 +651,10 @@ def check_encoder_settings(config: RunConfig) -> None:
         )
     check_encoder_weights(config.encoder, config.encoder_weights)
     if config.encoder_checkpoint:
-        info = read_encoder_info(config.encoder_checkpoint)
-        if info["encoder"] != config.encoder:
+        held = read_encoder_info(config.encoder_checkpoint).encoder
+        if held != config.encoder:
             raise ValueError(
-                f"{config.encoder_checkpoint} holds a {info['encoder']} encoder; pass --encoder "
-                f"{info['encoder']}"
+                f"{config.encoder_checkpoint} holds a {held} encoder; pass --encoder {held}"
             )
 
 

@@ -18,17 +18,24 @@ user's own folder is never deleted.
 
 from __future__ import annotations
 
+import errno
+import glob
 import io
 import json
+import math
 import os
 import secrets
 import shutil
 import tempfile
+import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from .schemas import InputError, read_json
 
 FORMAT = "shortcut-unlearning"
 MARKER = "shortcut-unlearning.json"  # in every run and dataset folder the tool writes
@@ -67,24 +74,59 @@ def write_bytes(path: Path | str, data: bytes, *, replace: bool = False) -> Path
 def write_files(contents: dict[Path, bytes], *, replace: bool = False) -> list[Path]:
     """Several files written as write_bytes writes one. With `replace` every file is written
     under a temporary name before any is renamed into place, so a failed write (a full disk)
-    leaves all the old files, and a model's weights never go without their config."""
+    leaves all the old files, and a model's weights never go without their config. A full or
+    read-only disk raises DiskError naming the file and what it still holds."""
     paths = [Path(path) for path in contents]
     for path in paths:
         refuse_link(path)
     if not replace:
         for path, data in zip(paths, contents.values(), strict=True):
-            _create(path, data)
+            with _disk_errors(path, replace):
+                _create(path, data)
         return paths
     staged = []
     try:
         for path, data in zip(paths, contents.values(), strict=True):
-            staged.append(_create_temporary(path, data))
+            with _disk_errors(path, replace):
+                staged.append(_create_temporary(path, data))
         for temporary, path in zip(staged, paths, strict=True):
             os.replace(temporary, path)  # replaces a name, never writes through one
     finally:
         for temporary in staged:
             temporary.unlink(missing_ok=True)  # those not renamed: a failure midway
     return paths
+
+
+class DiskError(OutputError, OSError):
+    """A write refused by the disk: full, over quota or read-only. The message says which file
+    and what was kept. An OSError too, so callers that carry on without a file they could not
+    write (the folder cache, the plugin's autosave) still catch it."""
+
+
+# What a disk says when it cannot take a file; the error names no file when write() fails.
+DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}
+DISK_ERRNOS[errno.EROFS] = "the file system is read-only"
+DISK_ERRNOS[errno.EFBIG] = "the file is larger than the file system allows"
+
+
+def disk_trouble(error: BaseException) -> str | None:
+    """What a disk error says in words (see DISK_ERRNOS), or None for any other error."""
+    return DISK_ERRNOS.get(getattr(error, "errno", None)) if isinstance(error, OSError) else None
+
+
+@contextmanager
+def _disk_errors(path: Path, replace: bool) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        trouble = disk_trouble(error)
+        if trouble is None:
+            raise
+        kept = "keeps its earlier content" if replace and path.exists() else "was not written"
+        raise DiskError(
+            f"cannot write {path}: {trouble} ({error.strerror}); {path.name} {kept}; free some "
+            "space or write elsewhere"
+        ) from error
 
 
 def _create_temporary(path: Path, data: bytes) -> Path:
@@ -120,8 +162,30 @@ def write_text(path: Path | str, text: str, *, replace: bool = False) -> Path:
 
 
 def write_json(path: Path | str, value, *, replace: bool = False, default=None) -> Path:
-    """write_text of `value` as indented JSON with a final newline."""
-    return write_text(path, json.dumps(value, indent=2, default=default) + "\n", replace=replace)
+    """write_text of `value` as indented JSON with a final newline; `default` turns other
+    objects into JSON values. NaN and infinities are written as null (bare NaN is not JSON
+    and strict parsers refuse it), and the text is checked to be strict JSON."""
+    text = json.dumps(json_ready(value, default), indent=2, allow_nan=False)
+    return write_text(path, text + "\n", replace=replace)
+
+
+def json_ready(value, default=None):
+    """`value` with every non-finite float replaced by None, tuples and numpy arrays as lists,
+    numpy numbers as numbers and other objects passed through `default` (TypeError without
+    one), ready for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, dict):
+        return {key: json_ready(item, default) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item, default) for item in value]
+    if isinstance(value, np.generic | np.ndarray):
+        return json_ready(value.tolist(), default)
+    if default is None:
+        raise TypeError(f"{type(value).__name__} {value!r:.80} is not a JSON value")
+    return json_ready(default(value), default)
 
 
 def write_png(path: Path | str, image, *, replace: bool = False) -> Path:
@@ -204,8 +268,8 @@ def marked_kind(folder: Path) -> str | None:
     if marker.is_symlink() or not marker.is_file():
         return None
     try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        info = read_json(marker, "")
+    except (OSError, InputError):
         return None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         return None
@@ -252,29 +316,109 @@ def staged_folder(
 
     `out` is checked first (see check_run_folder), then the staging folder is made beside it,
     which proves the place writable, and the free space is checked against `needed_bytes`.
+    Staging folders of earlier attempts older than a day are cleaned up (stale_stages). A full
+    or read-only disk raises DiskError saying what was kept.
     """
     check_run_folder(out, overwrite, kind)
     out = Path(os.path.abspath(out))  # "." and "a/.." become names that can be renamed
     parent = parent_ready(out)
+    stale_stages(out)
     try:
         stage = Path(tempfile.mkdtemp(prefix=f"{out.name}.incomplete-", dir=parent))
     except OSError as err:
         raise OutputError(
             f"cannot write in {parent} ({err.strerror}); choose a writable --out"
         ) from err
-    write_text(
-        stage / INCOMPLETE, f"This {kind} into {out} did not finish; nothing here is used.\n"
-    )
-    write_json(stage / MARKER, {"format": FORMAT, "folder": kind, "version": 1})
+    try:
+        stage.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the umask decides
+        write_text(
+            stage / INCOMPLETE, f"This {kind} into {out} did not finish; nothing here is used.\n"
+        )
+        write_json(stage / MARKER, {"format": FORMAT, "folder": kind, "version": 1})
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     try:
         check_room(parent, needed_bytes + EXTRA_BYTES)
         yield stage
-    except BaseException:
-        if {p.name for p in stage.iterdir()} == {INCOMPLETE, MARKER}:
-            shutil.rmtree(stage)  # nothing worth keeping
-        raise
+    except BaseException as error:
+        held = _held(stage)
+        if not held:
+            shutil.rmtree(stage, ignore_errors=True)  # nothing worth keeping
+        trouble = disk_trouble(error) or disk_trouble(error.__cause__)
+        if trouble is None:
+            raise
+        kept = (
+            f"the unfinished {kind} in {stage} (it holds {_listing(held)})"
+            if held
+            else f"nothing of this {kind}"
+        )
+        earlier = f"the earlier {kind} in {out} is unchanged" if out.exists() else "--out is empty"
+        raise DiskError(
+            f"the {kind} stopped: {_first_clause(error)}; kept: {kept}; {earlier}; free some "
+            "space or choose another --out, and run again"
+        ) from error
     (stage / INCOMPLETE).unlink()
     _move_into_place(stage, out)
+
+
+def _held(stage: Path) -> list[str]:
+    """What a staging folder holds beside its own marks."""
+    try:
+        return sorted(p.name for p in stage.iterdir() if p.name not in (INCOMPLETE, MARKER))
+    except OSError:
+        return []
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def _first_clause(error: BaseException) -> str:
+    """A DiskError's message up to its advice; any other error's one line."""
+    text = " ".join(str(error).split())
+    return text.split("; free some space")[0] if isinstance(error, DiskError) else text
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+STALE_SECONDS = 24 * 3600  # a staging folder this old belongs to a run that is long gone
+
+
+def stale_stages(out: Path | str) -> list[Path]:
+    """Staging folders of earlier attempts at `out` (ours: marked INCOMPLETE and MARKER)
+    untouched for STALE_SECONDS. Those holding no checkpoint are removed; those holding one
+    (a trained coarse model to reuse with --model) are kept and named in a warning. Returns
+    the ones kept."""
+    out = Path(os.path.abspath(out))
+    now, kept = time.time(), []
+    for stage in sorted(out.parent.glob(f"{glob.escape(out.name)}.incomplete-*")):
+        marked = not stage.is_symlink() and (stage / INCOMPLETE).is_file()
+        if not marked or marked_kind(stage) is None:
+            continue
+        try:
+            age = now - stage.stat().st_mtime
+        except OSError:
+            continue
+        if age < STALE_SECONDS:
+            continue
+        if any(stage.glob("*.safetensors")):
+            kept.append(stage)
+        else:
+            shutil.rmtree(stage, ignore_errors=True)
+    if kept:
+        warnings.warn(
+            f"{len(kept)} unfinished earlier attempt(s) at {out} older than a day hold a trained "
+            f"model: {', '.join(map(str, kept))}; reuse one with --model "
+            "<folder>/coarse_model.safetensors or delete them",
+            stacklevel=3,
+        )
+    return kept
 
 
 def _move_into_place(stage: Path, out: Path) -> None:

@@ -13,17 +13,32 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
+from pydantic import AfterValidator, ConfigDict, Field, JsonValue, Strict, with_config
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+from typing_extensions import NotRequired, TypedDict
 
-from .files import write_files
+from .files import json_ready, write_files
+from .schemas import (
+    Count,
+    Flag,
+    Float,
+    InputError,
+    Seed,
+    Share,
+    Text,
+    Whole,
+    check_header,
+    read_json,
+    validate,
+)
 
 SCOPES = ("decoder", "head", "all")
 # The U-Net's top-level blocks that each scope trains.
@@ -44,6 +59,9 @@ FROM_CHECKPOINT = "checkpoint"
 # A few of segmentation_models_pytorch's encoders, named when an unknown one is asked for.
 ENCODER_EXAMPLES = ("resnet18", "resnet34", "resnet50", "efficientnet-b0", "mobilenet_v2")
 MIN_IMAGE_SIZE = 32  # the U-Net halves the image five times: 32 px leave one pixel
+# A working size above this does not fit in memory for a set of images: a 4096 px image is
+# 48 MiB as uint8 and 192 MiB as the model's float input, before any activation.
+MAX_IMAGE_SIZE = 4096
 
 
 def frozen_provenance(model: Model, scope: str) -> tuple[list[str], bool | None]:
@@ -55,22 +73,82 @@ def frozen_provenance(model: Model, scope: str) -> tuple[list[str], bool | None]
     return frozen, saw
 
 
+def _known_encoder(name: str) -> str:
+    return check_encoder(name)
+
+
+def _three_classes(count: int) -> int:
+    if count != 3:
+        raise ValueError(f"classes is {count}, but the model has 3: background, benign, malignant")
+    return count
+
+
+Scope = Literal[SCOPES]
+Channels = Annotated[int, Strict(), Field(gt=0, le=4096)]
+Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+
+
+# The records a checkpoint's provenance holds (sidecar schema, checked by read_config). Other
+# keys are kept as they are: a provenance may say more than this version reads.
+@with_config(ConfigDict(extra="allow"))
+class TrainingRecord(TypedDict):
+    """What training.train writes into the provenance."""
+
+    epochs: Whole
+    epochs_run: Count
+    best_epoch: Count
+    val_dice: Share | None
+    val_class_dice: Share | None
+    val_images: Count
+    val_source: Text | None
+    stopped_early: Flag
+    min_val_dice: Share
+    converged: Flag | None
+
+
+@with_config(ConfigDict(extra="allow"))
+class EncoderRecord(TypedDict):
+    """Where a model's encoder came from (Model.__init__, load_encoder)."""
+
+    weights: NotRequired[Text]
+    saw_coarse_labels: NotRequired[Flag | None]
+    checkpoint: NotRequired[Text]
+    sha256: NotRequired[Text]
+    pretraining: NotRequired[dict[str, JsonValue]]
+
+
+@with_config(ConfigDict(extra="allow"))
+class Provenance(TypedDict, total=False):
+    """What a model saw: its data, masks, training record and encoder."""
+
+    scope: Scope  # the scope training updated
+    seed: Seed
+    images: Count
+    encoder: EncoderRecord
+    training: TrainingRecord
+    unlearned: dict[str, JsonValue]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model; saved beside its weights."""
+    """Everything needed to rebuild a model; saved beside its weights (the sidecar), whose
+    schema the field types give (read_config)."""
 
-    encoder: str = "resnet18"
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    encoder: Annotated[str, Strict(), AfterValidator(_known_encoder)] = "resnet18"
     # None (random), an smp weights name ("imagenet" downloads them: never in tests or CI), or
     # FROM_CHECKPOINT (an encoder checkpoint's weights; provenance["encoder"] names it).
-    encoder_weights: str | None = None
-    decoder_channels: tuple[int, ...] = (64, 32, 16, 16, 8)  # small: trains on a CPU
-    classes: int = 3
-    scope: str = "decoder"
-    image_size: int = 128
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    seed: int = 0  # initialises the weights (the frozen encoder too, when not pretrained)
-    provenance: dict = field(default_factory=dict, compare=False)  # data, masks, training
+    encoder_weights: Text | None = None
+    # small: trains on a CPU
+    decoder_channels: tuple[Channels, Channels, Channels, Channels, Channels] = (64, 32, 16, 16, 8)
+    classes: Annotated[int, Strict(), AfterValidator(_three_classes)] = 3
+    scope: Scope = "decoder"
+    image_size: Annotated[int, Strict(), Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)] = 128
+    mean: tuple[Float, Float, Float] = IMAGENET_MEAN
+    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
+    seed: Seed = 0  # initialises the weights (the frozen encoder too, when not pretrained)
+    provenance: Provenance = field(default_factory=dict, compare=False)  # data, masks, training
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -344,57 +422,62 @@ def save_encoder(model: Model, path: str | Path, provenance: dict, half: bool = 
 def _write_checkpoint(weights: Path, sidecar: Path, state: dict, info: dict) -> None:
     """Both files written beside their targets and renamed into place (files.write_files):
     never through a link, never a half-written pair."""
-    config = json.dumps(info, indent=2) + "\n"
+    config = json.dumps(json_ready(info), indent=2, allow_nan=False) + "\n"
     write_files({weights: safetensors_bytes(state), sidecar: config.encode()}, replace=True)
 
 
 def _sidecar(path: str | Path, what: str, restore: str) -> tuple[Path, object]:
     """A checkpoint's JSON sidecar and its parsed content, once both files are there;
-    FileNotFoundError says `what` a checkpoint is, ValueError how to `restore` it."""
+    FileNotFoundError says `what` a checkpoint is, InputError how to `restore` it."""
     weights, sidecar = checkpoint_paths(path)
     for needed in (weights, sidecar):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} is missing; {what}")
-    try:
-        return sidecar, json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{sidecar} is not valid JSON ({err}); {restore}") from err
+    return sidecar, read_json(sidecar, restore)
 
 
-def read_encoder_info(path: str | Path) -> dict:
-    """The JSON sidecar of an encoder checkpoint, checked: format, version, a known encoder
-    and a provenance that says whether it saw coarse labels. ValueError names the file."""
+@with_config(ConfigDict(extra="allow"))
+class EncoderProvenance(TypedDict):
+    """What a pretrained encoder saw (pretrain.save writes it)."""
+
+    saw_coarse_labels: Flag  # without it no certificate can say what the frozen part saw
+    scope: NotRequired[Scope]
+    training: NotRequired[TrainingRecord]
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """An encoder checkpoint's sidecar: save_encoder writes it, read_encoder_info checks it."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    format: Literal[ENCODER_FORMAT]
+    version: Literal[ENCODER_VERSION]
+    encoder: Annotated[str, Strict(), AfterValidator(_known_encoder)]
+    storage: Literal["float16", "float32"]
+    provenance: EncoderProvenance
+
+
+ENCODER_FIX = (
+    "write the encoder again with `shortcut-unlearning pretrain-encoder` (its sidecar says "
+    "whether it saw coarse labels)"
+)
+
+
+def read_encoder_info(path: str | Path) -> EncoderInfo:
+    """The JSON sidecar of an encoder checkpoint, checked against EncoderInfo: format,
+    version, a known encoder and a provenance that says whether it saw coarse labels.
+    InputError names the file and each field that is wrong."""
     sidecar, info = _sidecar(
         path,
         "an encoder checkpoint is a .safetensors file with its .json beside it, as written by "
         "`shortcut-unlearning pretrain-encoder`",
-        "restore the encoder",
+        ENCODER_FIX,
     )
-    if not isinstance(info, dict) or info.get("format") != ENCODER_FORMAT:
-        hint = (
-            "; that is a whole model: pass it with --model"
-            if isinstance(info, dict) and info.get("format") == CHECKPOINT_FORMAT
-            else ""
-        )
-        raise ValueError(
-            f"{sidecar} is not an encoder checkpoint (format {ENCODER_FORMAT!r}){hint}; write "
-            "one with `shortcut-unlearning pretrain-encoder`"
-        )
-    if info.get("version") != ENCODER_VERSION:
-        raise ValueError(
-            f"{sidecar} has version {info.get('version')!r}; this tool reads version "
-            f"{ENCODER_VERSION}: update shortcut-unlearning or write the encoder again"
-        )
-    check_encoder(info.get("encoder"))
-    provenance = info.get("provenance")
-    if not isinstance(provenance, dict) or not isinstance(
-        provenance.get("saw_coarse_labels"), bool
-    ):
-        raise ValueError(
-            f"{sidecar} does not say whether the encoder saw coarse labels (provenance."
-            "saw_coarse_labels); without it no certificate can say what the frozen part saw"
-        )
-    return info
+    whole = isinstance(info, dict) and info.get("format") == CHECKPOINT_FORMAT
+    what = "an encoder checkpoint" + (" but a whole model: pass it with --model" if whole else "")
+    check_header(info, sidecar, ENCODER_FORMAT, ENCODER_VERSION, what, ENCODER_FIX)
+    return validate(EncoderInfo, info, sidecar, ENCODER_FIX)
 
 
 def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
@@ -402,10 +485,10 @@ def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
     dtypes; returns the provenance record the model keeps (file, SHA-256, what it saw)."""
     info = read_encoder_info(path)
     weights, _ = checkpoint_paths(path)
-    if info["encoder"] != name:
+    if info.encoder != name:
         raise ValueError(
-            f"{weights} holds a {info['encoder']} encoder but the model is a {name} U-Net; "
-            f"pass --encoder {info['encoder']}"
+            f"{weights} holds a {info.encoder} encoder but the model is a {name} U-Net; "
+            f"pass --encoder {info.encoder}"
         )
     try:
         state = load_file(weights)
@@ -428,8 +511,8 @@ def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
         "weights": FROM_CHECKPOINT,
         "checkpoint": weights.name,
         "sha256": digest,
-        "saw_coarse_labels": info["provenance"]["saw_coarse_labels"],
-        "pretraining": info["provenance"],
+        "saw_coarse_labels": info.provenance["saw_coarse_labels"],
+        "pretraining": info.provenance,
     }
 
 
@@ -445,15 +528,32 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def check_encoder(name) -> str:
-    """`name` if segmentation_models_pytorch knows the encoder, else ValueError naming a few."""
+    """`name` if segmentation_models_pytorch knows the encoder (a "tu-" name: if timm has the
+    model and can build it as an encoder), else ValueError naming a few."""
     names = smp.encoders.get_encoder_names()
-    if not isinstance(name, str) or not (name in names or name.startswith("tu-")):
-        examples = ", ".join(e for e in ENCODER_EXAMPLES if e in names)
-        raise ValueError(
-            f"unknown encoder {name!r}; choose one of segmentation_models_pytorch's "
-            f"{len(names)} encoders, e.g. {examples}"
-        )
-    return name
+    if isinstance(name, str) and (name in names or (name.startswith("tu-") and _timm_has(name))):
+        return name
+    examples = ", ".join(e for e in ENCODER_EXAMPLES if e in names)
+    raise ValueError(
+        f"unknown encoder {name!r}; choose one of segmentation_models_pytorch's "
+        f"{len(names)} encoders, e.g. {examples}, or tu-<name> with a timm model that "
+        "builds as an encoder"
+    )
+
+
+def _timm_has(name: str) -> bool:
+    """Whether timm builds the model of a "tu-" encoder name with features (on the meta
+    device: nothing is allocated or downloaded)."""
+    import timm
+
+    if not timm.is_model(name[3:]):
+        return False
+    try:
+        with torch.device("meta"):
+            timm.create_model(name[3:], pretrained=False, features_only=True)
+    except Exception:  # timm raises RuntimeError or others for models without features
+        return False
+    return True
 
 
 def check_encoder_weights(encoder: str, weights: str | None) -> str | None:
@@ -472,74 +572,30 @@ def check_encoder_weights(encoder: str, weights: str | None) -> str | None:
     return weights
 
 
-def read_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig in a checkpoint's JSON sidecar, checked key by key.
+MODEL_FIX = "restore the file, or save the model again with this tool"
 
-    A sidecar that is not an object, misses or adds keys, names an unknown encoder or holds a
-    normalisation that cannot be used raises ValueError naming the file.
-    """
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig in a checkpoint's JSON sidecar, checked against ModelConfig's schema:
+    every key present, none unknown, each value of its type and in its range (the encoder
+    known, the std positive, numbers finite, the provenance's records well formed).
+    InputError names the file and each field that is wrong."""
     sidecar, info = _sidecar(
         path,
         "a checkpoint is a .safetensors file with its .json config beside it, as written by "
         "Model.save",
-        "restore it from the model",
+        MODEL_FIX,
     )
-    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{sidecar} is not a shortcut-unlearning model config (it should be a JSON object "
-            f"with format {CHECKPOINT_FORMAT!r}); pass a checkpoint written by this tool"
+    what = "a shortcut-unlearning model config"
+    info = dict(check_header(info, sidecar, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, what, MODEL_FIX))
+    del info["format"], info["version"]
+    missing = sorted({f.name for f in fields(ModelConfig)} - set(info))
+    if missing:
+        raise InputError(
+            f"{sidecar} lacks the keys {missing}; it describes another model or architecture: "
+            "use a checkpoint written by this tool"
         )
-    version = info.pop("version", None)
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{sidecar} has version {version!r}, but this tool reads version "
-            f"{CHECKPOINT_VERSION}; "
-            + ("update shortcut-unlearning" if isinstance(version, int) else "re-save the model")
-        )
-    info.pop("format")
-    expected = {f.name for f in fields(ModelConfig)}
-    missing, extra = sorted(expected - set(info)), sorted(set(info) - expected)
-    if missing or extra:
-        raise ValueError(
-            f"{sidecar} "
-            + " and ".join(
-                part
-                for part in (
-                    missing and f"lacks the keys {missing}",
-                    extra and f"has the unknown keys {extra}",
-                )
-                if part
-            )
-            + "; it describes another model or architecture: use a checkpoint written by this tool"
-        )
-    try:
-        config = ModelConfig(
-            **{**info, **{k: tuple(info[k]) for k in ("decoder_channels", "mean", "std")}}
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{sidecar} holds an unusable config ({err}); re-save the model") from err
-    check_encoder(config.encoder)
-    numbers = (*config.mean, *config.std, *config.decoder_channels, config.image_size)
-    usable = (
-        all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers)
-        and len(config.mean) == len(config.std) == 3
-        and min(config.std) > 0
-        and config.classes == 3
-        and isinstance(config.image_size, int)
-        and config.image_size >= MIN_IMAGE_SIZE
-        and all(isinstance(c, int) and c > 0 for c in config.decoder_channels)
-        and isinstance(config.seed, int)
-        and isinstance(config.provenance, dict)
-        and isinstance(config.encoder_weights, (str, type(None)))
-    )
-    if not usable:
-        raise ValueError(
-            f"checkpoint {sidecar} holds an unusable config (mean {list(config.mean)}, std "
-            f"{list(config.std)}, classes {config.classes}, image size {config.image_size}, "
-            f"decoder {list(config.decoder_channels)}, seed {config.seed!r}): the std must be "
-            "positive, every number finite; restore the file or re-save the model"
-        )
-    return config
+    return validate(ModelConfig, info, f"checkpoint {sidecar}", MODEL_FIX)
 
 
 class FrozenInputs:

@@ -40,7 +40,9 @@ def check_checkpoint_target(path: Path | str, overwrite: bool = False, needed_by
             )
     parent = parent_ready(weights)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write in {parent} (permission denied); choose another --out")
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        why = "the file system is read-only" if read_only else "permission denied"
+        raise OutputError(f"cannot write in {parent} ({why}); choose another --out")
     check_room(parent, needed_bytes)
     return weights, sidecar
 

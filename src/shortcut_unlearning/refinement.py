@@ -180,22 +180,33 @@ class Refinement:
         return note
 
     def _read_autosave(self, file: Path) -> dict[int, np.ndarray]:
-        """{image: refined mask} from one autosave file; ValueError when it does not fit."""
+        """{image: refined mask} from one autosave file; ValueError when it does not fit. The
+        schema of an autosave: <image index>.npy holding one integer (H, W) plane of the
+        stack (earlier versions: <key>.npz holding the (N, H, W) stack as "refined"), checked
+        from the file's header before any pixel is read."""
         shape = self.coarse.shape
         if file.suffix == ".npz":
-            with np.load(file, allow_pickle=False) as saved:
-                stack = saved["refined"]
-            if stack.shape != shape:
-                raise ValueError(f"it holds masks of shape {stack.shape}, not {shape}")
-            planes = dict(enumerate(stack))
-        else:
-            if not file.stem.isdigit() or int(file.stem) >= shape[0]:
-                raise ValueError(f"no image {file.stem} in a stack of {shape[0]}")
-            planes = {int(file.stem): np.load(file, allow_pickle=False)}
-        for plane in planes.values():
-            if plane.shape != shape[1:] or not np.issubdtype(plane.dtype, np.integer):
-                raise ValueError(f"it holds {plane.dtype} {plane.shape}, not a {shape[1:]} mask")
-        return planes
+            with zipfile.ZipFile(file) as archive, archive.open("refined.npy") as member:
+                return dict(enumerate(_checked_array(member, shape)))
+        if not file.stem.isdigit() or int(file.stem) >= shape[0]:
+            raise ValueError(f"no image {file.stem} in a stack of {shape[0]}")
+        with open(file, "rb") as handle:
+            return {int(file.stem): _checked_array(handle, shape[1:])}
+
+
+def _checked_array(handle, shape: tuple[int, ...]) -> np.ndarray:
+    """The integer array of `shape` in an open .npy file; ValueError naming what the header
+    says otherwise, before anything is allocated (a header may claim terabytes)."""
+    fmt = np.lib.format
+    version = fmt.read_magic(handle)
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    if version not in readers:
+        raise ValueError(f"it is a .npy file of version {version}, not 1.0 or 2.0")
+    found, _, dtype = readers[version](handle)
+    if tuple(found) != tuple(shape) or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"it holds {dtype} {tuple(found)}, not a {tuple(shape)} integer mask")
+    handle.seek(0)
+    return fmt.read_array(handle, allow_pickle=False)
 
 
 def _free_name(path: Path, tag: str) -> Path:

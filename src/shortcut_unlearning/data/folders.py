@@ -32,17 +32,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import re
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PureWindowsPath
+from typing import Annotated, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
 
 from shortcut_unlearning.data.lesion_set import ARTEFACTS, CLASS_NAMES, SPLITS, LesionSet
 from shortcut_unlearning.files import (
@@ -53,6 +55,15 @@ from shortcut_unlearning.files import (
     write_json,
     write_png,
     write_text,
+)
+from shortcut_unlearning.schemas import (
+    Flag,
+    InputError,
+    Text,
+    check_header,
+    decode_text,
+    read_json,
+    validate,
 )
 from shortcut_unlearning.stack import resize
 
@@ -83,27 +94,43 @@ COARSE_FOLDER = "coarse"  # a clinician's own coarse masks, inside the dataset f
 FLAG_VALUES = {"0": False, "1": True}
 
 
-class FolderError(ValueError):
+class FolderError(InputError):
     """A folder or file that cannot be read or written as asked; the message says what to do."""
+
+
+# File names hold at most 255 bytes on common file systems; an id leaves room for the longest
+# name made from it (<id>_segmentation.png, and .damaged-<n> beside an autosave).
+MAX_ID_BYTES = 200
 
 
 def check_id(image_id, where: str = "") -> str:
     """`image_id` if it is a plain file name, else FolderError.
 
     Ids name files inside a dataset folder and are never paths: no separators, no '.' or '..',
-    no drive, no NUL, not empty. Every reader and writer checks ids with this before it touches
-    a file, so a hostile labels CSV cannot reach outside its folder.
+    no drive, no NUL or other control character (a newline), not empty, at most MAX_ID_BYTES
+    in UTF-8. Every reader and writer checks ids with this before it touches a file, so a
+    hostile labels CSV cannot reach outside its folder.
     """
     text = image_id if isinstance(image_id, str) else ""
+    prefix = f"{where}: " if where else ""
     plain = (
         text not in ("", ".", "..")
-        and not set(text) & set("/\\\0")
+        and not set(text) & set("/\\")
+        and not any(unicodedata.category(c) == "Cc" for c in text)
         and not PureWindowsPath(text).drive
     )
     if not plain:
         raise FolderError(
-            f"{where + ': ' if where else ''}id {image_id!r} is not a plain file name (ids may "
-            "not hold folders, '..', absolute paths or NUL); rename it to a name like ISIC_0000001"
+            f"{prefix}id {image_id!r} is not a plain file name (ids may not hold folders, '..', "
+            "absolute paths, NUL or other control characters such as a newline); rename it to a "
+            "name like ISIC_0000001"
+        )
+    length = len(text.encode("utf-8", "surrogatepass"))
+    if length > MAX_ID_BYTES:
+        raise FolderError(
+            f"{prefix}id {text[:20]!r}... is {length} bytes long, but ids are at most "
+            f"{MAX_ID_BYTES} (file names made from them must fit the file system's 255); "
+            "shorten it"
         )
     return text
 
@@ -191,7 +218,20 @@ def _opened(path: Path, read: Callable):
 
 
 def _pixels(image: Image.Image, mode: str, path: Path) -> np.ndarray:
-    """An opened image as uint8 `mode` pixels; 16-bit grey is scaled, label maps keep values."""
+    """An opened image as uint8 `mode` pixels; 16-bit grey is scaled, label maps keep values:
+    a palette PNG's stored indices (never its colours' brightness), a colour PNG's one value
+    where its channels agree."""
+    if mode == "L" and image.mode == "P":
+        return np.asarray(image)  # the indices a label map stores; the palette only shows them
+    if mode == "L" and image.mode in ("RGB", "RGBA"):
+        colours = np.asarray(image)[..., :3]
+        if (colours != colours[..., :1]).any():
+            odd = colours[(colours != colours[..., :1]).any(axis=-1)][0].tolist()
+            raise FolderError(
+                f"{path} stores colours (such as {tuple(odd)}), not label values; save the mask "
+                "as a single-channel PNG (greyscale or palette) holding the label of each pixel"
+            )
+        return np.ascontiguousarray(colours[..., 0])
     if image.mode.startswith("I;16"):
         values = np.asarray(image).astype(np.uint32)
         if mode == "L":  # label maps keep their values; the layout's check refuses wrong ones
@@ -389,7 +429,10 @@ def write_project(
         check_id(image_id, f"cannot write {out}")
     if len(set(data.ids)) != len(data.ids):
         raise FolderError(f"cannot write {out}: ids must be unique; rename the repeated ids")
-    with staged_folder(out, overwrite, kind="dataset") as stage:
+    # PNG never takes much more than the raw pixels: the free space is checked against them.
+    pixels = data.images.nbytes + data.masks.nbytes
+    pixels += 0 if data.artefacts is None else data.artefacts.nbytes
+    with staged_folder(out, overwrite, pixels, kind="dataset") as stage:
         _write_project_files(data, stage, metadata)
     return out
 
@@ -451,30 +494,39 @@ def list_project(path: Path | str) -> Listing:
     labels_path = path / "labels.csv"
     if not labels_path.is_file():
         raise FolderError(f"{labels_path} is missing; rewrite the folder with write_project")
-    with open(labels_path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    if not rows:
+    header, lines = read_csv(labels_path, "rewrite the folder with write_project", ",")
+    if not lines:
         raise FolderError(f"{labels_path} lists no images; rewrite the folder with write_project")
     for column in ("id", "label", "split"):
-        if column not in rows[0]:
+        if column not in header:
             raise FolderError(f"{labels_path} has no {column!r} column; it needs id,label,split")
-    for line, row in enumerate(rows, start=2):
-        if row["label"] not in ("0", "1") or row["split"] not in SPLITS:
-            raise FolderError(
-                f"{labels_path} line {line}: label must be 0 or 1 and split one of {SPLITS}, "
-                f"got {row['label']!r} and {row['split']!r}; correct that row"
-            )
-
-    ids = [check_id(row["id"], f"{labels_path} line {line}") for line, row in enumerate(rows, 2)]
+    unlisted = [name for name in info.spurious if name not in header]
+    if unlisted:
+        raise FolderError(
+            f"{labels_path} has no column for {', '.join(map(repr, unlisted))}, which "
+            f"{path / 'dataset.json'} names as spurious; add the column (0 or 1 per image) or "
+            "remove the name from its spurious list"
+        )
+    present = [n for n in ARTEFACTS if n in header]
+    rows = []
+    for line, values in lines:
+        cells = _cells(header, values)
+        flags = {name: cells.get(name) for name in present}
+        row = {"id": cells["id"], "label": cells["label"], "split": cells["split"], "flags": flags}
+        where = f"{labels_path} line {line}"
+        rows.append((line, validate(ProjectRow, row, where, PROJECT_FIX, True, FolderError)))
     first_line = {}
-    for line, image_id in enumerate(ids, start=2):
-        if image_id in first_line:
+    for line, row in rows:
+        if row.id in first_line:
             raise FolderError(
-                f"{labels_path} lists {image_id!r} twice (lines {first_line[image_id]} and "
+                f"{labels_path} lists {row.id!r} twice (lines {first_line[row.id]} and "
                 f"{line}); remove one of the rows"
             )
-        first_line[image_id] = line
-    with_artefacts = info.get("artefact_masks", (path / "artefacts").is_dir())
+        first_line[row.id] = line
+    ids = [row.id for _, row in rows]
+    with_artefacts = (
+        info.artefact_masks if info.artefact_masks is not None else (path / "artefacts").is_dir()
+    )
     folders = ["images", "masks", *(["artefacts"] if with_artefacts else [])]
     for name in folders:  # every file is there, inside the folder, before any is decoded
         files = [path / name / f"{image_id}.png" for image_id in ids]
@@ -485,40 +537,168 @@ def list_project(path: Path | str) -> Listing:
                     "or remove its row"
                 )
         check_inside(path, files)
-    present = [n for n in ARTEFACTS if n in rows[0]]
     items = [
         Item(
-            id=image_id,
-            label=int(row["label"]),
-            split=row["split"],
-            image=path / "images" / f"{image_id}.png",
-            mask=path / "masks" / f"{image_id}.png",
+            id=row.id,
+            label=int(row.label),
+            split=row.split,
+            image=path / "images" / f"{row.id}.png",
+            mask=path / "masks" / f"{row.id}.png",
             mask_kind="project",
-            flags={n: _flag(row[n], f"{labels_path} line {line}", n) for n in present},
-            artefacts=path / "artefacts" / f"{image_id}.png" if with_artefacts else None,
+            flags={name: cell == "1" for name, cell in row.flags.items()},
+            artefacts=path / "artefacts" / f"{row.id}.png" if with_artefacts else None,
         )
-        for line, (image_id, row) in enumerate(zip(ids, rows, strict=True), start=2)
+        for _, row in rows
     ]
     return Listing(
         folder=path,
         items=items,
-        source=info.get("source") or "project",
-        spurious=tuple(info.get("spurious", ())),
+        source=info.source or "project",
+        spurious=tuple(info.spurious),
         flag_names=present,
         with_artefacts=bool(with_artefacts),
     )
 
 
-def _flag(value: str | None, where: str, column: str) -> bool:
-    """An artefact flag cell: 0 or 1 (see FLAG_VALUES); anything else is a FolderError."""
-    text = value.strip() if isinstance(value, str) else None
-    if text not in FLAG_VALUES:
-        found = "nothing (the row is short)" if value is None else repr(value)
-        raise FolderError(
-            f"{where}, column {column!r}: the artefact flag is {found}, but flags are 0 (absent) "
-            "or 1 (present); correct that cell"
+# ---------------------------------------------------------------------------------------------
+# Schemas of the files a folder holds (schemas.py): dataset.json, labels CSVs, their rows
+
+
+def _stripped(value):
+    return value.strip() if isinstance(value, str) else value
+
+
+def _stripped_lower(value):
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+# A 0/1 cell: artefact flags are 0 (absent) or 1 (present), nothing else ("no", "false", "nan"
+# or an empty cell used to count as present); spaces around the digit are allowed.
+Bit = Annotated[Literal["0", "1"], BeforeValidator(_stripped)]
+Id = Annotated[str, Strict(), AfterValidator(check_id)]
+PROJECT_FIX = "correct that row: labels.csv holds id,label (0 or 1),split and a 0/1 per artefact"
+
+
+@dataclass(frozen=True)
+class ProjectRow:
+    """One row of a project folder's labels.csv."""
+
+    id: Id
+    label: Bit
+    split: Literal[SPLITS]
+    flags: dict[str, Bit]  # one per artefact column present
+
+
+def _spurious_names(names: list[str]) -> list[str]:
+    unknown = [name for name in names if name not in ARTEFACTS]
+    if unknown:
+        raise ValueError(f"spurious names {unknown}, which are not among {list(ARTEFACTS)}")
+    return names
+
+
+def _bit_order(names: list[str]) -> list[str]:
+    if names != list(ARTEFACTS):
+        raise ValueError(
+            f"artefacts orders the artefact bits as {names}, not {list(ARTEFACTS)}: regenerate "
+            "the folder with this version"
         )
-    return FLAG_VALUES[text]
+    return names
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A project folder's dataset.json (write_project writes it); keys beyond these, such as
+    the generator's settings, are the writer's metadata and are not read."""
+
+    format: Literal[FORMAT]
+    version: Literal[VERSION]
+    artefacts: Annotated[list[Text], AfterValidator(_bit_order)] = field(
+        default_factory=lambda: list(ARTEFACTS)
+    )
+    spurious: Annotated[list[Text], AfterValidator(_spurious_names)] = field(default_factory=list)
+    source: Text = "project"
+    # Recorded so an overwrite without artefacts is not read with a stale artefacts folder;
+    # None in folders of versions that did not record it: the folder decides.
+    artefact_masks: Flag | None = None
+
+
+def _isic_number(image: str) -> str:
+    match = ISIC_ID.search(image)
+    if not match:
+        raise ValueError(f"image {image!r} has no ISIC_<7 digits> id")
+    return match.group(1)
+
+
+IsicNumber = Annotated[Id, AfterValidator(_isic_number)]  # the 7 digits of an ISIC id
+# A Task 3 diagnosis score: a probability (the ground truth holds 0.0 or 1.0), from its text.
+Score = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+@dataclass(frozen=True)
+class IsicRow:
+    """One row of an ISIC labels CSV: Bissoto's annotation or 'image,label'."""
+
+    image: IsicNumber
+    label: Annotated[Literal["0", "1", "benign", "malignant"], BeforeValidator(_stripped_lower)]
+    flags: dict[str, Bit]  # one per artefact column present
+
+    @property
+    def malignant(self) -> int:
+        return int(self.label in ("1", "malignant"))
+
+
+@dataclass(frozen=True)
+class Task3Row:
+    """One row of the ISIC Task 3 ground truth: image and a score per diagnosis."""
+
+    image: IsicNumber
+    scores: dict[str, Score]  # TASK3_CLASSES
+
+    @property
+    def malignant(self) -> int:
+        return int(any(self.scores[name] >= 0.5 for name in TASK3_MALIGNANT))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV files
+
+# A labels CSV of 100,000 images is about 10 MiB; a larger one is not a labels CSV.
+MAX_CSV_BYTES = 64 * 2**20
+
+
+def read_csv(
+    path: Path, hint: str, delimiter: str | None = None
+) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header (names stripped) and the non-blank rows, each with its line number, of a CSV
+    file of UTF-8 text (a byte-order mark dropped). Without `delimiter` the first line's most
+    frequent of , ; and tab is used. FolderError names the file for another encoding, a file
+    too large, a line the csv module cannot parse and a column named twice."""
+    size = path.stat().st_size
+    if size > MAX_CSV_BYTES:
+        raise FolderError(
+            f"{path} is {size / 2**20:.0f} MiB, but a labels CSV is at most "
+            f"{MAX_CSV_BYTES // 2**20} MiB; {hint}"
+        )
+    text = decode_text(path.read_bytes(), path, hint, FolderError)
+    if delimiter is None:
+        first_line = text.split("\n", 1)[0]
+        delimiter = max(",;\t", key=first_line.count)  # Bissoto's annotation uses ';'
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as error:
+        raise FolderError(f"{path} line {reader.line_num}: {error}; {hint}") from error
+    named = [name for name in header if name]
+    twice = sorted({name for name in named if named.count(name) > 1})
+    if twice:
+        raise FolderError(f"{path} names the column {twice[0]!r} twice; keep one of them")
+    return header, rows
+
+
+def _cells(header: list[str], values: list[str]) -> dict[str, str | None]:
+    """A row's cells by column name; None for the cells a short row lacks."""
+    return {name: values[i] if i < len(values) else None for i, name in enumerate(header) if name}
 
 
 def _project_mask(mask: np.ndarray, file: Path, image_id: str, label: int) -> np.ndarray:
@@ -568,35 +748,15 @@ def _isic_mask(mask: np.ndarray, file: Path) -> np.ndarray:
     return mask == 255
 
 
-def _read_info(info_path: Path) -> dict:
-    """dataset.json, checked to be ours and to use our artefact bit order."""
+def _read_info(info_path: Path) -> DatasetInfo:
+    """dataset.json, checked against DatasetInfo: ours, and in our artefact bit order."""
     if not info_path.is_file():
         raise FolderError(f"{info_path} is missing; write the folder with write_project")
-    try:
-        info = json.loads(info_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FolderError(f"{info_path} is not valid JSON ({error}); rewrite the folder") from error
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise FolderError(f"{info_path} does not say format {FORMAT!r}; it is not a project folder")
-    version = info.get("version")
-    if version != VERSION:
-        newer = isinstance(version, int) and version > VERSION
-        raise FolderError(
-            f"{info_path} has version {version!r} but this reader reads version {VERSION}; "
-            + ("update shortcut-unlearning" if newer else "rewrite the folder with write_project")
-        )
-    if info.get("artefacts", list(ARTEFACTS)) != list(ARTEFACTS):
-        raise FolderError(
-            f"{info_path} orders artefact bits as {info['artefacts']}, not {list(ARTEFACTS)}; "
-            "regenerate the folder with this version"
-        )
-    spurious = info.get("spurious", [])
-    if not isinstance(spurious, list) or not all(name in ARTEFACTS for name in spurious):
-        raise FolderError(
-            f"{info_path} names spurious artefacts {spurious!r}; it needs a list drawn from "
-            f"{list(ARTEFACTS)}: correct it"
-        )
-    return info
+    fix = "rewrite the folder with write_project"
+    info = read_json(info_path, fix, FolderError)
+    what = "a project folder's dataset.json"
+    check_header(info, info_path, FORMAT, VERSION, what, fix, FolderError)
+    return validate(DatasetInfo, info, info_path, "correct it or " + fix, error=FolderError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,54 +889,43 @@ def _read_labels(path: Path, labels) -> dict[str, dict]:
 
 
 def _read_label_csv(file: Path, explicit: bool) -> dict[str, dict]:
-    """Rows of one labels CSV by 7-digit id; unknown headers are skipped unless asked for."""
-    text = file.read_text(encoding="utf-8-sig", errors="replace")
-    first_line = text.split("\n", 1)[0]
-    delimiter = max(",;\t", key=first_line.count)  # Bissoto's annotation uses ';'
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
-    header = [name.strip() for name in next(reader, [])]
+    """Rows of one labels CSV by 7-digit id, each checked against its format's schema
+    (IsicRow or Task3Row); unknown headers are skipped unless asked for."""
+    header, lines = read_csv(file, f"it should hold {LABEL_FORMATS}")
     is_task3 = all(name in header for name in TASK3_CLASSES)
     if "image" not in header or not ("label" in header or is_task3):
         if explicit:
             raise FolderError(f"{file} has an unknown header {header}; use {LABEL_FORMATS}")
         warnings.warn(f"ignoring {file}: its header is not a labels CSV", stacklevel=3)
         return {}
-    column = {name: i for i, name in enumerate(header) if name}  # the unnamed index is dropped
-    flag_names = [name for name in ARTEFACTS if name in column]
+    flag_names = [name for name in ARTEFACTS if name in header]
     split_match = CSV_SPLIT.search(file.stem.lower())
-    rows, lines = {}, {}
-    for line, values in enumerate(reader, start=2):
-        if not any(value.strip() for value in values):
-            continue
-        row = dict(zip(header, (v.strip() for v in values), strict=False))  # short rows fail below
-        check_id(row.get("image"), f"{file} line {line}")
-        match = ISIC_ID.search(row["image"])
-        if not match:
-            raise FolderError(
-                f"{file} line {line}: image {row.get('image')!r} has no ISIC_<7 digits> id; "
-                "fix or remove that row"
-            )
-        try:
-            if is_task3:
-                label = int(any(float(row[name]) >= 0.5 for name in TASK3_MALIGNANT))
-            else:
-                label = {"0": 0, "1": 1, "benign": 0, "malignant": 1}[row["label"].lower()]
-        except (KeyError, ValueError) as error:
-            raise FolderError(
-                f"{file} line {line}: cannot read the label ({error}); labels are 0/1 or "
-                "benign/malignant: fix that row"
-            ) from error
-        flags = {name: _flag(row.get(name), f"{file} line {line}", name) for name in flag_names}
-        number, split = match.group(1), split_match.group(1) if split_match else None
-        row = {"label": label, "split": split, "flags": flags}
+    split = split_match.group(1) if split_match else None
+    rows, lines_of = {}, {}
+    for line, values in lines:
+        record = _label_row(_cells(header, values), is_task3, flag_names, f"{file} line {line}")
+        flags = {name: cell == "1" for name, cell in getattr(record, "flags", {}).items()}
+        number = record.image
+        row = {"label": record.malignant, "split": split, "flags": flags}
         # A repeated row is harmless; a repeat that says something else is a contradiction.
         if number in rows and rows[number] != row:
             raise FolderError(
-                f"{file} lists ISIC_{number} on lines {lines[number]} and {line} with different "
-                "labels or artefact flags; keep the right row and remove the other"
+                f"{file} lists ISIC_{number} on lines {lines_of[number]} and {line} with "
+                "different labels or artefact flags; keep the right row and remove the other"
             )
-        rows[number], lines[number] = row, lines.get(number, line)
+        rows[number], lines_of[number] = row, lines_of.get(number, line)
     return rows
+
+
+def _label_row(cells: dict, is_task3: bool, flag_names: list[str], where: str):
+    """One labels CSV row checked against its schema: a Task3Row or an IsicRow."""
+    fix = f"fix or remove that row ({LABEL_FORMATS})"
+    if is_task3:
+        row = {"image": cells["image"], "scores": {n: cells[n] for n in TASK3_CLASSES}}
+        return validate(Task3Row, row, where, fix, True, FolderError)
+    flags = {name: cells[name] for name in flag_names}
+    row = {"image": cells["image"], "label": cells["label"], "flags": flags}
+    return validate(IsicRow, row, where, fix, True, FolderError)
 
 
 def write_isic_masks(
