@@ -284,7 +284,9 @@ class Workbench:
             steps = f"At most {operator.steps} relearning steps, stopped on held-out images."
             if not self.loaded:
                 return Preview(steps)
-            return Preview(f"{steps}\n{operator.exactness(self.current_model()).summary()}")
+            model = self.current_model()
+            plain = f"{steps}\n{encoder_origin(model.config)}"
+            return Preview(plain, operator.exactness(model).summary())
         if not isinstance(operator, CertifiedOperator):
             encoder = f"\n{encoder_origin(self.current_model().config)}" if self.loaded else ""
             return Preview(f"{operator.steps} steps; not certified (no formal guarantee).{encoder}")
