@@ -22,7 +22,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture
 def bench(tiny_data, model_path):
     data, coarse = tiny_data
-    wb = Workbench(model_path, {"steps": 3, "device": "cpu"})
+    wb = Workbench(model_path, {"method": "neggrad-seg", "steps": 3, "device": "cpu"})
     meta = {"ids": data.ids[:8], "labels": data.labels[:8].tolist()}
     wb.open(data.images[:8], coarse[:8], meta)
     for i in (0, 1):  # refine two images to their fine masks

@@ -447,7 +447,8 @@ def widget_job(config: CheckConfig, device, prepared, model: Model, images: int 
 
     images = min(images, len(prepared.train))
     with tempfile.TemporaryDirectory() as folder:
-        settings = {"steps": config.steps, "device": str(device)}
+        # the same method as in a viewer (_widget_in_viewer), its steps set exactly
+        settings = {"method": "neggrad-seg", "steps": config.steps, "device": str(device)}
         bench = Workbench(model.save(Path(folder) / "start"), settings)
         data = prepared.train
         bench.open(data.images[:images], prepared.coarse[:images], {"labels": data.labels[:images]})
