@@ -29,7 +29,7 @@ import json
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +137,12 @@ def run_seed(
     baselines = experiment.train_baselines(config, main, device)
     models = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
     seconds = {"coarse": start.seconds, **{k: v.seconds for k, v in baselines.items()}}
+    evaluated = {
+        name: {split: evaluation.evaluate(model, sets[split], seed) for split in SPLITS}
+        for name, model in models.items()
+    }
     records = {
-        name: {split: lean(evaluation.evaluate(model, sets[split], seed)) for split in SPLITS}
+        name: {split: lean(asdict(evaluated[name][split])) for split in SPLITS}
         | {"train_s": seconds[name], "training": model.config.provenance.get("training")}
         for name, model in models.items()
     }
@@ -151,7 +155,10 @@ def run_seed(
             outcome, unlearn_s = experiment.unlearn(
                 replace(config, method=name), operator, start.model, refined
             )
-            model = outcome.model
+            start_of = evaluated["coarse"]
+            after = {
+                s: evaluation.evaluate(outcome.model, sets[s], seed, start_of[s]) for s in SPLITS
+            }
             runs.append(
                 {
                     "method": method,
@@ -159,12 +166,7 @@ def run_seed(
                     "refined_images": len(refined.refined),
                     "collapsed": outcome.collapsed,
                     "unlearn_s": unlearn_s,
-                    **{
-                        split: lean(
-                            evaluation.evaluate(model, sets[split], seed, records["coarse"][split])
-                        )
-                        for split in SPLITS
-                    },
+                    **{split: lean(asdict(record)) for split, record in after.items()},
                 }
             )
     groups = {

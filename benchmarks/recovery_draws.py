@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from shortcut_unlearning import evaluation, experiment
+from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
 
@@ -39,8 +40,8 @@ VARIANTS = {
 }
 
 
-def _values(record: dict, outcome=None) -> dict:
-    out = {k: record[k] for k in ("worst_group_auroc", "dice", "malignant_share")}
+def _values(record: Evaluation, outcome=None) -> dict:
+    out = {k: getattr(record, k) for k in ("worst_group_auroc", "dice", "malignant_share")}
     if outcome is not None:
         out |= {"collapsed": bool(outcome.collapsed), "steps": outcome.steps}
         out["stopped"] = (outcome.stopping or {}).get("reason")

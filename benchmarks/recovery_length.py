@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shortcut_unlearning import benchmarks, evaluation, experiment
+from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
 
@@ -40,10 +41,9 @@ def settings(steps: list[int]) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _values(record: dict) -> dict:
-    return {
-        k: (v.get("value") if isinstance(v, dict) else v) for k, v in record.items() if k in KEYS
-    }
+def _values(record: Evaluation) -> dict:
+    picked = {k: getattr(record, k) for k in KEYS}
+    return {k: (v.get("value") if isinstance(v, dict) else v) for k, v in picked.items()}
 
 
 def prepared_seed(dataset: str, seed: int, data_dir: Path):

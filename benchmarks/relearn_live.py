@@ -36,7 +36,7 @@ def one_run(method: str, refined: int, device: str) -> dict:
     clock = time.perf_counter()
     record = drive(bench.execute(bench.plan()), quiet=True)
     seconds = time.perf_counter() - clock
-    after, before = record.after.metrics, record.before.metrics
+    after, before = record.after, record.before
     return {
         "method": method,
         "refined_images": refined,
@@ -46,13 +46,13 @@ def one_run(method: str, refined: int, device: str) -> dict:
         "collapsed": record.result.collapsed,
         **{
             f"{key}_{when}": value
-            for when, metrics in (("before", before), ("after", after))
+            for when, views in (("before", before), ("after", after))
             for key, value in (
-                ("s_global", metrics["s_global"]["value"]),
-                ("band_reliance", (metrics.get("band_reliance") or {}).get("value")),
-                ("dice_refined", metrics["dice_refined"]),
-                ("malignant_share", metrics["malignant_share"]),
-                ("auroc", metrics.get("auroc")),
+                ("s_global", views.metrics.s_global["value"]),
+                ("band_reliance", (views.metrics.band_reliance or {}).get("value")),
+                ("dice_refined", views.refined["dice"]),
+                ("malignant_share", views.metrics.malignant_share),
+                ("auroc", views.metrics.auroc),
             )
         },
     }

@@ -1,11 +1,13 @@
+import copy
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 from conftest import TINY, refinement
 
 from shortcut_unlearning import evaluation, metrics
-from shortcut_unlearning.evaluation import EvalSet
+from shortcut_unlearning.evaluation import EvalSet, Evaluation
 from shortcut_unlearning.model import Model
 from shortcut_unlearning.progress import drive
 from shortcut_unlearning.unlearning import FineTune, UnlearnData
@@ -72,7 +74,7 @@ def test_band_reliance_sees_a_score_that_rests_on_the_band_and_not_one_that_igno
     assert ignores["value"] == 0 and ignores["ci_high"] == 0
     # The evaluator's cached counterfactual is the same one.
     record = evaluation.evaluate(PixelRule(reads_ink), evalset, n_boot=10)
-    assert record["band_reliance"]["value"] == pytest.approx(on_band["value"])
+    assert record.band_reliance["value"] == pytest.approx(on_band["value"])
 
 
 def test_the_band_is_filled_with_skin_and_nothing_else_changes():
@@ -163,11 +165,11 @@ def test_evaluate_warns_when_every_lesion_comes_out_malignant():
     evalset, _ = inked_set()
     everything_malignant = PixelRule(reads_lesion, high=0.9)  # lesion pixels all malignant
     record = evaluation.evaluate(everything_malignant, evalset, n_boot=50)
-    assert record["malignant_share"] == 1.0
-    assert record["truth_malignant_share"] == pytest.approx(0.5, abs=0.1)
-    assert "malignant takes over" in record["class_takeover"]
-    assert record["dice"] == 1.0  # the lesions are found: overall Dice hides the flip
-    assert record["dice_by_class"] == {"benign": 0.0, "malignant": 1.0}
+    assert record.malignant_share == 1.0
+    assert record.truth_malignant_share == pytest.approx(0.5, abs=0.1)
+    assert "malignant takes over" in record.class_takeover
+    assert record.dice == 1.0  # the lesions are found: overall Dice hides the flip
+    assert record.dice_by_class == {"benign": 0.0, "malignant": 1.0}
 
 
 # --- the evaluator ---
@@ -179,30 +181,30 @@ def test_evaluate_gives_every_number_and_is_json_ready():
     evalset.groups = {"ink:aligned": first, "ink:conflicting": ~first}
     record = evaluation.evaluate(PixelRule(reads_ink), evalset, seed=3, n_boot=100)
     scores = metrics.image_scores(PixelRule(reads_ink).probabilities(evalset.images))
-    assert record["auroc"] == pytest.approx(
+    assert record.auroc == pytest.approx(
         metrics.pooled_auroc(PixelRule(reads_ink).probabilities(evalset.images), evalset.labels)
     )
-    assert record["auroc"] == 1.0  # only the malignant (odd) images carry ink
-    assert record["auroc_ci"]["n_malignant"] == 6 and record["auroc_ci"]["n_benign"] == 6
-    assert np.testing.assert_allclose(record["image_scores"], scores) is None
-    assert record["conflicting_group"] == "ink:conflicting"
-    assert record["worst_group"] in record["auroc_by_group"]
-    assert record["counterfactual_drop"] > 0  # inpainting the ink lowers the score
-    assert record["band_reliance"]["value"] > 0
-    assert record["s_global"]["unit"] == "nats per pixel"
-    assert json.loads(json.dumps(record))["n_images"] == 12
+    assert record.auroc == 1.0  # only the malignant (odd) images carry ink
+    assert record.auroc_ci["n_malignant"] == 6 and record.auroc_ci["n_benign"] == 6
+    assert np.testing.assert_allclose(record.image_scores, scores) is None
+    assert record.conflicting_group == "ink:conflicting"
+    assert record.worst_group in record.auroc_by_group
+    assert record.counterfactual_drop > 0  # inpainting the ink lowers the score
+    assert record.band_reliance["value"] > 0
+    assert record.s_global["unit"] == "nats per pixel"
+    assert json.loads(json.dumps(record.to_json(), allow_nan=False))["n_images"] == 12
     # The same seed gives the same intervals.
     again = evaluation.evaluate(PixelRule(reads_ink), evalset, seed=3, n_boot=100)
-    assert again["auroc_by_group_ci"] == record["auroc_by_group_ci"]
+    assert again.auroc_by_group_ci == record.auroc_by_group_ci
 
 
 def test_evaluate_and_probe_without_truth_give_what_they_can():
     evalset, _ = inked_set()
     bare = EvalSet(evalset.images)
     record = evaluation.evaluate(PixelRule(reads_ink), bare, n_boot=10)
-    assert np.isnan(record["auroc"]) and np.isnan(record["dice"])
-    assert record["s_global"] is None and record["band_reliance"] is None
-    assert record["class_takeover"] is None
+    assert np.isnan(record.auroc) and np.isnan(record.dice)
+    assert record.s_global is None and record.band_reliance is None
+    assert record.class_takeover is None
     assert set(evaluation.probe(PixelRule(reads_ink), bare)) == {"malignant_share"}
     full = evaluation.probe(PixelRule(reads_ink), evalset)
     assert set(full) == {
@@ -226,3 +228,35 @@ def test_evalset_checks_shapes_and_selects():
     part = evalset.select(np.array([1, 3]))
     assert part.ids == ["1", "3"] and part.masks.shape == (2, 32, 32)
     np.testing.assert_array_equal(part.inpainted("band"), evalset.inpainted("band")[[1, 3]])
+
+
+# --- the record in metrics.json ---
+
+
+def test_a_record_goes_to_strict_json_and_back_with_its_nans():
+    evalset, _ = inked_set(n=12)
+    first = np.arange(12) < 6
+    evalset.groups = {"ink:aligned": first, "ink:conflicting": ~first}
+    full = evaluation.evaluate(PixelRule(reads_ink), evalset, n_boot=20)
+    bare = evaluation.evaluate(PixelRule(reads_ink), EvalSet(evalset.images), n_boot=20)
+    assert np.isnan(full.lesion_scores).any() and np.isnan(bare.auroc)  # NaNs to carry
+    for record in (full, bare):
+        text = json.dumps(record.to_json(), allow_nan=False)  # NaN written as null
+        back = Evaluation.from_json(json.loads(text))
+        np.testing.assert_equal(asdict(back), asdict(record))  # NaN read back as NaN
+    assert "null" in json.dumps(bare.to_json()) and "NaN" not in json.dumps(bare.to_json())
+
+
+def test_a_record_missing_a_field_is_refused_by_name():
+    evalset, _ = inked_set()
+    written = evaluation.evaluate(PixelRule(reads_ink), evalset, n_boot=10).to_json()
+    damaged = copy.deepcopy(written)
+    del damaged["conflicting_auroc"]
+    with pytest.raises(ValueError, match="conflicting_auroc"):
+        Evaluation.from_json(damaged)
+    damaged = copy.deepcopy(written)
+    del damaged["s_global"]["null_p95"]
+    with pytest.raises(ValueError, match=r"s_global\.null_p95"):
+        Evaluation.from_json(damaged)
+    with pytest.raises(ValueError, match="dice"):
+        Evaluation.from_json(written | {"dice": "high"})

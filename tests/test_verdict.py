@@ -1,30 +1,46 @@
 """The verdict on a run: plain words from evaluate's records, judged against chance."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from test_evaluation import PixelRule, inked_set, reads_ink, reads_lesion
 
 from shortcut_unlearning import evaluation
+from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.verdict import LESS, MORE, SAME, UNSURE, judge
 
 N = 12
 
 
-def record(moves=None, s_global=None, share=0.5, auroc=None, flipped=None) -> dict:
-    """An evaluate-shaped record of N images. moves: each image's score change when its
-    erased pixels are filled; s_global: (value, null_p95); auroc: (value, low, high) in the
-    group where the artefact misleads; flipped: per image, whether its lesion changed class."""
+def record(moves=None, s_global=None, share=0.5, auroc=None, flipped=None) -> Evaluation:
+    """A record of N images with what the verdict reads (the rest NaN or empty). moves: each
+    image's score change when its erased pixels are filled; s_global: (value, null_p95);
+    auroc: (value, low, high) in the group where the artefact misleads; flipped: per image,
+    whether its lesion changed class."""
+    nan = float("nan")
     out = {
         "n_images": N,
-        "malignant_share": share,
-        "image_scores": [0.2] * N,
-        "lesion_scores": [0.6] * N,
-        "band_reliance": None,
-        "s_global": None,
+        "auroc": nan,
+        "auroc_ci": None,
+        "auroc_by_group": {},
         "auroc_by_group_ci": {},
-        "conflicting_group": None,
+        "worst_group_auroc": nan,
         "worst_group": None,
+        "conflicting_auroc": nan,
+        "conflicting_group": None,
+        "dice": nan,
+        "dice_by_class": {},
+        "malignant_share": share,
+        "truth_malignant_share": None,
         "class_takeover": None,
+        "image_scores": [0.2] * N,
+        "score_unit": evaluation.SCORE_UNIT,
+        "lesion_scores": [0.6] * N,
+        "lesion_score_unit": evaluation.LESION_SCORE_UNIT,
+        "s_global": None,
+        "counterfactual_drop": nan,
+        "band_reliance": None,
     }
     if moves is not None:
         out["band_reliance"] = {
@@ -47,7 +63,7 @@ def record(moves=None, s_global=None, share=0.5, auroc=None, flipped=None) -> di
         out["auroc_by_group_ci"] = {
             "ink:conflicting": {"value": value, "ci_low": low, "ci_high": high}
         }
-    return out
+    return Evaluation(**out)
 
 
 def spread(level: float) -> np.ndarray:
@@ -59,7 +75,7 @@ def test_the_verdict_follows_band_reliance_as_evaluate_measures_it():
     evalset, _ = inked_set(n=N)
     ink = evaluation.evaluate(PixelRule(reads_ink), evalset, n_boot=50)
     lesion = evaluation.evaluate(PixelRule(reads_lesion), evalset, n_boot=50)
-    assert ink["band_reliance"]["value"] > 0 == lesion["band_reliance"]["value"]
+    assert ink.band_reliance["value"] > 0 == lesion.band_reliance["value"]
     forgot = judge(ink, lesion)
     assert forgot.reading == LESS
     assert (
@@ -138,4 +154,4 @@ def test_class_flips_pair_images_and_support_the_lead():
 
 def test_records_of_different_images_are_refused():
     with pytest.raises(ValueError, match="same images"):
-        judge(record(), {**record(), "n_images": N + 1})
+        judge(record(), replace(record(), n_images=N + 1))

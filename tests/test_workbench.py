@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
+from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.masks import MaskError
 from shortcut_unlearning.model import Model
 from shortcut_unlearning.progress import Cancel, drive
@@ -38,8 +39,7 @@ def test_a_run_shows_before_and_after_and_leaves_the_model(bench):
     assert not record.result.cancelled and len(record.result.history) == 3
     assert record.before.predictions.shape == record.after.saliency.shape == (8, 48, 48)
     assert record.before.scores.shape == (8,) and np.isfinite(record.after.scores).all()
-    for key in ("s_global", "dice_refined", "malignant_share", "auroc"):
-        assert key in record.after.metrics
+    assert record.after.metrics.s_global is not None and "dice" in record.after.refined
     assert all(v.equal(start.net.state_dict()[k]) for k, v in before.items())
     # The dock leads with the verdict in plain words; the nats and intervals are the details.
     assert record.summary("a method").splitlines()[1] == record.verdict.headline
@@ -172,8 +172,8 @@ def test_export_writes_exactly_the_run_on_display(bench, tmp_path):
     bench.show(record)
     out = bench.export(tmp_path)
     report = json.loads((out / "metrics.json").read_text())
-    assert report["unlearned"]["s_global"]["value"] == record.after.metrics["s_global"]["value"]
-    assert report["coarse"]["dice_refined"] == record.before.metrics["dice_refined"]
+    assert Evaluation.from_json(report["unlearned"]).to_json() == record.after.metrics.to_json()
+    assert report["coarse"]["dice_refined"] == record.before.refined["dice"]
     assert report["unlearning"]["accepted"] is False and report["refined_ids"] == record_ids(bench)
     saved = Model.load(out / "model.safetensors")
     for key, value in record.model.net.state_dict().items():
@@ -198,7 +198,7 @@ def test_a_big_stack_is_measured_on_the_refined_images_and_a_sample(bench, monke
 
     monkeypatch.setattr(workbench, "MEASURED", 5)
     record = drive(bench.execute(bench.plan()), quiet=True)
-    measured = record.before.metrics["measured_images"]
+    measured = record.before.measured
     assert len(measured) == 5 and {0, 1} <= set(measured)
     unmeasured = sorted(set(range(8)) - set(measured))
     assert np.isnan(record.after.scores[unmeasured]).all()

@@ -157,7 +157,7 @@ def main(export_to: str, steps: int) -> None:
     QFileDialog.getExistingDirectory = staticmethod(lambda *a, **k: export_to)
     QTest.mouseClick(widget.results.export, LEFT)
     shown = widget.bench.shown
-    seen["shown_after_s_global"] = shown.after.metrics["s_global"]["value"]
+    seen["shown_after_s_global"] = shown.after.metrics.s_global["value"]
     seen["shown_model_norm"] = float(
         sum(float((p.float() ** 2).sum()) for p in shown.model.net.parameters())
     )

@@ -13,6 +13,7 @@ from pydantic import Field, JsonValue, Strict
 from . import distributed, experiment, figures
 from . import masks as masklib
 from .data.synthetic import PLACEMENTS, generate
+from .evaluation import Evaluation
 from .experiment import RunConfig
 from .files import write_figure, write_json, write_text
 from .model import Model, ModelConfig, resolve_device
@@ -216,7 +217,7 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
                 method_config,
                 experiment.build_operator(method_config),
                 prepared,
-                start,
+                states,
                 done[method],
                 evaluated,
                 device,
@@ -224,7 +225,8 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
             )
             experiment.write_run(method_config.out, report, saved, picture)
             outcome = done[method].outcome
-            row = _row(report["unlearned"], timings["unlearn_s"])
+            unlearned = Evaluation.from_json(report["unlearned"])
+            row = _row(unlearned, timings["unlearn_s"], outcome.collapsed)
             rows.setdefault(method, []).append({**row, "steps": outcome.steps})
             if seed == seed_list[0]:
                 trajectories[method] = experiment.trajectory(outcome)
@@ -279,24 +281,24 @@ def _option_value(text: str):
     return text
 
 
-def _row(state: dict, seconds: float) -> dict:
-    band = state.get("band_reliance") or {}
-    s_global = state.get("s_global") or {}
-    by_class = state.get("dice_by_class", {})
+def _row(record: Evaluation, seconds: float, collapsed: bool = False) -> dict:
+    band = record.band_reliance or {}
+    s_global = record.s_global or {}
+    by_class = record.dice_by_class  # empty without masks
     return {
-        "worst_group_auroc": state["worst_group_auroc"],
-        "conflicting_auroc": state.get("conflicting_auroc", float("nan")),
-        "auroc": state["auroc"],
-        "dice": state["dice"],
+        "worst_group_auroc": record.worst_group_auroc,
+        "conflicting_auroc": record.conflicting_auroc,
+        "auroc": record.auroc,
+        "dice": record.dice,
         "dice_benign": by_class.get("benign", float("nan")),
         "dice_malignant": by_class.get("malignant", float("nan")),
-        "malignant_share": state.get("malignant_share", float("nan")),
+        "malignant_share": record.malignant_share,
         "band_reliance": band.get("value", float("nan")),
         "s_global": s_global.get("value", float("nan")),
         "s_global_excess": s_global.get("excess", float("nan")),
-        "counterfactual_drop": state["counterfactual_drop"],
+        "counterfactual_drop": record.counterfactual_drop,
         "wall_s": seconds,
-        "collapsed": float(state.get("collapsed", False)),
+        "collapsed": float(collapsed),
     }
 
 
@@ -790,21 +792,23 @@ def _picks(order, train_set, config, coarse, model) -> np.ndarray:
     return ranked.top(count)
 
 
-def _ranking_row(report: dict, seconds: float) -> dict:
-    band = report["band_reliance"]
+def _ranking_row(record: Evaluation, seconds: float) -> dict:
+    band, s_global = record.band_reliance, record.s_global
+    if s_global is None:
+        raise ValueError("the ranking benchmark needs test images with masks and an S map")
     return {
         "band_reliance": band["value"] if band else float("nan"),
-        "s_global": report["s_global"]["value"],
-        "s_global_ci": [report["s_global"]["ci_low"], report["s_global"]["ci_high"]],
-        "s_global_excess": report["s_global"]["excess"],
-        "s_global_by_class": report["s_global"]["per_class"],
-        "s_global_benign": report["s_global"]["per_class"][1],
-        "s_global_malignant": report["s_global"]["per_class"][2],
-        "conflicting_auroc": report["conflicting_auroc"],
-        "worst_group_auroc": report["worst_group_auroc"],
-        "auroc": report["auroc"],
-        "dice": report["dice"],
-        "counterfactual_drop": report["counterfactual_drop"],
+        "s_global": s_global["value"],
+        "s_global_ci": [s_global["ci_low"], s_global["ci_high"]],
+        "s_global_excess": s_global["excess"],
+        "s_global_by_class": s_global["per_class"],
+        "s_global_benign": s_global["per_class"][1],
+        "s_global_malignant": s_global["per_class"][2],
+        "conflicting_auroc": record.conflicting_auroc,
+        "worst_group_auroc": record.worst_group_auroc,
+        "auroc": record.auroc,
+        "dice": record.dice,
+        "counterfactual_drop": record.counterfactual_drop,
         "wall_s": seconds,
     }
 

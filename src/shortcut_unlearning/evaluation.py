@@ -6,11 +6,12 @@ Everything is measured on an `EvalSet`: images at the model's size with whatever
 - `probe(model, evalset)`: cheap numbers for the curves of an unlearning run and for the
   collapse check: Dice overall and by class, the malignant share of the predicted lesion, AUROC
   where labels exist, S_global where S exists.
-- `evaluate(model, evalset, seed, start)`: the full record a metrics.json keeps per model state:
-  AUROC pooled and by group with bootstrap intervals, worst-group and conflicting-group AUROC,
-  class-aware Dice, per-image malignancy scores (over the image and over the predicted
-  lesion), S_global with its null, the counterfactual
-  drop (spurious pixels inpainted) and `band_reliance` (the band inpainted).
+- `evaluate(model, evalset, seed, start)`: the full record a metrics.json keeps per model state
+  (an `Evaluation`, written and read with `to_json` and `from_json`): AUROC pooled and by group
+  with bootstrap intervals, worst-group and conflicting-group AUROC, class-aware Dice,
+  per-image malignancy scores (over the image and over the predicted lesion), S_global with its
+  null, the counterfactual drop (spurious pixels inpainted) and `band_reliance` (the band
+  inpainted).
 
 `collapsed` is the project's one definition of collapse (the model stopped segmenting or went
 non-finite; AUROC changes are results, never collapse), and `class_takeover` its one warning
@@ -22,14 +23,19 @@ reads its `net`'s tensors when it has one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated
 
 import numpy as np
+from pydantic import BeforeValidator
+from typing_extensions import TypedDict  # pydantic reads typing's TypedDict from Python 3.12
 
 from . import masks as masklib
 from . import metrics
 from .data.lesion_set import BENIGN, CLASS_NAMES, MALIGNANT, LesionSet
+from .files import json_ready
 from .inpaint import inpaint_background
+from .schemas import validate
 
 # A run collapsed when its probe Dice falls below this share of the starting model's.
 COLLAPSE_RATIO = 0.5
@@ -326,18 +332,110 @@ def conflicting_group(groups) -> str | None:
     return names[0] if len(names) == 1 else None
 
 
+# JSON has no NaN: a number missing for lack of truth is written as null and read back as NaN.
+Number = Annotated[float, BeforeValidator(lambda value: float("nan") if value is None else value)]
+
+
+class Interval(TypedDict):
+    """A value with its bootstrap interval."""
+
+    value: Number
+    ci_low: Number
+    ci_high: Number
+
+
+class MeanInterval(Interval):
+    """A mean over images (metrics.mean_ci)."""
+
+    n_images: int
+
+
+class AurocInterval(Interval):
+    """AUROC (metrics.auroc_ci)."""
+
+    n_malignant: int
+    n_benign: int
+
+
+SGlobal = TypedDict(  # metrics.s_global_report; "class" is a keyword, hence this form
+    "SGlobal",
+    {
+        "value": Number,
+        "class": int,
+        "per_class": dict[int, Number],
+        "ci_low": Number,
+        "ci_high": Number,
+        "null_mean": Number,
+        "null_sd": Number,
+        "null_p95": Number,
+        "excess": Number,
+        "unit": str,
+        "grid": int,
+        "hard": bool,
+        "n_images": int,
+    },
+)
+
+
+class BandReliance(MeanInterval):
+    """What `band_reliance` measures."""
+
+    mean_change: Number
+    unit: str
+    scores_inpainted: list[Number]
+    images: list[int]
+    flipped: list[Number]
+    flips: MeanInterval
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The full record of one model state on an EvalSet (`evaluate`); NaN or None where the set
+    lacks the truth a number needs. `to_json` gives metrics.json's section of the state and
+    `from_json` reads one back against these types (schemas.py): a missing or mistyped field
+    is an error that names it."""
+
+    n_images: int
+    auroc: Number
+    auroc_ci: AurocInterval | None
+    auroc_by_group: dict[str, Number]
+    auroc_by_group_ci: dict[str, AurocInterval]
+    worst_group_auroc: Number
+    worst_group: str | None
+    conflicting_auroc: Number
+    conflicting_group: str | None
+    dice: Number
+    dice_by_class: dict[str, Number]  # "benign", "malignant"; empty without masks
+    malignant_share: Number  # of the predicted lesion pixels
+    truth_malignant_share: float | None  # of the true masks' lesion pixels, else the labels
+    class_takeover: str | None  # the warning of `class_takeover`
+    image_scores: list[Number]
+    score_unit: str
+    lesion_scores: list[Number]  # NaN where no lesion is predicted
+    lesion_score_unit: str
+    s_global: SGlobal | None
+    counterfactual_drop: Number
+    band_reliance: BandReliance | None
+
+    def to_json(self) -> dict:
+        """The record as strict JSON values (NaN as null: files.json_ready)."""
+        return json_ready(asdict(self))
+
+    @classmethod
+    def from_json(cls, data, source: str = "the evaluation record") -> Evaluation:
+        """The record `to_json` wrote (other keys are ignored); schemas.InputError, a
+        ValueError, names `source` and each missing or mistyped field."""
+        hint = "give a model state's section of a metrics.json that shortcut-unlearning wrote"
+        return validate(cls, data, source, hint)
+
+
 def evaluate(
-    model, evalset: EvalSet, seed: int = 0, start: dict | None = None, n_boot: int = 1000
-) -> dict:
-    """The full record of one model state on `evalset` (JSON-ready; nan or None where the set
-    lacks the truth a number needs).
+    model, evalset: EvalSet, seed: int = 0, start: Evaluation | None = None, n_boot: int = 1000
+) -> Evaluation:
+    """The full record of one model state on `evalset`.
 
     `start`: the starting model's record (for an unlearned model), whose malignant share
-    becomes a reference of the class-takeover check. Keys: n_images, auroc, auroc_ci,
-    auroc_by_group, auroc_by_group_ci, worst_group_auroc, worst_group, conflicting_auroc,
-    conflicting_group, dice, dice_by_class, malignant_share, truth_malignant_share,
-    class_takeover, image_scores, lesion_scores (nan where no lesion is predicted), s_global,
-    counterfactual_drop, band_reliance.
+    becomes a reference of the class-takeover check.
     """
     probs = model.probabilities(evalset.images)
     scores = metrics.image_scores(probs)
@@ -366,7 +464,7 @@ def evaluate(
     reference = truth_malignant_share(evalset)
     references = dict([reference]) if reference else {}
     if start is not None:
-        references["the starting model"] = start.get("malignant_share")
+        references["the starting model"] = start.malignant_share
     masks = evalset.masks
     by_class = metrics.dice_by_class(probs, masks) if masks is not None else {}
     record |= {
@@ -405,4 +503,4 @@ def evaluate(
         if evalset.band is not None and evalset.band.any()
         else None
     )
-    return record
+    return Evaluation(**record)

@@ -22,7 +22,7 @@ from .data.annotator import Annotator
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
 from .data.synthetic import PLACEMENTS, SynthConfig, generate
-from .evaluation import EvalSet
+from .evaluation import EvalSet, Evaluation
 from .files import write_json
 from .model import (
     Model,
@@ -412,16 +412,13 @@ def unlearn(
 # --- stage 4: evaluate ----------------------------------------------------------------------
 
 
-def evaluate_states(models: dict[str, Model], evalset: EvalSet, seed: int) -> dict[str, dict]:
+def evaluate_states(models: dict[str, Model], evalset: EvalSet, seed: int) -> dict[str, Evaluation]:
     """evaluation.evaluate for each model state; "unlearned" is judged against "coarse" for
-    the class-takeover check. A trained model's training record comes along."""
-    records: dict[str, dict] = {}
+    the class-takeover check."""
+    records: dict[str, Evaluation] = {}
     for name, model in models.items():
         start = records.get("coarse") if name == "unlearned" else None
         records[name] = evaluation.evaluate(model, evalset, seed, start)
-        training = model.config.provenance.get("training")
-        if training is not None and name != "unlearned":
-            records[name]["training"] = training
     return records
 
 
@@ -500,8 +497,11 @@ def unlearning_report(
     }
 
 
-def run_warnings(records: dict[str, dict], outcome: UnlearnResult | None) -> list[str]:
-    """What a reader must not miss: a collapse, a class takeover, a fit that failed."""
+def run_warnings(
+    records: dict[str, Evaluation], extra: dict[str, dict], outcome: UnlearnResult | None
+) -> list[str]:
+    """What a reader must not miss: a collapse, a class takeover, a fit that failed (the
+    training record among a state's `extra`)."""
     found = []
     if outcome is not None and outcome.collapsed:
         kept = outcome.rejected is not None
@@ -510,9 +510,9 @@ def run_warnings(records: dict[str, dict], outcome: UnlearnResult | None) -> lis
             "non-finite)" + ("; the starting model was kept (unlearned = coarse)" if kept else "")
         )
     for name, record in records.items():
-        if record.get("class_takeover"):
-            found.append(f"{name}: {record['class_takeover']}")
-        training = record.get("training") or {}
+        if record.class_takeover:
+            found.append(f"{name}: {record.class_takeover}")
+        training = extra.get(name, {}).get("training") or {}
         if training.get("converged") is False:
             found.append(
                 f"{name}: training did not converge (best validation Dice "
@@ -525,21 +525,22 @@ def build_report(
     config: RunConfig,
     operator: Operator,
     prepared: Prepared,
-    records: dict[str, dict],
+    records: dict[str, Evaluation],
+    extra: dict[str, dict],
     done: Unlearned,
     device,
     timings: dict,
 ) -> dict:
-    """metrics.json's content: one record per model state, the run's settings and history."""
+    """metrics.json's content: per model state its record and what `extra` keeps beside it
+    (its training, its saliency share, whether it collapsed), the run's settings and history."""
     outcome = done.outcome
-    records["unlearned"]["collapsed"] = outcome.collapsed
     return {
-        **records,
+        **{name: record.to_json() | extra.get(name, {}) for name, record in records.items()},
         "config": asdict(config),
         "seed": config.seed,
         "device": str(device),
         **unlearning_report(operator, done.certificate, outcome, done.exactness),
-        "warnings": run_warnings(records, outcome),
+        "warnings": run_warnings(records, extra, outcome),
         "verdict": judge(records["coarse"], records["unlearned"]).to_dict(),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,
@@ -609,32 +610,38 @@ def report_run(
     config: RunConfig,
     operator: Operator,
     prepared: Prepared,
-    start: Trained,
+    states: dict[str, Model],
     done: Unlearned,
-    evaluated: dict[str, dict],
+    evaluated: dict[str, Evaluation],
     device,
     timings: dict,
 ) -> tuple[dict, dict[str, Model], SaliencyPicture | None]:
-    """Evaluate the unlearned model beside the states already `evaluated` (coarse, and the
+    """Evaluate the unlearned model beside the `states` already `evaluated` (coarse, and the
     baselines where trained); returns the report, the model to save and the saliency picture."""
-    outcome = done.outcome
+    outcome, start = done.outcome, states["coarse"]
     timings["unlearn_s"] = done.seconds
     clock = time.perf_counter()
-    if outcome.model is start.model:  # kept back after a collapse: the same numbers
-        unlearned = {k: v for k, v in evaluated["coarse"].items() if k != "training"}
+    if outcome.model is start:  # kept back after a collapse: the same numbers
+        unlearned = evaluated["coarse"]
     else:
         unlearned = evaluation.evaluate(
             outcome.model, prepared.evalset, config.seed, evaluated["coarse"]
         )
     records = {"coarse": evaluated["coarse"], "unlearned": unlearned}
     records |= {k: v for k, v in evaluated.items() if k != "coarse"}
-    picture = saliency_picture(start.model, outcome.model, prepared.evalset, config.saliency_images)
+    extra = {
+        name: {"training": model.config.provenance["training"]}
+        for name, model in states.items()
+        if model.config.provenance.get("training") is not None
+    }
+    picture = saliency_picture(start, outcome.model, prepared.evalset, config.saliency_images)
     if picture is not None:
         for name, share in picture.shares.items():
-            records[name] = {**records[name], "saliency_on_artefacts": share}
+            extra.setdefault(name, {})["saliency_on_artefacts"] = share
+    extra.setdefault("unlearned", {})["collapsed"] = outcome.collapsed
     timings["evaluate_s"] = timings.get("evaluate_s", 0.0) + time.perf_counter() - clock
-    report = build_report(config, operator, prepared, records, done, device, timings)
-    saved = {"unlearned_model": outcome.model} if outcome.model is not start.model else {}
+    report = build_report(config, operator, prepared, records, extra, done, device, timings)
+    saved = {"unlearned_model": outcome.model} if outcome.model is not start else {}
     return report, saved, picture
 
 
@@ -707,7 +714,7 @@ def _run(config: RunConfig, operator: Operator, out: Path | None) -> dict:
     evaluated = evaluate_states(states, prepared.evalset, config.seed)
     timings["evaluate_s"] = time.perf_counter() - clock
     report, saved, picture = report_run(
-        config, operator, prepared, start, done, evaluated, device, timings
+        config, operator, prepared, states, done, evaluated, device, timings
     )
     curves = {config.method: trajectory(done.outcome)} if config.probe_images else None
     write_run(out, report, saved, picture, curves)
@@ -739,23 +746,21 @@ def table(report: dict) -> str:
     for name in STATES:
         if name not in report:
             continue
-        r = report[name]
-        ci = r.get("auroc_ci") or {}
+        r = Evaluation.from_json(report[name])
+        ci = r.auroc_ci
         interval = (
-            f"[{ci['ci_low']:.3f},{ci['ci_high']:.3f}]"
-            if ci and np.isfinite(ci.get("ci_low", np.nan))
-            else ""
+            f"[{ci['ci_low']:.3f},{ci['ci_high']:.3f}]" if ci and np.isfinite(ci["ci_low"]) else ""
         )
-        by_class = r.get("dice_by_class", {})
-        s_global = r.get("s_global") or {}
-        band = r.get("band_reliance") or {}
+        by_class = r.dice_by_class  # empty without masks
+        s_global = r.s_global or {}
+        band = r.band_reliance or {}
         rows.append(
-            f"{name:<20} {_cell(r['auroc'], '.3f', 6)} {interval:>14} "
-            f"{_cell(r['worst_group_auroc'], '.3f', 6)} "
-            f"{_cell(r.get('conflicting_auroc'), '.3f', 6)} {_cell(r['dice'], '.3f', 6)} "
+            f"{name:<20} {_cell(r.auroc, '.3f', 6)} {interval:>14} "
+            f"{_cell(r.worst_group_auroc, '.3f', 6)} "
+            f"{_cell(r.conflicting_auroc, '.3f', 6)} {_cell(r.dice, '.3f', 6)} "
             f"{_cell(by_class.get('benign'), '.3f', 6)} "
             f"{_cell(by_class.get('malignant'), '.3f', 6)} "
-            f"{_cell(r.get('malignant_share'), '.0%', 6)} {_cell(band.get('value'), '.4f', 7)} "
+            f"{_cell(r.malignant_share, '.0%', 6)} {_cell(band.get('value'), '.4f', 7)} "
             f"{_cell(s_global.get('value'), '.2e', 9)} {_cell(s_global.get('excess'), '.2e', 9)}"
         )
     rows += [

@@ -431,9 +431,9 @@ def evaluation_run(model: Model, prepared, seed: int, images: int = 64) -> dict:
         "evaluate_s": evaluated,
         "probe_s": time.perf_counter() - start,
         "probe_images": len(prepared.probe_set),
-        "s_global": (record["s_global"] or {}).get("value"),
-        "worst_group_auroc": record["worst_group_auroc"],
-        "dice": record["dice"],
+        "s_global": (record.s_global or {}).get("value"),
+        "worst_group_auroc": record.worst_group_auroc,
+        "dice": record.dice,
         "probe_dice": probe.get("dice"),
     }
 
@@ -484,8 +484,8 @@ def widget_job(config: CheckConfig, device, prepared, model: Model, images: int 
         "model_device": str(record.model.device) if record else None,
         "usable": record.usable if record else None,
         "s_global_before_after": [
-            record.before.metrics["s_global"]["value"],
-            record.after.metrics["s_global"]["value"],
+            record.before.metrics.s_global["value"],
+            record.after.metrics.s_global["value"],
         ]
         if record and record.after
         else None,

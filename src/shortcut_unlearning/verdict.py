@@ -1,14 +1,14 @@
 """The verdict on a run in plain words: does the model's class decision rely on the erased
 pixels less, as much or more than before, and can the numbers tell at all?
 
-It reads two records of evaluation.evaluate made on the same images (before and after a run).
-The class decision leads: the AUROC in the group where the artefact misleads (where images
-carry groups), else band reliance (how much the malignancy score moves when the erased pixels
-are filled with skin); the share of lesions that change class when they are filled supports
-it. S_global (the predicted lesion's information about the erased pixels) is judged too, but
-it describes pixels, not the diagnosis. Every reading comes from an interval: a paired
-bootstrap of the per-image change where the records hold per-image values, the records' own
-intervals and the permutation null otherwise. An interval that cannot tell says so.
+It reads two records of evaluation.evaluate (`Evaluation`) made on the same images (before and
+after a run). The class decision leads: the AUROC in the group where the artefact misleads
+(where images carry groups), else band reliance (how much the malignancy score moves when the
+erased pixels are filled with skin); the share of lesions that change class when they are
+filled supports it. S_global (the predicted lesion's information about the erased pixels) is
+judged too, but it describes pixels, not the diagnosis. Every reading comes from an interval: a
+paired bootstrap of the per-image change where the records hold per-image values, the records'
+own intervals and the permutation null otherwise. An interval that cannot tell says so.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import metrics
+from .evaluation import BandReliance, Evaluation
 
 LESS, SAME, MORE, UNSURE = "less", "as much", "more", "cannot tell"
 OPPOSITE = {LESS: MORE, MORE: LESS}
@@ -94,18 +95,18 @@ HEADLINES = {
 SHORT = {LESS: "less", SAME: "as much as before", MORE: "more"}
 
 
-def judge(before: dict, after: dict) -> Verdict:
+def judge(before: Evaluation, after: Evaluation) -> Verdict:
     """The verdict on a run from evaluate's records before and after it, on the same images."""
-    if before.get("n_images") != after.get("n_images"):
+    if before.n_images != after.n_images:
         raise ValueError(
-            f"the records describe {before.get('n_images')} and {after.get('n_images')} "
+            f"the records describe {before.n_images} and {after.n_images} "
             "images; judge a run with records of the same images"
         )
     lead = [e for e in (group_auroc(before, after), band_reliance(before, after)) if e]
     support = [e for e in (class_flips(before, after),) if e]
     information = s_global(before, after)
     reading, headline = overall(lead[:1], lead[1:] + support)
-    scores = [np.asarray(r.get("lesion_scores", []), float) for r in (before, after)]
+    scores = [np.asarray(r.lesion_scores, float) for r in (before, after)]
     return Verdict(
         reading=reading,
         headline=headline,
@@ -113,7 +114,7 @@ def judge(before: dict, after: dict) -> Verdict:
         warnings=tuple(warnings(before, after)),
         lesion_score_before=_nanmean(scores[0]),
         lesion_score_after=_nanmean(scores[1]),
-        n_images=int(before.get("n_images", 0)),
+        n_images=before.n_images,
     )
 
 
@@ -142,16 +143,16 @@ def overall(lead: list[Evidence], support: list[Evidence]) -> tuple[str, str]:
 # --- the measures ------------------------------------------------------------------------------
 
 
-def band_reliance(before: dict, after: dict) -> Evidence | None:
+def band_reliance(before: Evaluation, after: Evaluation) -> Evidence | None:
     """The malignancy score's change when the erased pixels are filled with skin, paired over
     the images with erased pixels."""
-    b, a = before.get("band_reliance"), after.get("band_reliance")
-    if not b or not a or not b.get("images"):
+    b, a = before.band_reliance, after.band_reliance
+    if not b or not a or not b["images"]:
         return None
     _same_images(b, a)
     at = np.asarray(b["images"], int)
     moved = [
-        np.abs(np.asarray(r["scores_inpainted"])[at] - np.asarray(s["image_scores"])[at])
+        np.abs(np.asarray(r["scores_inpainted"])[at] - np.asarray(s.image_scores)[at])
         for r, s in ((b, before), (a, after))
     ]
     return paired(
@@ -163,11 +164,11 @@ def band_reliance(before: dict, after: dict) -> Evidence | None:
     )
 
 
-def class_flips(before: dict, after: dict) -> Evidence | None:
+def class_flips(before: Evaluation, after: Evaluation) -> Evidence | None:
     """The share of lesions whose predicted class changes when the erased pixels are filled
     with skin, paired over the images with a lesion predicted both times by both models."""
-    b, a = before.get("band_reliance"), after.get("band_reliance")
-    if not b or not a or "flipped" not in b or "flipped" not in a:
+    b, a = before.band_reliance, after.band_reliance
+    if not b or not a:
         return None
     _same_images(b, a)
     flipped = [np.asarray(r["flipped"], float) for r in (b, a)]
@@ -206,12 +207,12 @@ def paired(name: str, before, after, chance: str, number: str) -> Evidence:
     return Evidence(name, start, float(np.mean(after)), reading, why, detail, number)
 
 
-def group_auroc(before: dict, after: dict) -> Evidence | None:
+def group_auroc(before: Evaluation, after: Evaluation) -> Evidence | None:
     """AUROC in the group where the artefact misleads (else the worst group before the run):
     higher means the class decision follows the artefact less. Chance is 0.5."""
-    group = before.get("conflicting_group") or before.get("worst_group")
-    b = (before.get("auroc_by_group_ci") or {}).get(group)
-    a = (after.get("auroc_by_group_ci") or {}).get(group)
+    group = before.conflicting_group or before.worst_group
+    b = before.auroc_by_group_ci.get(group)
+    a = after.auroc_by_group_ci.get(group)
     if not b or not a or not (np.isfinite(b["value"]) and np.isfinite(a["value"])):
         return None
     if a["ci_low"] > b["ci_high"]:
@@ -227,16 +228,16 @@ def group_auroc(before: dict, after: dict) -> Evidence | None:
         f"{a['value']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}] (95% bootstrap intervals; "
         "chance 0.50)."
     )
-    misleads = group == before.get("conflicting_group")
+    misleads = group == before.conflicting_group
     where = "where the artefact misleads" if misleads else "in the worst group"
     name = f"AUROC {where} ({group}; chance 0.50)"
     return Evidence(name, b["value"], a["value"], reading, why, detail, ".2f")
 
 
-def s_global(before: dict, after: dict) -> Evidence | None:
+def s_global(before: Evaluation, after: Evaluation) -> Evidence | None:
     """S_global against its permutation null: within chance before the run, it cannot tell;
     down to chance after it, less; else the excess over chance's intervals decide."""
-    b, a = before.get("s_global"), after.get("s_global")
+    b, a = before.s_global, after.s_global
     if not b or not a:
         return None
     if not b["value"] > b["null_p95"]:
@@ -264,11 +265,11 @@ def s_global(before: dict, after: dict) -> Evidence | None:
 # --- warnings ----------------------------------------------------------------------------------
 
 
-def warnings(before: dict, after: dict) -> list[str]:
+def warnings(before: Evaluation, after: Evaluation) -> list[str]:
     """A malignant share that swung, measures within chance, a class that took over."""
     out = []
-    share = before.get("malignant_share"), after.get("malignant_share")
-    if all(s is not None and math.isfinite(s) for s in share):
+    share = before.malignant_share, after.malignant_share
+    if all(math.isfinite(s) for s in share):
         swing = share[1] - share[0]
         if abs(swing) > SHARE_SWING:
             out.append(
@@ -276,27 +277,27 @@ def warnings(before: dict, after: dict) -> list[str]:
                 f"to {share[1]:.0%} ({abs(swing) * 100:.0f} points): check that the model "
                 "still tells benign from malignant lesions"
             )
-    b = before.get("s_global")
+    b = before.s_global
     if b and not b["value"] > b["null_p95"]:
         out.append(
             f"S_global was within chance before the run ({b['value']:.1e}, chance up to "
             f"{b['null_p95']:.1e}): its change means nothing on these images"
         )
-    group = before.get("conflicting_group") or before.get("worst_group")
-    a = (after.get("auroc_by_group_ci") or {}).get(group)
+    group = before.conflicting_group or before.worst_group
+    a = after.auroc_by_group_ci.get(group)
     if a and a["ci_low"] <= 0.5 <= a["ci_high"]:
         out.append(
             f"after the run the AUROC in group {group} is within chance ({a['value']:.2f}, "
             f"interval {a['ci_low']:.2f} to {a['ci_high']:.2f}): there the model tells "
             "malignant from benign no better than a coin toss"
         )
-    if after.get("class_takeover"):
-        out.append(after["class_takeover"])
+    if after.class_takeover:
+        out.append(after.class_takeover)
     return out
 
 
-def _same_images(b: dict, a: dict) -> None:
-    if b.get("images") != a.get("images"):
+def _same_images(b: BandReliance, a: BandReliance) -> None:
+    if b["images"] != a["images"]:
         raise ValueError(
             "the records' erased pixels lie on different images; judge a run with records "
             "of the same images and erased pixels"

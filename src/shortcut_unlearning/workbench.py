@@ -24,6 +24,7 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,14 @@ from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
 from .settings import DEFAULTS
 from .stack import ImageStack
+
+if TYPE_CHECKING:  # torch and the evaluator load when a model is needed, not with the dock
+    from .certificate import Certificate
+    from .evaluation import Evaluation
+    from .model import Model
+    from .rounds import Round
+    from .unlearning import Operator, UnlearnResult
+    from .unlearning.relearn import Exactness
 
 MEASURE_BEFORE, MEASURE_AFTER = "measuring the starting model", "measuring the unlearned model"
 MEASURED = 64  # images measured before and after a run: the refined ones, then a sample
@@ -50,7 +59,14 @@ class Views:
     scores: np.ndarray  # (N,) malignancy score per image (mean malignant probability); nan:
     # not measured
     lesion_scores: np.ndarray  # (N,) lesion malignancy score (pooled over the predicted lesion)
-    metrics: dict  # evaluation.evaluate's record, plus "refined": the probe on refined images
+    metrics: Evaluation  # on the measured images
+    refined: dict[str, float]  # evaluation.probe on the refined images
+    measured: list[int]  # the images measured: the refined ones, then a sample
+
+    def to_json(self) -> dict:
+        """metrics.json's section of this model state."""
+        extra = {"dice_refined": self.refined["dice"], "measured_images": self.measured}
+        return self.metrics.to_json() | {"refined": self.refined} | extra
 
 
 @dataclass(frozen=True)
@@ -79,7 +95,7 @@ class Plan:
     """A validated run, snapshotted on the UI thread."""
 
     parameters: dict
-    operator: object  # an unlearning Operator
+    operator: Operator
     refinement: Refinement  # a frozen copy of the clinician's masks
     spurious: np.ndarray | None  # painted S map, or None: the forget set
 
@@ -91,14 +107,14 @@ class RunRecord:
     number: int
     plan: Plan
     start_name: str
-    result: object  # UnlearnResult
+    result: UnlearnResult
     before: Views
     after: Views | None  # None when cancelled
-    certificate: object | None
+    certificate: Certificate | None
     seconds: float
     refined_index: np.ndarray  # images the run refined
     accepted: bool = False
-    exactness: object | None = None  # erase and relearn's record (unlearning.relearn)
+    exactness: Exactness | None = None  # erase and relearn's record
 
     @property
     def method(self) -> str:
@@ -146,7 +162,7 @@ class RunRecord:
     def details(self) -> str:
         """The numbers behind the summary, with their intervals and chance levels."""
         before, after = self.before.metrics, self.after.metrics
-        rb, ra = before["refined"], after["refined"]
+        rb, ra = self.before.refined, self.after.refined
         lines = self.verdict.details()
         lines.append(
             f"Dice on the refined images {rb['dice']:.2f} -> {ra['dice']:.2f} (benign "
@@ -154,11 +170,11 @@ class RunRecord:
             f"{_num(rb['dice_malignant'])} -> {_num(ra['dice_malignant'])})."
         )
         lines.append(
-            f"Predicted lesion pixels called malignant: {_share(before['malignant_share'])} -> "
-            f"{_share(after['malignant_share'])}."
+            f"Predicted lesion pixels called malignant: {_share(before.malignant_share)} -> "
+            f"{_share(after.malignant_share)}."
         )
-        if np.isfinite(after["auroc"]):
-            cb, ca = before["auroc_ci"], after["auroc_ci"]
+        if np.isfinite(after.auroc):
+            cb, ca = before.auroc_ci, after.auroc_ci
             lines.append(
                 f"AUROC on these images {cb['value']:.2f} [{cb['ci_low']:.2f}, "
                 f"{cb['ci_high']:.2f}] -> {ca['value']:.2f} [{ca['ci_low']:.2f}, "
@@ -188,11 +204,11 @@ class Workbench:
     def __init__(self, model_path: str | Path | None = None, parameters: dict | None = None):
         self.parameters = {**DEFAULTS, **(parameters or {})}
         self.model_path = Path(model_path) if model_path else sample_data_dir() / SAMPLE_MODEL
-        self.models: list[tuple[str, object]] = []  # accepted models, the current one last
+        self.models: list[tuple[str, Model]] = []  # accepted models, the current one last
         self._loading = threading.Lock()  # the widget loads in a thread, runs in another
         self.shown: RunRecord | None = None
         self.runs = 0
-        self.history: list = []  # rounds.Round of every finished run, in order
+        self.history: list[Round] = []  # every finished run, in order
         self.stack: ImageStack | None = None
         self._inputs: dict[int, np.ndarray] = {}
         self.refinement: Refinement | None = None
@@ -497,8 +513,8 @@ class Workbench:
         )
         sections["unlearning"] |= {"accepted": record.accepted, "start_model": record.start_name}
         return {
-            "coarse": record.before.metrics,
-            "unlearned": {**record.after.metrics, "collapsed": result.collapsed},
+            "coarse": record.before.to_json(),
+            "unlearned": record.after.to_json() | {"collapsed": result.collapsed},
             "verdict": record.verdict.to_dict(),
             "config": record.plan.parameters,
             "seed": record.plan.parameters["seed"],
@@ -508,7 +524,7 @@ class Workbench:
             "forget_pixels": int(record.plan.refinement.forget.sum()),
             "n_train": len(self.stack),
             # The plugin measures on the images being refined (a sample of them when many).
-            "n_test": len(record.before.metrics["measured_images"]),
+            "n_test": len(record.before.measured),
             "timings": {"run_s": record.seconds},
             "rounds": {
                 "rounds": [r.to_dict() for r in self.history],
@@ -570,21 +586,18 @@ class _Measure:
 
         return probe(model, self.refined)
 
-    def views(self, model, start: dict | None = None) -> Views:
+    def views(self, model, start: Evaluation | None = None) -> Views:
         from . import display, evaluation, saliency
 
         record = evaluation.evaluate(model, self.measured, seed=0, start=start, n_boot=200)
         refined = evaluation.probe(model, self.refined)
-        record["refined"] = refined
-        record["dice_refined"] = refined["dice"]
-        record["measured_images"] = self.index.tolist()
         images = self.measured.images
         predictions = model.probabilities(images).argmax(1).astype(np.uint8)
         maps = saliency.saliency_maps(model, images).astype(np.float32)
         scores = np.full((3, len(self.stack)), np.nan)
         scores[:, self.index] = (
-            record["image_scores"],
-            record["lesion_scores"],
+            record.image_scores,
+            record.lesion_scores,
             display.saliency_tops(maps),
         )
         return Views(
@@ -594,6 +607,8 @@ class _Measure:
             scores=scores[0],
             lesion_scores=scores[1],
             metrics=record,
+            refined=refined,
+            measured=self.index.tolist(),
         )
 
     def _planes(self, maps: np.ndarray, labels: bool = False) -> np.ndarray:
