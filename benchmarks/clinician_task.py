@@ -143,7 +143,7 @@ def main(out: Path, images: int, size: tuple[int, int]) -> dict:
         f"{os.cpu_count()} cores seen)",
         "window": list(size),
         "images_refined": refined_images,
-        "method": widget.bench.parameters["method"],
+        "method": widget.bench.parameters.method,
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "ui_s": round(total - task.run_s, 2),
         "ui_s_without_strokes": round(total - task.run_s - task.strokes_s, 2),

@@ -22,12 +22,15 @@ import numpy as np
 from shortcut_unlearning.napari._io import sample_dermoscopy
 from shortcut_unlearning.progress import drive
 from shortcut_unlearning.resources import SAMPLE_MODEL, sample_data_dir
+from shortcut_unlearning.settings import OperatorSettings
 from shortcut_unlearning.workbench import Workbench
 
 
 def one_run(method: str, refined: int, device: str) -> dict:
     (images, _, _), (coarse, coarse_kw, _), (fine, _, _) = sample_dermoscopy()
-    bench = Workbench(sample_data_dir() / SAMPLE_MODEL, {"method": method, "device": device})
+    bench = Workbench(
+        sample_data_dir() / SAMPLE_MODEL, OperatorSettings(method=method, device=device)
+    )
     bench.open(images, coarse, coarse_kw["metadata"])
     for i in range(refined):
         bench.refinement.refined[i][fine[i] == 0] = 0

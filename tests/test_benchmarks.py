@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from shortcut_unlearning import benchmarks
+from shortcut_unlearning import benchmarks, experiment
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
 
@@ -96,7 +96,7 @@ def test_the_curve_plot_skips_what_a_test_split_cannot_measure(tmp_path):
     import math
 
     epsilons = [1.0, 3.0]
-    names = [*benchmarks.STATES, "neggrad-seg"]
+    names = [*experiment.STATES, "neggrad-seg"]
     names += [f"{n}@{e:g}" for n in ("gradient-clipping", "model-clipping") for e in epsilons]
     stats = {k: {"mean": 0.5, "std": 0.1} for k in benchmarks.CURVE_KEYS}
     stats["conflicting_auroc"] = {"mean": math.nan, "std": math.nan}

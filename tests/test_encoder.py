@@ -209,8 +209,9 @@ def test_the_encoder_line_says_where_the_weights_came_from(encoder_file, tmp_pat
 
 
 def test_the_plugin_preview_names_the_sample_models_pretrained_encoder():
+    from shortcut_unlearning.settings import OperatorSettings
     from shortcut_unlearning.workbench import Workbench
 
-    bench = Workbench(parameters={"device": "cpu"})  # the shipped sample model
+    bench = Workbench(parameters=OperatorSettings(device="cpu"))  # the shipped sample model
     bench.current_model()
     assert "mobilenet_v2 (frozen), pretrained; never saw the coarse labels" in bench.preview().plain

@@ -275,7 +275,7 @@ def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     assert "certified by model-clipping" in widget.preview_details.text()
     assert not widget.preview_details.isHidden()
     widget.context.setCurrentIndex(widget.context.findData("blind+consistent"))
-    assert widget.bench.parameters["context"] == "blind+consistent"
+    assert widget.bench.parameters.context == "blind+consistent"
     # it inpaints at the forget positions: a certified method refuses it, and the dock says why
     assert "cannot use the context term" in widget.preview.text()
     assert not widget.epsilon.isHidden()

@@ -1,5 +1,7 @@
 """The contract every operator in the registry keeps, run over all of them."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import TINY, refinement, same_state, state
@@ -151,3 +153,25 @@ def test_the_registry_maps_parameters_to_operators():
         make_operator("neggrad-seg", epsilon=1.0)
     with pytest.raises(ValueError, match="unknown operator"):
         make_operator("retrain")
+
+
+def test_one_settings_object_gives_the_steps_to_run_and_the_plugin():
+    from shortcut_unlearning.experiment import RunConfig, build_operator
+    from shortcut_unlearning.settings import OperatorSettings
+
+    defaults = OperatorSettings()
+    # The operators' own defaults are the settings' defaults.
+    assert make_operator("neggrad-seg").steps == defaults.steps
+    assert make_operator("relearn").steps == defaults.relearn_steps
+    assert make_operator("model-clipping").finetune_steps == defaults.relearn_steps
+    # The plugin remembers both; each method reads its own.
+    chosen = OperatorSettings(steps=7, relearn_steps=90)
+    for method, field, value in (("finetune", "steps", 7), ("relearn", "steps", 90)):
+        assert getattr(replace(chosen, method=method).operator(), field) == value
+    assert replace(chosen, method="gradient-clipping").operator().finetune_steps == 90
+    # `run --steps` sets the one its method reads; an operator option of its own wins.
+    for method, field in (("neggrad-seg", "steps"), ("gradient-clipping", "finetune_steps")):
+        assert getattr(build_operator(RunConfig(method=method, steps=5)), field) == 5
+    options = {"finetune_steps": 11}
+    config = RunConfig(method="model-clipping", steps=5, operator_options=options)
+    assert build_operator(config).finetune_steps == 11

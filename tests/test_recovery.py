@@ -187,6 +187,7 @@ def test_the_certificate_says_what_the_recovery_does_and_did(data):
 
 def test_run_and_the_plugin_say_what_to_expect_before_a_run(tmp_path):
     from shortcut_unlearning.cli import _expectation, _run_config, build_parser
+    from shortcut_unlearning.settings import OperatorSettings
     from shortcut_unlearning.workbench import Workbench
 
     def parsed(*flags):
@@ -200,7 +201,7 @@ def test_run_and_the_plugin_say_what_to_expect_before_a_run(tmp_path):
         parsed("--method", "model-clipping")
     )
     assert _expectation(parsed("--method", "neggrad-seg")) is None
-    bench = Workbench(None, {"method": "gradient-clipping", "epsilon": 3.0, "device": "cpu"})
+    bench = Workbench(None, OperatorSettings(method="gradient-clipping", epsilon=3.0, device="cpu"))
     assert not bench.loaded
     preview = bench.preview().details  # before the model is loaded
     assert bench.operator().expectation() in preview and "<= 0.335; eps 10.7" in preview

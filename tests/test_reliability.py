@@ -157,12 +157,12 @@ def test_replacing_never_writes_through_a_link(tmp_path):
 
 
 def test_the_settings_file_is_never_written_through_a_link(tmp_path, monkeypatch):
-    from shortcut_unlearning.settings import save_settings, settings_file
+    from shortcut_unlearning.settings import OperatorSettings, save_settings, settings_file
 
     monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
     plant_link(settings_file(), tmp_path / "elsewhere.json")
     with pytest.raises(OutputError, match="is a link"):
-        save_settings({})
+        save_settings(OperatorSettings())
     assert not (tmp_path / "elsewhere.json").exists()
 
 

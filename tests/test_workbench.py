@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from shortcut_unlearning.masks import MaskError
 from shortcut_unlearning.model import Model
 from shortcut_unlearning.progress import Cancel, drive
 from shortcut_unlearning.resources import PACKAGE_DIR
+from shortcut_unlearning.settings import OperatorSettings
 from shortcut_unlearning.workbench import Workbench
 
 
@@ -23,7 +25,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture
 def bench(tiny_data, model_path):
     data, coarse = tiny_data
-    wb = Workbench(model_path, {"method": "neggrad-seg", "steps": 3, "device": "cpu"})
+    wb = Workbench(model_path, OperatorSettings("neggrad-seg", steps=3, device="cpu"))
     meta = {"ids": data.ids[:8], "labels": data.labels[:8].tolist()}
     wb.open(data.images[:8], coarse[:8], meta)
     for i in (0, 1):  # refine two images to their fine masks
@@ -60,16 +62,16 @@ def test_the_context_term_chosen_in_the_dock_is_the_one_that_runs(bench):
     assert bench.plan().operator.context == "off"  # the paper's method unless chosen
     off = drive(bench.execute(bench.plan()), quiet=True)
     assert "context" not in off.result.history[-1].losses
-    bench.parameters["context"] = "blind+consistent"
+    bench.parameters = replace(bench.parameters, context="blind+consistent")
     on = drive(bench.execute(bench.plan()), quiet=True)
     assert all(np.isfinite(p.losses["context"]) for p in on.result.history)
-    bench.parameters["context"] = "everything"
+    bench.parameters = replace(bench.parameters, context="everything")
     with pytest.raises(ValueError, match="context must be one of"):
         bench.plan()
 
 
 def test_a_certified_method_refuses_the_context_term_in_the_dock(bench):
-    bench.parameters.update(method="gradient-clipping", context="blind")
+    bench.parameters = replace(bench.parameters, method="gradient-clipping", context="blind")
     assert "cannot use the context term" in bench.preview().plain
     with pytest.raises(ValueError, match="cannot use the context term"):
         bench.plan()
@@ -86,7 +88,7 @@ def sentences(text: str) -> list[str]:
 @pytest.mark.parametrize("method", ["gradient-clipping", "model-clipping"])
 @pytest.mark.parametrize("scope", ["decoder", "head"])
 def test_the_certified_preview_is_two_plain_sentences_with_the_numbers_apart(bench, method, scope):
-    bench.parameters.update(method=method, scope=scope)
+    bench.parameters = replace(bench.parameters, method=method, scope=scope)
     bench.current_model()
     preview = bench.preview()
     guaranteed, expect = sentences(preview.plain)
@@ -109,7 +111,7 @@ def test_the_certified_preview_says_when_frozen_parts_void_it():
     assert "(not recorded)" in guarantee(1, 1e-5, "decoder", ["encoder"], saw=None)
     assert "frozen" not in guarantee(1, 1e-5, "decoder", ["encoder"], saw=False)
     # Before the model is loaded: what is guaranteed, and when to expect the rest.
-    bench = Workbench(None, {"method": "gradient-clipping", "device": "cpu"})
+    bench = Workbench(None, OperatorSettings(method="gradient-clipping", device="cpu"))
     first, second = sentences(bench.preview().plain)
     assert first.startswith("Guaranteed") and "once the model is loaded" in second
 
@@ -121,7 +123,9 @@ def test_a_certified_run_whose_gate_kept_the_start_says_no_certificate_was_issue
     from shortcut_unlearning.unlearning import CertifiedOperator
 
     monkeypatch.setattr(CertifiedOperator, "collapsed", lambda self, model, before, after: True)
-    bench.parameters.update(method="model-clipping", relearn_steps=1, scope="head")
+    bench.parameters = replace(
+        bench.parameters, method="model-clipping", relearn_steps=1, scope="head"
+    )
     record = drive(bench.execute(bench.plan()), quiet=True)
     assert record.result.model is bench.current_model() and record.certificate is None
     summary = record.summary("model-clipping")
@@ -228,8 +232,17 @@ def test_sequential_rounds_are_kept_in_the_export(bench, tiny_data, tmp_path):
 
 
 def test_erase_and_relearn_says_what_it_guarantees_beside_the_verdict(bench):
-    bench.parameters |= {"method": "relearn", "relearn_steps": 3}
+    bench.parameters = replace(bench.parameters, method="relearn", relearn_steps=3)
     record = drive(bench.execute(bench.plan()), quiet=True)
     summary = record.summary("Erase and relearn").splitlines()
     assert summary[1] == record.verdict.headline
     assert summary[-1] == record.exactness.summary()
+
+
+def test_remembered_settings_come_back_as_they_were_saved(tmp_path, monkeypatch):
+    from shortcut_unlearning.settings import load_settings, save_settings
+
+    monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path))
+    chosen = OperatorSettings("gradient-clipping", "head", epsilon=3.0, relearn_steps=90)
+    save_settings(chosen)
+    assert load_settings() == chosen

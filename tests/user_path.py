@@ -122,7 +122,7 @@ def main(export_to: str, steps: int) -> None:
 
     seen["finished"] = wait(finished)
     seen["progress_lines"] = sorted(progress)
-    seen["method"] = [widget.bench.parameters["method"], widget.method.currentText()]
+    seen["method"] = [widget.bench.parameters.method, widget.method.currentText()]
     seen["result_layers"] = sorted(
         layer.name for layer in viewer.layers if layer.name in RESULT_LAYERS and layer.visible
     )

@@ -143,7 +143,6 @@ def _overlay_per_edit(coarse: np.ndarray, edits: int) -> dict:
     }
 
 
-STATES = ("coarse", "retrain", "retrain_band_ignored", "fine_oracle")
 COLUMNS = (
     "worst_group_auroc",
     "conflicting_auroc",
@@ -206,8 +205,8 @@ def seeds(base: RunConfig, seed_list: list[int], methods: list[str], out: Path |
         states = {"coarse": start.model, **{k: v.model for k, v in baselines.items()}}
         evaluated = experiment.evaluate_states(states, prepared.evalset, seed)
         seconds = {"coarse": start.seconds, **{k: v.seconds for k, v in baselines.items()}}
-        for state in STATES:
-            rows.setdefault(state, []).append(_row(evaluated[state], seconds[state]))
+        for state, record in evaluated.items():
+            rows.setdefault(state, []).append(_row(record, seconds[state]))
         start.model.save(out / f"seed{seed}" / "coarse_model")
         for method in methods:
             method_config = configs[method]
@@ -625,7 +624,7 @@ def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
     }
     fig = Figure(figsize=(15, 3.4))
     axes = fig.subplots(1, len(CURVE_KEYS))
-    references = [m for m in (*STATES, *CURVE_REFERENCES) if m in summary]
+    references = [m for m in (*experiment.STATES, *CURVE_REFERENCES) if m in summary]
     colours = _palette(len(CERTIFIED) + len(references))
     for ax, key in zip(axes, CURVE_KEYS, strict=True):
         for name, colour in zip(CERTIFIED, colours, strict=False):
@@ -718,18 +717,14 @@ def refinement_order(
 def _orders_on_one_seed(config: RunConfig, orders, fractions) -> tuple[list[dict], list[dict]]:
     """Train the seed's coarse model, then unlearn it once per order and fraction, every model
     measured by the one evaluator on the seed's test split."""
-    from functools import partial
-
     from . import evaluation
-    from .unlearning import UnlearnData
+    from .unlearning import unlearning_job
 
     device = resolve_device(config.device)
     prepared = experiment.prepare_data(replace(config, refine_order="random"))
     train_set, coarse = prepared.train, prepared.coarse
     start = experiment.train_or_load(config, prepared, device)
     model = start.model
-    probe_set = prepared.probe_set
-    probe = None if probe_set is None else partial(evaluation.probe, evalset=probe_set)
 
     def measure(m, seconds):
         return _ranking_row(evaluation.evaluate(m, prepared.evalset, seed=config.seed), seconds)
@@ -747,7 +742,9 @@ def _orders_on_one_seed(config: RunConfig, orders, fractions) -> tuple[list[dict
             split = experiment.refinement_split(train_set, coarse, picks, config.annotator)
             operator = experiment.build_operator(config)
             clock = time.perf_counter()
-            job = operator.run(model, UnlearnData(train_set.images, coarse, split, probe))
+            job = unlearning_job(
+                operator, model, train_set.images, coarse, split, prepared.probe_set
+            )
             outcome = drive(job, quiet=True)
             runs.append(
                 {
@@ -1089,7 +1086,7 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
     """
     from . import evaluation, metrics
     from .progress import Cancel
-    from .unlearning import NegGradSeg, UnlearnData
+    from .unlearning import NegGradSeg, unlearning_job
 
     device = resolve_device(base.device)
     prepared = experiment.prepare_data(base)
@@ -1124,9 +1121,10 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
         return record
 
     operator = NegGradSeg(steps=steps, probe_every=probe_every, seed=base.seed)
-    data = UnlearnData(prepared.train.images, prepared.coarse, prepared.split, probe)
+    data = (prepared.train.images, prepared.coarse, prepared.split)
+    job = unlearning_job(operator, coarse.model, *data, probe, cancel)
     begin = time.perf_counter()
-    drive(operator.run(coarse.model, data, cancel), quiet=True)
+    drive(job, quiet=True)
     curve, measuring = [], 0.0
     for i, (entered, seconds, value) in enumerate(probes):
         step = min(i * probe_every, steps)

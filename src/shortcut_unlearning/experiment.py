@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +33,9 @@ from .model import (
 )
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
+from .settings import OperatorSettings
 from .training import TrainConfig, train, validation_split
-from .unlearning import (
-    CERTIFIED,
-    CertifiedOperator,
-    Operator,
-    UnlearnData,
-    UnlearnResult,
-    make_operator,
-)
+from .unlearning import CERTIFIED, CertifiedOperator, Operator, UnlearnResult, unlearning_job
 from .unlearning.certified import issued
 from .unlearning.relearn import Exactness, Relearn
 from .verdict import judge
@@ -62,7 +55,7 @@ class RunConfig:
     # Which images get refined: "ranked" (the coarse model's ranking, see ranking.py),
     # "random" (seeded) or "given" (the --refined ids). None: given with --refined, else random.
     refine_order: str | None = None
-    method: str = "relearn"
+    method: str = OperatorSettings.method
     steps: int | None = None  # unlearning steps (None: the operator's default)
     epochs: int = 20  # at most, for the coarse model and the baselines (early stopping)
     encoder: str = ModelConfig.encoder
@@ -122,6 +115,11 @@ class RunConfig:
     def order(self) -> str:
         """The refine order in force: refine_order, or its default."""
         return self.refine_order or ("given" if self.refined else "random")
+
+    def operator_settings(self) -> OperatorSettings:
+        """The run's operator settings; `steps`, when given, where the method reads it."""
+        chosen = OperatorSettings(self.method, self.scope, device=self.device, seed=self.seed)
+        return chosen.with_steps(self.steps) if self.steps else chosen
 
 
 REFINE_ORDERS = ("ranked", "random", "given")
@@ -376,13 +374,8 @@ def train_baselines(config: RunConfig, prepared: Prepared, device) -> dict[str, 
 
 def build_operator(config: RunConfig) -> Operator:
     """The operator the config names; built first, so a bad setting fails before training."""
-    return make_operator(
-        config.method,
-        steps=config.steps,
-        seed=config.seed,
-        scope=config.scope,
-        accept_collapse=config.accept_collapse,
-        **config.operator_options,
+    return config.operator_settings().operator(
+        accept_collapse=config.accept_collapse, **config.operator_options
     )
 
 
@@ -391,11 +384,11 @@ def unlearn(
 ) -> tuple[UnlearnResult, float]:
     """Unlearn the refinement's forget set from `start`, watched by the one probe; returns the
     result and its seconds. A kept model records what unlearning it went through."""
-    probe_set = prepared.probe_set
-    probe = None if probe_set is None else partial(evaluation.probe, evalset=probe_set)
-    data = UnlearnData(prepared.train.images, prepared.coarse, prepared.split, probe)
     clock = time.perf_counter()
-    outcome = drive(operator.run(start, data), desc=config.method, quiet=config.quiet)
+    job = unlearning_job(
+        operator, start, prepared.train.images, prepared.coarse, prepared.split, prepared.probe_set
+    )
+    outcome = drive(job, desc=config.method, quiet=config.quiet)
     seconds = time.perf_counter() - clock
     if outcome.model is not start:  # not kept back after a collapse
         unlearned = {

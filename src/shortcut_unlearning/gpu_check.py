@@ -33,7 +33,6 @@ import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,9 @@ from .files import write_json, write_text
 from .model import Model, ModelConfig, resolve_device
 from .progress import drive
 from .retain import retain_set
+from .settings import OperatorSettings
 from .training import TrainConfig, train, validation_split
-from .unlearning import OPERATORS, NegGradSeg, UnlearnData, make_operator
+from .unlearning import OPERATORS, NegGradSeg, make_operator, unlearning_job
 
 VARIANTS = {  # name: (fast paths, cached encoder features)
     "plain fp32": (False, False),
@@ -255,9 +255,10 @@ def _train(config, device, prepared, fast, cache, images=None) -> tuple[Model, _
     return model, clock, len(fit) * model.config.provenance["training"]["epochs_run"]
 
 
-def _unlearn_data(prepared) -> UnlearnData:
-    probe = partial(evaluation.probe, evalset=prepared.probe_set)
-    return UnlearnData(prepared.train.images, prepared.coarse, prepared.split, probe)
+def _job(operator, model: Model, prepared):
+    """The unlearning job of `run` on the prepared data, with its probe."""
+    data = (prepared.train.images, prepared.coarse, prepared.split, prepared.probe_set)
+    return unlearning_job(operator, model, *data)
 
 
 def _unlearn(config, device, prepared, start, fast, cache, steps=None) -> tuple[_Clock, int]:
@@ -271,7 +272,7 @@ def _unlearn(config, device, prepared, start, fast, cache, steps=None) -> tuple[
         seed=config.seed,
     )
     with _Clock(device) as clock:
-        drive(operator.run(model, _unlearn_data(prepared)), quiet=True)
+        drive(_job(operator, model, prepared), quiet=True)
     others = retain_set(prepared.split, prepared.coarse, operator.retain_images).others
     return clock, operator.steps * operator.batch_size * (2 if len(others) else 1)
 
@@ -331,7 +332,7 @@ def host_waits(config: CheckConfig, device, prepared, model: Model) -> dict | No
             fresh, prepared.train.images, prepared.coarse, settings
         )
         operator = NegGradSeg(steps=12, batch_size=config.batch_size, cache_features=cache)
-        jobs[f"unlearning, cache {cache}"] = operator.run(model.copy(), _unlearn_data(prepared))
+        jobs[f"unlearning, cache {cache}"] = _job(operator, model.copy(), prepared)
     return {name: _count_waits(job) for name, job in jobs.items()}
 
 
@@ -379,7 +380,7 @@ def operator_runs(config: CheckConfig, device, prepared, model: Model) -> list[d
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with _Clock(device) as clock:
-            result = drive(operator.run(model, _unlearn_data(prepared)), quiet=True)
+            result = drive(_job(operator, model, prepared), quiet=True)
         last = result.history[-1]
         rows.append(
             {
@@ -448,7 +449,7 @@ def widget_job(config: CheckConfig, device, prepared, model: Model, images: int 
     images = min(images, len(prepared.train))
     with tempfile.TemporaryDirectory() as folder:
         # the same method as in a viewer (_widget_in_viewer), its steps set exactly
-        settings = {"method": "neggrad-seg", "steps": config.steps, "device": str(device)}
+        settings = OperatorSettings("neggrad-seg", steps=config.steps, device=str(device))
         bench = Workbench(model.save(Path(folder) / "start"), settings)
         data = prepared.train
         bench.open(data.images[:images], prepared.coarse[:images], {"labels": data.labels[:images]})

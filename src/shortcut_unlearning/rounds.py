@@ -26,7 +26,7 @@ from .model import Model
 from .progress import Cancel, Progress
 from .ranking import DEFAULT_METHOD, Ranking, rank_images
 from .retain import band_width
-from .unlearning import CertifiedOperator, Operator, UnlearnData, UnlearnResult
+from .unlearning import CertifiedOperator, Operator, UnlearnResult, unlearning_job
 
 
 @dataclass
@@ -118,7 +118,9 @@ class Rounds:
             if isinstance(operator, CertifiedOperator)
             else None
         )
-        job = operator.run(self.model, UnlearnData(self.images, self.coarse, split, self.probe))
+        job = unlearning_job(
+            operator, self.model, self.images, self.coarse, split, self.probe, cancel
+        )
         try:
             result = yield from job
         except BaseException:

@@ -1,4 +1,5 @@
-"""The plugin's remembered parameters and where its files live (user folders, no Qt).
+"""The settings of an unlearning operator (shared by `run`, the Workbench and the plugin's
+remembered settings) and where the plugin's files live (user folders, no Qt).
 
 SHORTCUT_UNLEARNING_HOME moves them all (tests use it); otherwise the platform's user config,
 data and cache folders are used. SHORTCUT_UNLEARNING_CACHE moves the cache of decoded dataset
@@ -9,28 +10,20 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import platformdirs
-from pydantic import AfterValidator, ConfigDict, Field, Strict, with_config
-from typing_extensions import TypedDict
+from pydantic import AfterValidator, Field, Strict
 
 from .files import write_json
 from .schemas import InputError, Seed, Whole, read_json, validate
 
+if TYPE_CHECKING:
+    from .unlearning import Operator
+
 APP = "shortcut-unlearning"
-DEFAULTS = {
-    "method": "relearn",
-    "scope": "decoder",
-    "epsilon": 1.0,
-    "delta": 1e-5,
-    "steps": 60,
-    "relearn_steps": 400,  # the certified methods' noise-free recovery (finetune_steps)
-    "device": "auto",
-    "seed": 0,
-    "context": "off",  # the project's context term (docs/method.md section 10); off: the paper's
-}
 
 
 def _home(kind: str) -> Path:
@@ -98,59 +91,87 @@ def _device(name: str) -> str:
     return name
 
 
-@with_config(ConfigDict(extra="ignore"))
-class Settings(TypedDict, total=False):
-    """The schema of the settings file (widget.json): each remembered parameter's type and
-    range. A value that breaks it is dropped, with a warning, and its default used."""
+@dataclass(frozen=True)
+class OperatorSettings:
+    """An unlearning operator as a person chooses it, and the device it runs on.
 
-    method: Annotated[str, Strict(), AfterValidator(_operator)]
-    scope: Literal["decoder", "head", "all"]
-    epsilon: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
-    delta: Annotated[float, Strict(), Field(gt=0, lt=1)]
-    steps: Whole
-    relearn_steps: Whole
-    device: Annotated[str, Strict(), AfterValidator(_device)]
-    seed: Seed
-    context: Annotated[str, Strict(), AfterValidator(_context_term)]
+    Its defaults are the operators' (unlearning/ reads them from here), and `steps_field` is
+    the rule for which steps setting a method reads: the plugin remembers both apart. The field
+    types are the schema of the plugin's settings file (widget.json), checked on read.
+    """
+
+    method: Annotated[str, Strict(), AfterValidator(_operator)] = "relearn"
+    scope: Literal["decoder", "head", "all"] | None = "decoder"  # None: the model's
+    epsilon: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1.0
+    delta: Annotated[float, Strict(), Field(gt=0, lt=1)] = 1e-5
+    steps: Whole = 60
+    # The operators that end in a relearning: at most this many steps, stopped on held-out
+    # images (for the certified ones, the noise-free recovery: finetune_steps).
+    relearn_steps: Whole = 400
+    device: Annotated[str, Strict(), AfterValidator(_device)] = "auto"
+    seed: Seed = 0
+    # The project's context term (docs/method.md section 10); off: the paper's.
+    context: Annotated[str, Strict(), AfterValidator(_context_term)] = "off"
+
+    @staticmethod
+    def steps_field(method: str) -> str:
+        """The field that holds the steps of operator `method` (imports the registry)."""
+        from .unlearning import RELEARNING
+
+        return "relearn_steps" if method in RELEARNING else "steps"
+
+    def with_steps(self, steps: int) -> OperatorSettings:
+        """These settings with `steps` in the field the method reads."""
+        return replace(self, **{self.steps_field(self.method): steps})
+
+    def operator(self, **options) -> Operator:
+        """The operator these settings name (unlearning.make_operator); `options` are further
+        fields of the operator and override these settings."""
+        from .unlearning import CERTIFIED, make_operator
+
+        chosen = {"seed": self.seed, "scope": self.scope, "context": self.context}
+        if self.method in CERTIFIED:
+            chosen |= {"epsilon": self.epsilon, "delta": self.delta}
+        steps = getattr(self, self.steps_field(self.method))
+        return make_operator(self.method, **{"steps": steps, **chosen, **options})
 
 
-def load_settings() -> dict:
-    """The saved parameters over the defaults. A value that breaks the Settings schema, or a
-    file that is not a JSON object, is dropped with a warning naming the file and the field;
-    the plugin then starts from the defaults for those."""
+def load_settings() -> OperatorSettings:
+    """The saved settings over the defaults. A value that breaks the OperatorSettings schema,
+    or a file that is not a JSON object, is dropped with a warning naming the file and the
+    field; the plugin then starts from the defaults for those."""
     path = settings_file()
     if not path.is_file():
-        return dict(DEFAULTS)
+        return OperatorSettings()
     fix = "those parameters start from their defaults; set them again in the dock"
     saved = None
     try:
         saved = read_json(path, fix)
         if not isinstance(saved, dict):
             raise InputError(f"{path} should hold a JSON object; {fix}")
-        kept = validate(Settings, saved, path, fix)
+        return validate(OperatorSettings, saved, path, fix)
     except InputError as error:
         warnings.warn(str(error), stacklevel=2)
         kept = _valid_part(saved) if isinstance(saved, dict) else {}
     except OSError as error:
         warnings.warn(f"cannot read {path} ({error.strerror}); {fix}", stacklevel=2)
         kept = {}
-    return {**DEFAULTS, **{k: v for k, v in kept.items() if k in DEFAULTS}}
+    return replace(OperatorSettings(), **kept)
 
 
 def _valid_part(saved: dict) -> dict:
-    """The entries of `saved` that keep the Settings schema one by one."""
+    """The entries of `saved` that keep the OperatorSettings schema one by one."""
     kept = {}
-    for key, value in saved.items():
+    for key in {f.name for f in fields(OperatorSettings)} & set(saved):
         try:
-            kept.update(validate(Settings, {key: value}, "", ""))
+            kept[key] = getattr(validate(OperatorSettings, {key: saved[key]}, "", ""), key)
         except InputError:
             continue
     return kept
 
 
-def save_settings(values: dict) -> Path:
+def save_settings(settings: OperatorSettings) -> Path:
     path = settings_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = {k: values[k] for k in DEFAULTS if k in values}
-    write_json(path, kept, replace=True)
+    write_json(path, asdict(settings), replace=True)
     return path

@@ -21,7 +21,7 @@ import sysconfig
 import threading
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +33,7 @@ from .files import write_json
 from .progress import Cancel, Progress
 from .refinement import Refinement
 from .resources import PACKAGE_DIR, SAMPLE_MODEL, sample_data_dir
-from .settings import DEFAULTS
+from .settings import OperatorSettings
 from .stack import ImageStack
 
 if TYPE_CHECKING:  # torch and the evaluator load when a model is needed, not with the dock
@@ -94,7 +94,7 @@ class Suggestion:
 class Plan:
     """A validated run, snapshotted on the UI thread."""
 
-    parameters: dict
+    parameters: OperatorSettings
     operator: Operator
     refinement: Refinement  # a frozen copy of the clinician's masks
     spurious: np.ndarray | None  # painted S map, or None: the forget set
@@ -118,7 +118,7 @@ class RunRecord:
 
     @property
     def method(self) -> str:
-        return self.plan.parameters["method"]
+        return self.plan.parameters.method
 
     @property
     def usable(self) -> bool:
@@ -201,8 +201,10 @@ def new_folder(base: Path, name: str) -> Path:
 class Workbench:
     """Refinement, model history and runs of the napari plugin."""
 
-    def __init__(self, model_path: str | Path | None = None, parameters: dict | None = None):
-        self.parameters = {**DEFAULTS, **(parameters or {})}
+    def __init__(
+        self, model_path: str | Path | None = None, parameters: OperatorSettings | None = None
+    ):
+        self.parameters = parameters or OperatorSettings()
         self.model_path = Path(model_path) if model_path else sample_data_dir() / SAMPLE_MODEL
         self.models: list[tuple[str, Model]] = []  # accepted models, the current one last
         self._loading = threading.Lock()  # the widget loads in a thread, runs in another
@@ -247,7 +249,7 @@ class Workbench:
         one load at a time, and a load for a path chosen meanwhile is not kept)."""
         from .model import Model, resolve_device
 
-        device = resolve_device(self.parameters["device"])
+        device = resolve_device(self.parameters.device)
         with self._loading:
             if not self.models:
                 model = Model.load(self.model_path, device)
@@ -271,19 +273,9 @@ class Workbench:
         return text
 
     # -- parameters ---------------------------------------------------------------------------
-    def operator(self, parameters: dict | None = None):
-        from .unlearning import CERTIFIED, make_operator, steps_setting
-
-        p = {**self.parameters, **(parameters or {})}
-        certified = p["method"] in CERTIFIED
-        return make_operator(
-            p["method"],
-            steps=p[steps_setting(p["method"])],
-            seed=p["seed"],
-            scope=p["scope"],
-            context=p["context"],
-            **({"epsilon": p["epsilon"], "delta": p["delta"]} if certified else {}),
-        )
+    def operator(self, parameters: dict | None = None) -> Operator:
+        """The operator the parameters name, with `parameters` changed for this call."""
+        return replace(self.parameters, **(parameters or {})).operator()
 
     def preview(self) -> Preview:
         """What the chosen operator will do: the certificate and its warnings, before a run."""
@@ -355,7 +347,7 @@ class Workbench:
                     f"the artefact layer is {spurious.shape} but the masks are "
                     f"{snapshot.coarse.shape}; paint artefacts on a layer of the images' shape"
                 )
-        return Plan(dict(self.parameters), self.operator(), snapshot, spurious)
+        return Plan(self.parameters, self.operator(), snapshot, spurious)
 
     def execute(
         self, plan: Plan, cancel: Cancel | None = None
@@ -375,7 +367,7 @@ class Workbench:
                 torch.cuda.empty_cache()
 
     def _execute(self, plan: Plan, cancel: Cancel | None):
-        from .unlearning import CertifiedOperator, Relearn, UnlearnData
+        from .unlearning import CertifiedOperator, Relearn, unlearning_job
         from .unlearning.certified import issued
 
         clock = time.perf_counter()
@@ -396,7 +388,7 @@ class Workbench:
             if plan.spurious is None
             else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
         )
-        measure = _Measure(self.stack, images, split, s_map, self.labels, plan.parameters["seed"])
+        measure = _Measure(self.stack, images, split, s_map, self.labels, plan.parameters.seed)
         certificate = (
             operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
         )
@@ -406,8 +398,8 @@ class Workbench:
         if cancel:
             result = _cancelled(model)
         else:
-            data = UnlearnData(images, coarse, split, measure.probe)
-            result = yield from operator.run(model, data, cancel)
+            job = unlearning_job(operator, model, images, coarse, split, measure.refined, cancel)
+            result = yield from job
         after = None
         if not result.cancelled:
             yield Progress(steps, steps, MEASURE_AFTER)
@@ -516,8 +508,8 @@ class Workbench:
             "coarse": record.before.to_json(),
             "unlearned": record.after.to_json() | {"collapsed": result.collapsed},
             "verdict": record.verdict.to_dict(),
-            "config": record.plan.parameters,
-            "seed": record.plan.parameters["seed"],
+            "config": asdict(record.plan.parameters),
+            "seed": record.plan.parameters.seed,
             "device": str(record.model.device),
             **sections,
             "refined_ids": [self._id(i) for i in record.refined_index],
@@ -580,11 +572,6 @@ class _Measure:
             images[at], split.targets[at], labels, s_map[at], band=split.forget[at]
         )
         self.refined = self.measured.select(np.searchsorted(at, refined))
-
-    def probe(self, model) -> dict:
-        from .evaluation import probe
-
-        return probe(model, self.refined)
 
     def views(self, model, start: Evaluation | None = None) -> Views:
         from . import display, evaluation, saliency

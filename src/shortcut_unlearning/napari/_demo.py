@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..settings import DEFAULTS
+from ..settings import OperatorSettings
 
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
 
@@ -73,7 +73,7 @@ def scripted(
     timeout_s: float = 900,
     size: tuple[int, int] = (1600, 1000),
     export: bool = True,
-    methods: tuple[str, ...] = (DEFAULTS["method"],),
+    methods: tuple[str, ...] = (OperatorSettings.method,),
 ) -> dict:
     """Drive the workflow as a clinician would, headless, at the window `size`: a screenshot
     after the refinement, then one run of each method from the same model (Revert between

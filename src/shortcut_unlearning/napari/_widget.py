@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import napari
 import numpy as np
@@ -38,7 +39,7 @@ from qtpy.QtWidgets import (
 from .. import display
 from ..masks import MaskError
 from ..progress import Cancel
-from ..settings import DEFAULTS, autosave_folder, load_settings, save_settings
+from ..settings import OperatorSettings, autosave_folder, load_settings, save_settings
 from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Preview, Workbench
 from . import _layers
 from ._edits import edited_planes
@@ -302,27 +303,27 @@ class ShortcutUnlearningWidget(QWidget):
     def parameters(self) -> dict:
         delta = _float(self.delta.text())
         return {
-            "method": self.method.currentData() or self.bench.parameters["method"],
+            "method": self.method.currentData() or self.bench.parameters.method,
             "scope": self.scope.currentData(),
             "context": self.context.currentData(),
             "epsilon": float(self.epsilon.value()),
-            "delta": self.bench.parameters["delta"] if delta is None else delta,
+            "delta": self.bench.parameters.delta if delta is None else delta,
             self._steps_for: int(self.steps.value()),
             "device": self.device.currentText(),
             "seed": int(self.seed.value()),
         }
 
-    def _set_parameters(self, values: dict) -> None:
+    def _set_parameters(self, values: OperatorSettings) -> None:
         self._restoring = True
-        self.method.setCurrentIndex(max(0, self.method.findData(values["method"])))
-        self.scope.setCurrentIndex(max(0, self.scope.findData(values["scope"])))
-        self.context.setCurrentIndex(max(0, self.context.findData(values["context"])))
-        self.epsilon.setValue(values["epsilon"])
-        self.delta.setText(f"{values['delta']:g}")
-        self._steps_for = self._steps_key(values["method"])
-        self.steps.setValue(values[self._steps_for])
-        self.device.setCurrentText(values["device"])
-        self.seed.setValue(values["seed"])
+        self.method.setCurrentIndex(max(0, self.method.findData(values.method)))
+        self.scope.setCurrentIndex(max(0, self.scope.findData(values.scope)))
+        self.context.setCurrentIndex(max(0, self.context.findData(values.context)))
+        self.epsilon.setValue(values.epsilon)
+        self.delta.setText(f"{values.delta:g}")
+        self._steps_for = self._steps_key(values.method)
+        self.steps.setValue(getattr(values, self._steps_for))
+        self.device.setCurrentText(values.device)
+        self.seed.setValue(values.seed)
         self._restoring = False
         self._parameters_changed()
 
@@ -330,28 +331,29 @@ class ShortcutUnlearningWidget(QWidget):
         return self._steps_settings.get(method, "steps")
 
     def restore_defaults(self) -> None:
-        self._set_parameters(DEFAULTS)
+        self._set_parameters(OperatorSettings())
 
     def _parameters_changed(self, *_) -> None:
         if getattr(self, "_restoring", False) or not self._ready:
             return
         if _float(self.delta.text()) is None:
             show_warning(f"delta must be a number like 1e-5, got {self.delta.text()!r}")
-            self.delta.setText(f"{self.bench.parameters['delta']:g}")
-        self.bench.parameters.update(self.parameters())
-        certified = self.bench.parameters["method"] in self._certified
+            self.delta.setText(f"{self.bench.parameters.delta:g}")
+        self.bench.parameters = replace(self.bench.parameters, **self.parameters())
+        method = self.bench.parameters.method
+        certified = method in self._certified
         for widget in (self.epsilon, self.delta):
             widget.setVisible(certified)
             self.form.labelForField(widget).setVisible(certified)
-        if self._steps_key(self.bench.parameters["method"]) != self._steps_for:
+        if self._steps_key(method) != self._steps_for:
             # Steps and relearn steps are remembered apart: show the chosen method's.
-            self._steps_for = self._steps_key(self.bench.parameters["method"])
+            self._steps_for = self._steps_key(method)
             self.steps.blockSignals(True)
-            self.steps.setValue(self.bench.parameters[self._steps_for])
+            self.steps.setValue(getattr(self.bench.parameters, self._steps_for))
             self.steps.blockSignals(False)
         self.form.labelForField(self.steps).setText("Relearn steps" if certified else "Steps")
         QTimer.singleShot(0, self._fit_width)  # rows shown or relabelled: once laid out
-        device = _device_in_use(self.bench.parameters["device"])
+        device = _device_in_use(self.bench.parameters.device)
         try:
             preview = self.bench.preview()
         except (ValueError, FileNotFoundError) as error:
@@ -735,9 +737,11 @@ def _load_torch_and_model(bench: Workbench) -> tuple[dict[str, tuple[bool, str]]
     """In a worker: import PyTorch and load the model. Returns the registry's operators
     (name: certified, its steps setting) and what went wrong with the model, if anything."""
     from .. import saliency  # noqa: F401  (captum and matplotlib: not on a run's first step)
-    from ..unlearning import CERTIFIED, OPERATORS, steps_setting
+    from ..unlearning import CERTIFIED, OPERATORS
 
-    operators = {name: (name in CERTIFIED, steps_setting(name)) for name in OPERATORS}
+    operators = {
+        name: (name in CERTIFIED, OperatorSettings.steps_field(name)) for name in OPERATORS
+    }
     try:
         bench.current_model()
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -1,6 +1,6 @@
 """Unlearning operators, by name: a registry the command line and the plugin choose from."""
 
-from .base import Operator, UnlearnData, UnlearnResult
+from .base import Operator, UnlearnData, UnlearnResult, unlearning_job
 from .certified import CertifiedOperator, GradientClipping, ModelClipping
 from .finetune import FineTune
 from .neggrad_seg import NegGradSeg
@@ -16,15 +16,8 @@ OPERATORS: dict[str, type[Operator]] = {
 
 # The operators that give an (eps, delta) certificate.
 CERTIFIED = tuple(name for name, op in OPERATORS.items() if issubclass(op, CertifiedOperator))
-# The operators that end in a relearning whose maximum length the steps setting gives.
+# The operators that end in a relearning, whose steps settings.OperatorSettings keeps apart.
 RELEARNING = (*CERTIFIED, Relearn.name)
-
-
-def steps_setting(name: str) -> str:
-    """Which remembered setting (settings.DEFAULTS) holds the steps of operator `name`:
-    "relearn_steps" for those that relearn (at most that many, stopped on held-out images),
-    "steps" for the others."""
-    return "relearn_steps" if name in RELEARNING else "steps"
 
 
 def make_operator(
@@ -35,14 +28,15 @@ def make_operator(
     **options,
 ) -> Operator:
     """An operator by name. For the certified ones the calibration fixes the noisy steps, so
-    `steps` sets the fine-tuning after them; epsilon and delta apply to them only."""
+    `steps` sets the fine-tuning after them (unless finetune_steps is given); epsilon and
+    delta apply to them only."""
     if name not in OPERATORS:
         raise ValueError(f"unknown operator {name!r}; choose one of {sorted(OPERATORS)}")
     privacy = {k: v for k, v in (("epsilon", epsilon), ("delta", delta)) if v is not None}
     if name in CERTIFIED:
         options.update(privacy)
         if steps:
-            options["finetune_steps"] = steps
+            options.setdefault("finetune_steps", steps)
     else:
         if privacy:
             raise ValueError(f"epsilon and delta apply to {' and '.join(CERTIFIED)} only")
@@ -65,5 +59,5 @@ __all__ = [
     "UnlearnData",
     "UnlearnResult",
     "make_operator",
-    "steps_setting",
+    "unlearning_job",
 ]

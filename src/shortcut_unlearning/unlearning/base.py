@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from ..masks import PixelSplit
 from ..model import FrozenInputs, Model, to_device
 from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
+from ..settings import OperatorSettings
 from ..training import Divergence, soft_dice_loss
 from .context import CONTEXT_TERMS, ContextTerm
 
@@ -61,11 +63,28 @@ class UnlearnResult:
     stopping: dict | None = None
 
 
+def unlearning_job(
+    operator: Operator,
+    model: Model,
+    images: np.ndarray,
+    coarse: np.ndarray,
+    split: PixelSplit,
+    probe: evaluation.EvalSet | Callable[[Model], dict] | None = None,
+    cancel: Cancel | None = None,
+) -> Generator[Progress, None, UnlearnResult]:
+    """`operator` unlearning a refinement's forget set from `model`, as a job (progress.drive
+    runs it; a worker yields from it). The run is watched by the one probe (evaluation.probe)
+    on the held-out images `probe`, or by `probe` itself when it is a function."""
+    if isinstance(probe, evaluation.EvalSet):
+        probe = partial(evaluation.probe, evalset=probe)
+    return operator.run(model, UnlearnData(images, coarse, split, probe), cancel)
+
+
 @dataclass
 class Operator:
     """Settings shared by all operators; subclasses add their own and define `loss`."""
 
-    steps: int = 60
+    steps: int = OperatorSettings.steps
     # Adam, like training: plain SGD at NegGrad+'s lr 0.01 diverged on our Adam-trained
     # U-Nets within a few steps (measured; see BENCHMARKS.md). 1e-4 is a tenth of training's.
     lr: float = 1e-4
@@ -90,7 +109,7 @@ class Operator:
     # The context term (context.py): the refined images' retain loss also on copies with their
     # forget pixels inpainted ("blind"), and/or their predictions held to those copies'
     # ("consistent"), weighted by context_weight. "off" is the paper's method.
-    context: str = "off"
+    context: str = OperatorSettings.context
     context_weight: float = 1.0
 
     name = "operator"

@@ -41,6 +41,7 @@ from .. import distributed, evaluation
 from ..certificate import Certificate, CertificateError
 from ..model import SCOPE_MODULES, FrozenInputs, Model
 from ..retain import FORGETS, RETAINS
+from ..settings import OperatorSettings
 from .base import UnlearnResult
 from .recovery import Relearning
 
@@ -194,15 +195,15 @@ def issued(certificate: Certificate, result: UnlearnResult) -> Certificate | Non
 class CertifiedOperator(Relearning):
     """An operator with an (eps, delta) certificate: a noisy phase, then noise-free recovery."""
 
-    epsilon: float = 1.0
-    delta: float = 1e-5
+    epsilon: float = OperatorSettings.epsilon
+    delta: float = OperatorSettings.delta
     lam: float = 0.0  # weight decay inside the noisy phase
     # Recovery (post-processing; it keeps the certificate). After the noise the scope is as
     # good as re-initialised, so recovery is training: Adam at training's lr, for at most
     # finetune_steps, stopped when the held-out retain loss has not improved over `patience`
     # measurements taken every validate_every steps; the best weights are released. 400, not
     # 100: at eps 1 the longer recovery kept far more worst-group AUROC (BENCHMARKS 12).
-    finetune_steps: int = 400
+    finetune_steps: int = OperatorSettings.relearn_steps
     finetune_lr: float = 1e-3
     # The soft Dice term training has beside cross-entropy (training.pixel_loss). On
     # cross-entropy alone some recoveries called every lesion one class (BENCHMARKS 12e).

@@ -24,6 +24,7 @@ import torch
 
 from ..model import FrozenInputs, Model, frozen_provenance
 from ..retain import FORGETS
+from ..settings import OperatorSettings
 from .certified import (
     estimate_batch_statistics,
     initial_parameters,
@@ -98,7 +99,7 @@ class Exactness:
 class Relearn(Relearning):
     """Erase the scope (`start`), then relearn it on the retain set (see the module doc)."""
 
-    steps: int = 400  # at most: the validation probe usually stops sooner
+    steps: int = OperatorSettings.relearn_steps  # at most: the validation probe stops it sooner
     lr: float = 1e-3  # training's: from a fresh start this is training, not a nudge
     dice_weight: float = 1.0  # training's soft Dice term beside cross-entropy
     start: str = "fresh"
