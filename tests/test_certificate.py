@@ -529,5 +529,5 @@ def test_an_uncovered_buffer_in_the_scope_is_refused(setting):
 def test_noise_that_dwarfs_the_parameters_warns_and_names_the_remedy(setting):
     model, data = setting
     op = GradientClipping(c0=0.1, c1=10, lr=1e-3, finetune_steps=0)  # sigma 0.51 on the decoder
-    with pytest.warns(UserWarning, match="scope='head'"):
+    with pytest.warns(UserWarning, match="larger epsilon or delta"):
         drive(op.run(model, data), quiet=True)

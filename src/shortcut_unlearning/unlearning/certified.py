@@ -164,14 +164,15 @@ def scope_coverage(model: Model, scope: str) -> dict[str, str]:
 
 def collapse_warning(certificate: Certificate) -> str | None:
     """A warning when the noise left in the noisy phase's last iterate outweighs the projected
-    scope it is added to (METHOD 5.4)."""
+    scope it is added to (docs/method.md, "Model collapse")."""
     noise, norm = certificate.noise_norm, certificate.projected_norm
     if noise <= norm:
         return None
+    # Erasing the scope and relearning it is what removed the diagnostic shortcut on the dev
+    # sets (docs/method.md, "Erase and relearn (ours)"): a smaller scope is no remedy.
     remedy = (
-        "Use scope='head' (far fewer parameters) or a larger epsilon to shrink the noise."
-        if certificate.scope != "head"
-        else "Only a larger epsilon or delta shrinks the noise on the head."
+        "That is an erase and relearn, which the relearn method does without noise; to keep "
+        "more of what the scope learned, use a larger epsilon or delta."
     )
     return (
         f"{certificate.operator}: the noise has expected norm {noise:.3g} in the last iterate "
