@@ -1,9 +1,11 @@
-"""Issue 10's criterion over many noise draws: each certified operator at its defaults (eps 1,
-delta 1e-5, 400 recovery steps) against NegGrad-Seg and the coarse model, per seed and draw.
+"""The certified-utility criterion over many noise draws: each certified operator at its defaults
+(eps 1, delta 1e-5, 400 recovery steps) against NegGrad-Seg and the coarse model, per seed and
+draw (benchmarks/BENCHMARKS.md, "Certified recovery with the Dice term, over noise draws").
 
     python benchmarks/recovery_draws.py --out OUT --seeds 0,1,2 --draws 4 [--device cuda]
 
-The data are those of BENCHMARKS section 12d: 480 generated images at 64 px, 10 % refined, a
+The data are those of benchmarks/HISTORY.md, "The certified-utility criterion on synthetic
+data, one noise draw per seed": 480 generated images at 64 px, 10 % refined, a
 balanced test split of 240 (artefacts independent of the label). A run passes when its Dice
 is within 0.05 of NegGrad-Seg's, its worst-group AUROC at most 0.02 below the coarse model's
 and it did not collapse. Draw k of seed s seeds the noise with 1000 s + k, so a rerun repeats

@@ -879,7 +879,7 @@ def _join_processes(args) -> bool:
     if command not in DISTRIBUTED:
         raise UsageError(
             f"{command} runs in one process; under torchrun only {', '.join(DISTRIBUTED)} "
-            "do (see the README, Many GPUs)"
+            "do (see docs/cluster.md, Many GPUs)"
         )
     from . import distributed
 

@@ -30,7 +30,8 @@ Our estimator:
   (memory N**2 * 4 * grid**2 floats) and each permutation is a gather of those sums.
 
 Every sum is computed image by image in small chunks, so no array of all pixels is built:
-S_global of 1,000 images of 256 x 256 takes about a second on a 2-core CPU (BENCHMARKS.md).
+S_global of 1,000 images of 256 x 256 takes under a second on the 2-core CPU machine
+(benchmarks/BENCHMARKS.md, "Time to shortcut removal, and the cost of S_global").
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ may erase. Scores (higher: refine sooner; docs/method.md says which one measured
 
 `alternate` (the default) interleaves the coarse masks' lesion classes (benign, malignant)
 down the order, so the refinements cover both classes. The default, band-mass with the
-classes in turn, measured best on the synthetic benchmark (benchmarks/BENCHMARKS.md); without
-the turns band-mass picks only malignant masks and leaves the benign class's shortcut.
+classes in turn, measured best on the synthetic benchmark (benchmarks/BENCHMARKS.md, "Which
+image to refine next: ranked against random order"); without the turns band-mass picks only
+malignant masks and leaves the benign class's shortcut.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ class Operator:
 
     steps: int = OperatorSettings.steps
     # Adam, like training: plain SGD at NegGrad+'s lr 0.01 diverged on our Adam-trained
-    # U-Nets within a few steps (measured; see BENCHMARKS.md). 1e-4 is a tenth of training's.
+    # U-Nets within a few steps (benchmarks/BENCHMARKS.md, "Why unlearning uses Adam at lr
+    # 1e-4"). 1e-4 is a tenth of training's.
     lr: float = 1e-4
     momentum: float = 0.9  # SGD only
     optimiser_name: str = "adam"  # or "sgd"

@@ -132,7 +132,8 @@ def rescale_to_initial_norms(model: Model) -> None:
     fresh decoder holds about 0.06, and Adam's steps are absolute, so training from the noisy
     scale is slow; rescaled, the noise is a random start of the usual scale. The constants are
     a fresh model's because scaled noise gives batch-norm scales random signs, a start no
-    initialisation uses (over 64 runs each, no change in issue 10's criterion: BENCHMARKS 12e)."""
+    initialisation uses (over 64 runs each, no change in the certified-utility criterion:
+    benchmarks/BENCHMARKS.md, "Certified recovery with the Dice term, over noise draws")."""
     reference = initial_parameters(model, model.config.seed)
     for name, p in model.scoped_named_parameters().items():
         start = reference[name].detach().to(p.device, p.dtype)
@@ -203,11 +204,13 @@ class CertifiedOperator(Relearning):
     # good as re-initialised, so recovery is training: Adam at training's lr, for at most
     # finetune_steps, stopped when the held-out retain loss has not improved over `patience`
     # measurements taken every validate_every steps; the best weights are released. 400, not
-    # 100: at eps 1 the longer recovery kept far more worst-group AUROC (BENCHMARKS 12).
+    # 100: at eps 1 the longer recovery kept far more worst-group AUROC (benchmarks/BENCHMARKS.md,
+    # "Certified recovery length: 100 against 400 steps").
     finetune_steps: int = OperatorSettings.relearn_steps
     finetune_lr: float = 1e-3
     # The soft Dice term training has beside cross-entropy (training.pixel_loss). On
-    # cross-entropy alone some recoveries called every lesion one class (BENCHMARKS 12e).
+    # cross-entropy alone some recoveries called every lesion one class (benchmarks/BENCHMARKS.md,
+    # "Certified recovery with the Dice term, over noise draws").
     # 0: cross-entropy alone.
     finetune_dice_weight: float = 1.0
     # Recovery starts by giving each scoped tensor a fresh initialisation's scale
@@ -443,7 +446,8 @@ class GradientClipping(CertifiedOperator):
     """x_0 = Pi_C0(x), then x <- x - gamma (Pi_C1(g) + lam x) + N(0, sigma^2) for T steps."""
 
     # The paper's published setting (T = ceil(C0 / (gamma C1)) = 10 at (1, 1e-5)).
-    # No setting keeps the noise below our scopes' parameter norms (see BENCHMARKS.md), so the
+    # No setting keeps the noise below our scopes' parameter norms (benchmarks/HISTORY.md,
+    # "Certified operators at 100 recovery steps: noise against parameters, and collapse"), so the
     # short noisy phase is the cheapest; fine-tuning then rebuilds the scope.
     c0: float = 0.1  # radius the starting model is projected into
     c1: float = 10.0  # gradient clipping radius
