@@ -201,10 +201,11 @@ def _headless_report(out: Path) -> None:
     print(f"picture: {synthetic_grid(data, out / 'synthetic.png')}")
     model = sample_data_dir() / SAMPLE_MODEL
     # The demo's own run folder: a second demo replaces it.
-    report = run(
-        RunConfig(data="sample", model=str(model), out=str(out / "run"), quiet=True, overwrite=True)
+    config = RunConfig(
+        data="sample", model=str(model), out=str(out / "run"), quiet=True, overwrite=True
     )
-    print(f"the pipeline on the sample ({model.name}, NegGrad-Seg, 10 % refined masks):")
+    report = run(config)
+    print(f"the pipeline on the sample ({model.name}, {config.method}, 10 % refined masks):")
     print(table(report))
     print(f"report: {out / 'run'}")
 
