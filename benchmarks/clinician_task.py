@@ -36,14 +36,8 @@ import napari  # first, as a user starts it
 import numpy as np
 from qtpy.QtWidgets import QFileDialog
 
-from shortcut_unlearning.napari._mouse import (
-    band_strokes,
-    click,
-    click_menu,
-    drag,
-    in_view,
-    wait,
-)
+from shortcut_unlearning.napari._driver import RunWatch, wait, wait_loaded
+from shortcut_unlearning.napari._mouse import band_strokes, click, click_menu, drag, in_view
 
 DOCK = "Shortcut Unlearning (Shortcut Unlearning)"
 CLICK_S = 1.35 + 1.1 + 0.2  # M + P + press and release
@@ -102,7 +96,7 @@ def main(out: Path, images: int, size: tuple[int, int]) -> dict:
     refined_images = []
     for k in range(images):
         with task.step(f"go to the image to refine next ({k + 1})"):
-            wait(lambda: widget._ready, 600)  # the ranking needs the model
+            wait_loaded(widget, 600)  # the ranking needs the model
             before = (widget.suggestion.text(), "Ranking the unrefined images…")
             task.press(widget.suggest)
             wait(lambda seen=before: moved_on(widget, seen), 600)
@@ -116,14 +110,14 @@ def main(out: Path, images: int, size: tuple[int, int]) -> dict:
                 task.strokes_s += time.perf_counter() - stroke
                 task.strokes += 1
                 task.moves += len(path)
-            wait(lambda: not widget._edit_timer.isActive(), 10)
+            widget.flush_autosave()  # the forget set and the autosave brought up to date
     with task.step("Unlearn (pressed, to the worker started)"):
-        task.press(widget.run)
+        watch = RunWatch(widget, lambda: task.press(widget.run))
     run_start = time.perf_counter()
     wait(lambda: widget.worker is None, 3600)
     task.run_s = time.perf_counter() - run_start
     with task.step("results drawn"):
-        wait(lambda: not widget.busy, 600)
+        watch.wait(600)
         wait(lambda: False, 0.3)
     record = widget.bench.shown
     verdict_in_view = in_view(widget, widget.results.result)[0]

@@ -96,3 +96,16 @@ def test_a_failing_path_is_reported_and_the_others_still_run(tmp_path, monkeypat
     assert report["evaluation"]["images"] > 0 and report["widget"]["error"] is None
     written = (tmp_path / "gpu_check.md").read_text()
     assert "saliency: FAILED" in written and "failed: saliency." in written
+
+
+def test_the_gpu_checks_widget_part_runs_in_a_viewer_on_the_cpu(qtbot, tmp_path, monkeypatch):
+    """The part `bench gpu` runs where there is a display (here Xvfb): the plugin's dock in a
+    viewer, the sample refined and unlearned on the device the check names."""
+    from shortcut_unlearning import gpu_check
+
+    monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
+    assert gpu_check._has_viewer()  # with a display the check takes this path
+    widget = gpu_check._widget_in_viewer("cpu", 2)
+    assert widget["viewer"] and widget["error"] is None, widget
+    assert widget["model_device"] == "cpu" and widget["usable"] is not None
+    assert widget["curve_points"] == 2 and widget["seconds"] > 0

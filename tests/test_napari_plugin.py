@@ -35,7 +35,7 @@ def open_widget(viewer, qtbot, model_path):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, WIDGET)
     widget.model_path.setText(model_path)
     widget.model_path.editingFinished.emit()
-    qtbot.waitUntil(lambda: widget._ready and widget.bench.loaded, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.ready and widget.bench.loaded, timeout=60_000)
     return widget
 
 
@@ -47,6 +47,16 @@ def refine(viewer, qtbot, widget, images=(0, 1, 2)):
     click(qtbot, widget.refine)
     erase_band(viewer, widget, images)
     qtbot.wait(50)
+
+
+def endings(widget, viewer) -> list:
+    """Every run_finished of `widget`: its outcome, whether the dock was busy then and whether
+    the saliency layer was on the canvas."""
+    seen = []
+    widget.run_finished.connect(
+        lambda outcome: seen.append((outcome, widget.busy, "saliency" in viewer.layers))
+    )
+    return seen
 
 
 def test_sample_opens_as_one_stack_with_coarse_masks(make_napari_viewer):
@@ -65,10 +75,12 @@ def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbo
     widget.steps.setValue(10_000)
     start = widget.bench.current_model()
     click(qtbot, widget.run)
-    qtbot.waitUntil(lambda: len(widget._curve["step"]) >= 1, timeout=60_000)
-    click(qtbot, widget.stop)
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
-    assert len(widget._curve["step"]) < 10_000
+    qtbot.waitUntil(lambda: len(widget.tracker.curve.steps) >= 1, timeout=60_000)
+    with qtbot.waitSignal(widget.run_finished, timeout=60_000) as ended:
+        click(qtbot, widget.stop)
+    (outcome,) = ended.args
+    assert outcome.status == "cancelled" and "previous model is kept" in outcome.message
+    assert widget.worker is None and len(widget.tracker.curve.steps) < 10_000
     assert widget.bench.current_model() is start and widget.bench.shown is None
     assert "saliency" not in viewer.layers
     assert not widget.results.export.isEnabled() and not widget.results.accept.isEnabled()
@@ -81,11 +93,14 @@ def test_accept_makes_the_run_current_and_revert_undoes_it(make_napari_viewer, q
     refine(viewer, qtbot, widget)
     widget.steps.setValue(2)
     start = widget.bench.current_model()
+    ended = endings(widget, viewer)
     click(qtbot, widget.run)
-    qtbot.waitUntil(
-        lambda: not widget.busy and widget.bench.shown is not None,
-        timeout=120_000,
-    )
+    qtbot.waitUntil(lambda: bool(ended), timeout=120_000)
+    qtbot.wait(300)
+    # Once, after the results are drawn.
+    [(outcome, busy, drawn)] = ended
+    assert outcome.status == "finished" and not busy and drawn
+    assert outcome.record is widget.bench.shown is not None
     assert widget.results.scores.rowCount() == 12
     verdict = widget.bench.shown.verdict
     assert widget.results.result.text().splitlines()[1] == verdict.headline
@@ -188,6 +203,7 @@ def test_revert_while_results_are_drawn_leaves_none_on_the_canvas(
     widget = open_widget(viewer, qtbot, small_model)
     refine(viewer, qtbot, widget, images=(0,))
     widget.steps.setValue(2)
+    ended = endings(widget, viewer)
     click(qtbot, widget.run)
     qtbot.waitUntil(lambda: widget.bench.shown is not None, timeout=120_000)
     assert widget.results.displaying  # the result layers come one per turn of the event loop
@@ -196,6 +212,40 @@ def test_revert_while_results_are_drawn_leaves_none_on_the_canvas(
     owned = [layer.name for layer in viewer.layers if layer.metadata.get(_layers.RESULT)]
     assert owned == ["forget set"] and not widget.results.displaying
     assert not _layers.text_overlay(viewer).visible
+    # The drawing dropped, the run's end is still announced, once.
+    assert [(outcome.status, busy) for outcome, busy, _ in ended] == [("finished", False)]
+
+
+def test_a_failed_run_ends_with_its_message_and_the_old_model(
+    make_napari_viewer, qtbot, small_model, monkeypatch
+):
+    from shortcut_unlearning.napari import _widget
+    from shortcut_unlearning.progress import Progress
+
+    viewer = make_napari_viewer()
+    widget = open_widget(viewer, qtbot, small_model)
+    refine(viewer, qtbot, widget, images=(0,))
+    start = widget.bench.current_model()
+
+    def failing(plan, cancel):
+        yield Progress(0, 1, "loading the model")
+        raise ValueError("the refined masks went missing")
+
+    monkeypatch.setattr(widget.bench, "execute", failing)
+    errors = []
+    monkeypatch.setattr(_widget, "show_error", errors.append)
+    # create_worker also raises the error again on the UI thread (no errored handler was
+    # given to it): napari reports it as well.
+    with qtbot.capture_exceptions(), qtbot.waitSignal(widget.run_finished, timeout=60_000) as ended:
+        click(qtbot, widget.run)
+    (outcome,) = ended.args
+    assert outcome.status == "failed" and outcome.record is None
+    assert (
+        errors
+        == [outcome.message]
+        == ["the refined masks went missing (the previous model is kept)"]
+    )
+    assert widget.bench.current_model() is start and not widget.busy and widget.run.isEnabled()
 
 
 def test_pixels_added_outside_the_coarse_mask_are_flagged_and_clipped(
@@ -253,7 +303,7 @@ def test_the_canvas_text_is_warmed_up_unseen_and_left_as_it_was(
     overlay.events.text.connect(lambda e: seen.append((overlay.visible, overlay.color[3])))
     qtbot.waitUntil(lambda: not overlay.visible and overlay.text == "", timeout=10_000)
     qtbot.wait(200)
-    assert widget._ready and not overlay.visible and overlay.text == ""
+    assert widget.ready and not overlay.visible and overlay.text == ""
     np.testing.assert_array_equal(overlay.color, colour)
     assert all(alpha == 0 for visible, alpha in seen if visible)
 

@@ -14,7 +14,7 @@ from shortcut_unlearning.model import Model
 from shortcut_unlearning.progress import Cancel, drive
 from shortcut_unlearning.resources import PACKAGE_DIR
 from shortcut_unlearning.settings import OperatorSettings
-from shortcut_unlearning.workbench import Workbench
+from shortcut_unlearning.workbench import RunOutcome, Workbench
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +163,30 @@ def test_a_cancelled_run_shows_nothing(bench):
     cancel.set()
     record = drive(job, quiet=True)
     assert record.result.cancelled and record.after is None
+    outcome = RunOutcome.of(record)
+    assert outcome.status == "cancelled" and outcome.record is record
+    assert outcome.message == "Cancelled after 0 steps; the previous model is kept."
+    collapsed = replace(record, result=replace(record.result, cancelled=False, collapsed=True))
+    assert RunOutcome.of(collapsed).status == "collapsed"
+    assert "Accept is off" in RunOutcome.of(collapsed).message
     bench.show(record)
     assert bench.shown is None
     with pytest.raises(ValueError, match="accept"):
         bench.accept()
+
+
+def test_a_failed_run_says_what_went_wrong_and_that_the_old_model_is_kept():
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    memory = RunOutcome.failed(OutOfMemoryError("CUDA out of memory"))
+    assert memory.status == "failed" and memory.record is None
+    assert "pick the cpu device" in memory.message and "previous model is kept" in memory.message
+    # The user's own input: the message as it is, the old model kept.
+    bad = RunOutcome.failed(ValueError("the forget set is empty"))
+    assert bad.message == "the forget set is empty (the previous model is kept)"
+    other = RunOutcome.failed(KeyError("layer"))
+    assert other.message == "Unlearning failed (KeyError: 'layer'); the previous model is kept."
 
 
 def test_export_writes_exactly_the_run_on_display(bench, tmp_path):

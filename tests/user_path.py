@@ -15,15 +15,8 @@ from qtpy.QtCore import Qt
 from qtpy.QtTest import QTest
 from qtpy.QtWidgets import QFileDialog
 
-from shortcut_unlearning.napari._mouse import (
-    LEFT,
-    drag,
-    elided,
-    in_view,
-    menu_action,
-    rings,
-    wait,
-)
+from shortcut_unlearning.napari._driver import RunWatch, wait, wait_loaded
+from shortcut_unlearning.napari._mouse import LEFT, drag, elided, in_view, menu_action, rings
 
 RESULT_LAYERS = ("saliency", "predicted lesion", "images (after)")
 seen: dict = {}
@@ -57,7 +50,7 @@ def main(export_to: str, steps: int) -> None:
     file_menu = viewer.window.file_menu
     menu_action(file_menu, "Open Sample", "Synthetic dermoscopy with coarse masks").trigger()
     seen["layers"] = [layer.name for layer in viewer.layers]
-    seen["ready"] = wait(lambda: widget._ready)
+    seen["ready"] = wait_loaded(widget)
 
     QTest.mouseClick(widget.refine, LEFT)
     refined = widget.refined_layer
@@ -113,14 +106,14 @@ def main(export_to: str, steps: int) -> None:
     seen["actions_in_view_after_refine"] = actions_in_view(widget)
 
     widget.steps.setValue(steps)
-    QTest.mouseClick(widget.run, LEFT)
+    watch = RunWatch(widget, lambda: QTest.mouseClick(widget.run, LEFT))
     progress = set()
 
     def finished() -> bool:
         progress.add(widget.progress_text.text())
-        return not widget.busy and widget.bench.shown is not None
+        return watch.outcome is not None
 
-    seen["finished"] = wait(finished)
+    seen["finished"] = wait(finished) and widget.bench.shown is not None
     seen["progress_lines"] = sorted(progress)
     seen["method"] = [widget.bench.parameters.method, widget.method.currentText()]
     seen["result_layers"] = sorted(

@@ -516,11 +516,12 @@ def _has_viewer() -> bool:
 
 def _widget_in_viewer(device: str, steps: int) -> dict:
     """The plugin's widget on the shipped sample, unlearning on `device` (needs a display)."""
-    from .napari._demo import erase_band, open_viewer, process_until
+    from .napari._demo import erase_band, open_viewer
+    from .napari._driver import unlearn, wait_loaded
 
     viewer, widget = open_viewer(show=True)
     try:
-        if not process_until(lambda: widget._ready, 300):
+        if not wait_loaded(widget, 300):
             return {"viewer": True, "error": "PyTorch and the model did not load"}
         widget.device.setCurrentText(device)
         widget.refine.click()
@@ -528,16 +529,16 @@ def _widget_in_viewer(device: str, steps: int) -> dict:
         widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
         widget.steps.setValue(steps)
         start = time.perf_counter()
-        widget.run.click()
-        finished = process_until(lambda: widget.worker is None and not widget.displaying, 900)
+        outcome = unlearn(widget, 900)
         record = widget.bench.shown
+        why = outcome.message if outcome else "the run did not finish"
         return {
             "viewer": True,
             "seconds": time.perf_counter() - start,
-            "error": None if finished and record is not None else "the run did not finish",
+            "error": None if record is not None else why,
             "model_device": str(record.model.device) if record else None,
             "usable": record.usable if record else None,
-            "curve_points": len(widget._curve["loss"]),
+            "curve_points": len(widget.tracker.curve.losses),
         }
     finally:
         viewer.close()

@@ -2,7 +2,8 @@
 
 Long jobs (training, unlearning) are generators that yield Progress events and return their
 result. The command line drives them with `drive` (a tqdm bar); the napari plugin runs the same
-generator in a thread worker. Cancellation is a flag the generator checks every step.
+generator in a thread worker and shows what a ProgressTracker keeps of its events (the time
+left, the loss curve). Cancellation is a flag the generator checks every step.
 
 A step's losses stay on the device until someone reads them (`Losses`), so a loop on a GPU
 never waits for the device just to report a number; the tqdm bar reads them a few times a
@@ -11,10 +12,11 @@ second, and a reader such as the napari widget pays the wait itself, off the loo
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -117,3 +119,58 @@ def drive(job: Generator[Progress, None, T], desc: str = "", quiet: bool = False
     finally:
         if bar is not None:
             bar.close()
+
+
+@dataclass
+class Curve:
+    """A job's loss at each step, and S_global where the job measured its probe set."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    probe_steps: list[int] = field(default_factory=list)
+    s_global: list[float] = field(default_factory=list)
+
+
+class ProgressTracker:
+    """What a reader shows of a running job: the time so far, the time left and the curve.
+
+    Events at step 0 or in one of the `waits` phases (loading, measuring) are not steps: they
+    add no point, and the time left is the rate since the first step times the steps to go,
+    so a slow start does not count. Reading a step's loss waits for the device (Losses), so
+    `add` belongs on the reader's thread, never in the job's loop.
+    """
+
+    def __init__(self, waits: Collection[str] = (), clock: Callable[[], float] = time.monotonic):
+        self.waits, self.clock = frozenset(waits), clock
+        self.started = self.now = clock()
+        self.curve = Curve()
+        self.event: Progress | None = None  # the last event taken
+        self._first: tuple[float, int] | None = None  # time and step of the first step
+
+    def add(self, event: Progress) -> bool:
+        """Take the job's next event; True when it is a step (a point on the curve)."""
+        self.now, self.event = self.clock(), event
+        if event.step == 0 or event.phase in self.waits:
+            return False
+        if self._first is None:
+            self._first = (self.now, event.step)
+        self.curve.steps.append(event.step)
+        self.curve.losses.append(event.losses.get("total", math.nan))
+        if event.metrics:
+            self.curve.probe_steps.append(event.step)
+            self.curve.s_global.append(event.metrics.get("s_global", math.nan))
+        return True
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds from the start to the last event."""
+        return self.now - self.started
+
+    @property
+    def seconds_left(self) -> float:
+        """The steps to go at the rate since the first step; NaN before a second step."""
+        if self._first is None or self.event is None:
+            return math.nan
+        t0, s0 = self._first
+        done = self.event.step - s0
+        return (self.now - t0) / done * (self.event.total - self.event.step) if done else math.nan

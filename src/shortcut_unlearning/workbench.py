@@ -24,7 +24,7 @@ from collections.abc import Generator
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -183,6 +183,49 @@ class RunRecord:
         if self.certificate is not None:
             lines.append(self.certificate.summary())
         return "\n".join(lines)
+
+
+Ending = Literal["finished", "collapsed", "cancelled", "failed"]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a run ended and what the user is told. Whatever the ending, the model from before
+    the run stays current: only Accept changes it."""
+
+    status: Ending
+    message: str = ""  # "" for a run that finished and works
+    record: RunRecord | None = None  # None when the run failed
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunOutcome:
+        result = record.result
+        if result.cancelled:
+            kept = f"Cancelled after {result.steps} steps; the previous model is kept."
+            return cls("cancelled", kept, record)
+        if result.collapsed:
+            return cls(
+                "collapsed",
+                "The unlearned model collapsed (it stopped segmenting); the previous model is "
+                "kept and Accept is off. Try the last-layer scope or a larger epsilon.",
+                record,
+            )
+        return cls("finished", "", record)
+
+    @classmethod
+    def failed(cls, error: BaseException) -> RunOutcome:
+        """A run that raised: what went wrong, and what to do where the user can act."""
+        name = type(error).__name__
+        if "OutOfMemory" in name:
+            message = (
+                "The GPU ran out of memory; the previous model is kept. Free GPU memory, refine "
+                "fewer images or pick the cpu device."
+            )
+        elif isinstance(error, ValueError | FloatingPointError | FileNotFoundError):
+            message = f"{error} (the previous model is kept)"
+        else:
+            message = f"Unlearning failed ({name}: {error}); the previous model is kept."
+        return cls("failed", message)
 
 
 def new_folder(base: Path, name: str) -> Path:

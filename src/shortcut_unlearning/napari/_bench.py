@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ._demo import erase_band, open_viewer
-from ._demo import process_until as _process_until
+from ._driver import RunWatch, wait, wait_loaded
 
 
 def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=None) -> dict:
@@ -25,34 +25,34 @@ def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=Non
 
     owned = viewer is None  # a viewer handed in belongs to the caller
     viewer, widget = open_viewer(show=True, viewer=viewer)
-    _process_until(lambda: widget._ready, 120)
+    wait_loaded(widget, 120)
     widget.device.setCurrentText("cpu")
     widget.start_refinement()
     erase_band(viewer, widget, range(refine))
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
     widget.steps.setValue(steps)
-    _process_until(lambda: False, 0.2)
+    wait(lambda: False, 0.2)
     beats = []
     timer = QTimer(interval=10)
     timer.timeout.connect(lambda: beats.append(time.perf_counter()))
     timer.start()
-    _process_until(lambda: False, 1.0)  # idle baseline
+    wait(lambda: False, 1.0)  # idle baseline
     idle_gaps = np.diff(beats) * 1000
     phases = []  # (name, run, begin, end)
     for run in range(1, runs + 1):
         start = time.perf_counter()
-        widget.run.click()  # on the UI thread: reads the parameters, snapshots the masks
+        watch = RunWatch(widget)  # Unlearn, on the UI thread: the parameters, the masks' snapshot
         launched = time.perf_counter()
-        _process_until(lambda: widget.worker is None, 1800)
+        wait(lambda: widget.worker is None, 1800)
         finished = time.perf_counter()
-        _process_until(lambda: not widget.busy, 600)
+        watch.wait(600)
         shown = time.perf_counter()
         phases += [
             ("launch", run, start, launched),
             ("running", run, launched, finished),
             ("display", run, finished, shown),
         ]
-        _process_until(lambda: False, 0.3)
+        wait(lambda: False, 0.3)
     timer.stop()
     beats = np.array(beats)
     gaps, ends = np.diff(beats) * 1000, beats[1:]
@@ -91,7 +91,7 @@ def overlay_update(images: int = 8, size: int = 1024, edits: int = 20, viewer=No
         blending="additive",
         contrast_limits=(0, 1),
     )
-    _process_until(lambda: False, 0.5)
+    wait(lambda: False, 0.5)
     seconds, touched = [], set()
     with tempfile.TemporaryDirectory() as autosave:
         for _ in range(edits):
@@ -106,7 +106,7 @@ def overlay_update(images: int = 8, size: int = 1024, edits: int = 20, viewer=No
             refinement.sync(touched, autosave)
             forget_layer.refresh()
             seconds.append(time.perf_counter() - start)
-            _process_until(lambda: False, 0.02)
+            wait(lambda: False, 0.02)
     if owned:
         viewer.close()
     ms = np.array(seconds) * 1000
@@ -134,9 +134,8 @@ widget = viewer.window.dock_widgets["Shortcut Unlearning (Shortcut Unlearning)"]
 torch_then = "torch" in sys.modules  # the dock is built; PyTorch must not be loading yet
 QApplication.processEvents()
 shown = time.perf_counter()
-while not widget._ready and time.perf_counter() - shown < 600:
-    QApplication.processEvents()
-    time.sleep(0.01)
+from shortcut_unlearning.napari._driver import wait_loaded
+wait_loaded(widget, 600)
 ready = time.perf_counter()
 print("DOCK " + json.dumps({
     "napari_start_s": clicked - start,

@@ -7,12 +7,12 @@ screenshot and the exported run.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..settings import OperatorSettings
+from ._driver import unlearn, wait, wait_loaded
 
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
 
@@ -26,19 +26,6 @@ def open_viewer(show: bool = True, viewer=None):
     widget.image.setCurrentText("dermoscopy")
     widget.coarse.setCurrentText("coarse masks")
     return viewer, widget
-
-
-def process_until(condition, timeout_s: float) -> bool:
-    """Run the Qt event loop until `condition()` holds; False on time-out."""
-    from qtpy.QtWidgets import QApplication
-
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QApplication.processEvents()
-        time.sleep(0.01)
-    return True
 
 
 def erase_band(viewer, widget, images) -> None:
@@ -81,12 +68,12 @@ def scripted(
     last run's verdict."""
     viewer, widget = open_viewer(show=True)
     viewer.window.resize(*size)
-    if not process_until(lambda: widget._ready, timeout_s):
+    if not wait_loaded(widget, timeout_s):
         raise RuntimeError("PyTorch and the model did not load")
     widget.refine.click()
     erase_band(viewer, widget, range(refine))
     viewer.dims.set_point(0, 0)
-    process_until(lambda: False, 0.3)
+    wait(lambda: False, 0.3)
     out.mkdir(parents=True, exist_ok=True)
     name = f"widget-{size[0]}x{size[1]}"
     shots = {"refined": out / f"{name}-refined.png"}
@@ -98,14 +85,14 @@ def scripted(
         widget.method.setCurrentIndex(widget.method.findData(method))
         if steps is not None:
             widget.steps.setValue(steps)
-        widget.run.click()
-        process_until(lambda: not widget.busy, timeout_s)
+        outcome = unlearn(widget, timeout_s)
         if widget.bench.shown is None:
-            raise RuntimeError(f"the demo's {method} run did not finish")
+            why = outcome.message if outcome else f"not within {timeout_s} s"
+            raise RuntimeError(f"the demo's {method} run did not finish: {why}")
         viewer.layers["forget set"].visible = False  # the erased pixels: see the legend
         viewer.dims.set_point(0, 0)
         hide_notifications(viewer)  # Revert's would cover the colour bar's words
-        process_until(lambda: False, 0.3)
+        wait(lambda: False, 0.3)
         shots[method] = out / f"{name}-{method}.png"
         viewer.screenshot(str(shots[method]), canvas_only=False)
     exported = widget.results.export_run(out / "exports") if export else None

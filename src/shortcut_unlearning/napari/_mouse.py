@@ -7,8 +7,6 @@ A data coordinate maps to canvas pixels through the vispy scene transform (docs:
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from qtpy.QtCore import QEvent, QPoint, QPointF, QRect, Qt
 from qtpy.QtGui import QMouseEvent
@@ -23,18 +21,9 @@ from qtpy.QtWidgets import (
     QStyleOptionComboBox,
 )
 
+from ._driver import wait
+
 LEFT, NONE = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
-
-
-def wait(condition, timeout_s: float = 300) -> bool:
-    """Run the Qt event loop until `condition()` holds; False on time-out."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        QApplication.processEvents()
-        time.sleep(0.01)
-    return True
 
 
 def menu_action(menu, *path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QFileDialog,
@@ -57,6 +57,8 @@ class ResultsView(QGroupBox):
     layer the eraser works on (selected again once results are drawn); `overlays()` are the
     editing layers over the images (refined masks, forget set, band), copied over the "after"
     half so that both halves carry the same overlays."""
+
+    drawn = Signal()  # nothing is left to draw: the last step ran, or the rest was dropped
 
     def __init__(self, viewer, bench: Workbench, images, refined, overlays):
         super().__init__("Results")
@@ -247,10 +249,13 @@ class ResultsView(QGroupBox):
     def _run_steps(self, steps) -> None:
         """Run `steps` one per turn of the event loop, from the next one on, in place of any
         still waiting."""
+        dropped = bool(self._steps) and not steps
         self._steps = list(steps)
         if self._steps and not self._next_turn:
             self._next_turn = True
             QTimer.singleShot(0, self._draw_next)
+        if dropped:
+            self.drawn.emit()
 
     def _draw_next(self) -> None:
         self._next_turn = False
@@ -259,7 +264,10 @@ class ResultsView(QGroupBox):
         try:
             self._steps.pop(0)()
         finally:
-            self._run_steps(self._steps)
+            if self._steps:
+                self._run_steps(self._steps)
+            else:
+                self.drawn.emit()
 
     def _drawn(self) -> None:
         self.viewer.reset_view()

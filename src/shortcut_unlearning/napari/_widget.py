@@ -13,7 +13,6 @@ Nothing here imports torch: the dock shows at once and loads PyTorch and the mod
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ import napari
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -38,9 +37,9 @@ from qtpy.QtWidgets import (
 
 from .. import display
 from ..masks import MaskError
-from ..progress import Cancel
+from ..progress import Cancel, ProgressTracker
 from ..settings import OperatorSettings, autosave_folder, load_settings, save_settings
-from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Preview, Workbench
+from ..workbench import MEASURE_AFTER, MEASURE_BEFORE, Preview, RunOutcome, Workbench
 from . import _layers
 from ._edits import edited_planes
 from ._qt import button, duration, expander, row, section, text
@@ -49,6 +48,13 @@ from ._texts import CONTEXTS, FORGET_AS_S, METHODS, SCOPES, TIPS, method_label, 
 
 
 class ShortcutUnlearningWidget(QWidget):
+    """The dock. What scripts and tests may rely on (napari/_driver.py waits on it): `ready`,
+    `busy`, `run_finished`, and the controls a user clicks."""
+
+    # Once per run, when it has ended (finished, collapsed, cancelled or failed) and its
+    # results are drawn: the RunOutcome (workbench.py).
+    run_finished = Signal(object)
+
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
@@ -58,6 +64,8 @@ class ShortcutUnlearningWidget(QWidget):
         self._suggestion = None  # the ranking of unrefined images, made when first asked for
         self._pending: set[int] | None = set()  # images to check at the next sync
         self.worker = self.cancel = None
+        self._outcome: RunOutcome | None = None  # the run that ended, until its results are drawn
+        self.tracker: ProgressTracker | None = None  # the last run's time left and curve
         self._ready = False  # PyTorch and the model are loaded
         self._certified: set[str] = set()  # the registry's certified methods, once loaded
         self._steps_settings: dict[str, str] = {}  # method: its steps setting, once loaded
@@ -175,6 +183,7 @@ class ShortcutUnlearningWidget(QWidget):
             lambda: self.refined_layer,
             self._overlays,
         )
+        self.results.drawn.connect(self._announce_end)
 
         content = QWidget()
         column = QVBoxLayout(content)
@@ -607,8 +616,8 @@ class ShortcutUnlearningWidget(QWidget):
         self.results.clear(remove=False)
         self.bench.show(None)  # a new run replaces the one on display
         self.cancel = Cancel()
-        self._curve = {"step": [], "loss": [], "probe_step": [], "s_global": []}
-        self._started, self._first_step, self._last_draw = time.monotonic(), None, 0.0
+        self.tracker = ProgressTracker(waits=(MEASURE_BEFORE, MEASURE_AFTER))
+        self._last_draw = 0.0
         steps = plan.operator.steps
         self.progress.setRange(0, steps)
         self.progress.setValue(0)
@@ -639,28 +648,19 @@ class ShortcutUnlearningWidget(QWidget):
             self.progress_text.setText("Cancelling after this step…")
 
     def _on_step(self, event) -> None:
-        now = time.monotonic()
         self.progress.setValue(event.step)
-        if event.phase in (MEASURE_BEFORE, MEASURE_AFTER) or event.step == 0:
+        tracker = self.tracker
+        if not tracker.add(event):
             self.progress_text.setText(f"{event.phase[0].upper()}{event.phase[1:]}…")
             return
-        if self._first_step is None:
-            self._first_step = (now, event.step)
-        t0, s0 = self._first_step
-        done = event.step - s0
-        left = (now - t0) / done * (event.total - event.step) if done else float("nan")
+        left = tracker.seconds_left
         eta = f", about {duration(left)} left" if np.isfinite(left) else ""
         self.progress_text.setText(
             f"Step {event.step} of {event.total} ({phase_label(event.phase)}){eta}; "
-            f"{duration(now - self._started)} so far"
+            f"{duration(tracker.elapsed)} so far"
         )
-        self._curve["step"].append(event.step)
-        self._curve["loss"].append(event.losses.get("total", np.nan))
-        if event.metrics:
-            self._curve["probe_step"].append(event.step)
-            self._curve["s_global"].append(event.metrics.get("s_global", np.nan))
-        if now - self._last_draw > 0.5 or event.step == event.total:  # redraws cost ~30 ms
-            self._last_draw = now
+        if tracker.now - self._last_draw > 0.5 or event.step == event.total:  # ~30 ms a draw
+            self._last_draw = tracker.now
             self._draw_curve(event.phase)
 
     def _draw_curve(self, phase: str) -> None:
@@ -683,8 +683,9 @@ class ShortcutUnlearningWidget(QWidget):
             self._curve_canvas.setFixedHeight(120)
             self.curve_box.addWidget(self._curve_canvas)
         loss_line, s_line = self._lines
-        loss_line.set_data(self._curve["step"], self._curve["loss"])
-        s_line.set_data(self._curve["probe_step"], self._curve["s_global"])
+        curve = self.tracker.curve
+        loss_line.set_data(curve.steps, curve.losses)
+        s_line.set_data(curve.probe_steps, curve.s_global)
         for line in self._lines:
             line.axes.relim()
             line.axes.autoscale_view()
@@ -693,21 +694,21 @@ class ShortcutUnlearningWidget(QWidget):
 
     def _on_result(self, record) -> None:
         self.bench.show(record)
-        result = record.result
-        if result.cancelled:
-            show_info(f"Cancelled after {result.steps} steps; the previous model is kept.")
-        elif result.collapsed:
-            show_warning(
-                "The unlearned model collapsed (it stopped segmenting); the previous model is "
-                "kept and Accept is off. Try the last-layer scope or a larger epsilon."
-            )
+        self._outcome = outcome = RunOutcome.of(record)
+        if outcome.status == "cancelled":
+            show_info(outcome.message)
+        elif outcome.status == "collapsed":
+            show_warning(outcome.message)
         self._show_results(self.bench.shown)
 
     def _on_error(self, error: Exception) -> None:
-        show_error(_explain(error))
+        self._outcome = RunOutcome.failed(error)
+        show_error(self._outcome.message)
 
     def _on_finished(self) -> None:
         self.worker = None
+        if self._outcome is None:  # stopped from napari's task manager: no result, no error
+            self._outcome = RunOutcome("cancelled", "Stopped; the previous model is kept.")
         self._set_running(False)
         record = self.bench.shown
         self.results.enable_actions()
@@ -717,11 +718,25 @@ class ShortcutUnlearningWidget(QWidget):
         self.progress_text.setText(
             "" if record is None else f"Finished run {record.number} in {duration(record.seconds)}."
         )
+        self._announce_end()
+
+    @property
+    def ready(self) -> bool:
+        """PyTorch is loaded and the model was loaded (or its error shown): the run controls
+        are on. `bench.loaded` says whether the model loaded."""
+        return self._ready
 
     @property
     def busy(self) -> bool:
         """A run is going, or its results are still being drawn."""
         return self.worker is not None or self.results.displaying
+
+    def _announce_end(self) -> None:
+        """run_finished, once the run has ended and nothing is left to draw."""
+        if self._outcome is None or self.busy:
+            return
+        outcome, self._outcome = self._outcome, None
+        self.run_finished.emit(outcome)
 
     def _show_results(self, record) -> None:
         self.results.display(record)
@@ -768,16 +783,3 @@ def _device_in_use(name: str) -> str:
 
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
-
-
-def _explain(error: Exception) -> str:
-    """A notification for a failed run; the previous model is always kept."""
-    name = type(error).__name__
-    if "OutOfMemory" in name:
-        return (
-            "The GPU ran out of memory; the previous model is kept. Free GPU memory, refine "
-            "fewer images or pick the cpu device."
-        )
-    if isinstance(error, ValueError | FloatingPointError | FileNotFoundError):
-        return f"{error} (the previous model is kept)"
-    return f"Unlearning failed ({name}: {error}); the previous model is kept."
