@@ -580,7 +580,9 @@ class ShortcutUnlearningWidget(QWidget):
             return
         self.suggestion.setText("Ranking the unrefined images…")
         self.suggest.setEnabled(False)
-        worker = create_worker(self.bench.suggest)
+        # errored is handled here: napari would otherwise raise the error again on the UI
+        # thread and show its traceback beside the dock's message.
+        worker = create_worker(self.bench.suggest, _ignore_errors=True)
         worker.returned.connect(lambda ranked: self._ranked(ranked, then_show))
         worker.errored.connect(lambda error: show_error(f"Ranking failed: {error}"))
         worker.finished.connect(lambda: self.suggest.setEnabled(True))
@@ -625,6 +627,7 @@ class ShortcutUnlearningWidget(QWidget):
             self.bench.execute,
             plan,
             self.cancel,
+            _ignore_errors=True,  # _on_error reports it, as for the ranking
             _progress={
                 "total": steps + 3,
                 "desc": f"Unlearning ({method_label(plan.operator.name)})",
