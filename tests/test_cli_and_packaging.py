@@ -100,6 +100,12 @@ def test_demo_without_a_display_says_what_to_do(monkeypatch, capsys):
     assert "Xvfb" in capsys.readouterr().err
 
 
+def test_demo_without_the_gui_extra_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "qtpy", None)  # import qtpy raises ModuleNotFoundError
+    assert main(["demo", "--headless"]) == 2
+    assert "shortcut-unlearning[gui]" in capsys.readouterr().err
+
+
 def test_the_wheel_ships_the_sample_data(tmp_path):
     done = subprocess.run(
         [

@@ -167,7 +167,16 @@ def _scripted_home() -> None:
 
 def _demo(args) -> None:
     import os
+    from importlib import import_module
 
+    for package in ("qtpy", "napari"):
+        try:
+            import_module(package)
+        except ImportError as error:
+            raise ValueError(
+                f"the demo needs napari and Qt ({package} cannot be imported: {error}); install "
+                "the plugin's extra: pip install 'shortcut-unlearning[gui]' (`make demo` does)"
+            ) from error
     from .napari import _demo
 
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
