@@ -23,6 +23,7 @@ reads its `net`'s tensors when it has one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated
 
@@ -134,6 +135,8 @@ class EvalSet:
         "band" from the skin alone (see inpaint_band)."""
         if which not in self._inpainted:
             if which == "band":
+                if self.band is None:
+                    raise ValueError("this evaluation set has no band map to inpaint")
                 lesion = None if self.masks is None else self.masks != 0
                 self._inpainted[which] = inpaint_band(self.images, self.band, lesion)
             else:
@@ -223,7 +226,7 @@ def collapsed(
 
 def class_takeover(
     share: float,
-    references: dict[str, float | None],
+    references: Mapping[str, float | None],
     threshold: float = TAKEOVER_SHARE,
     ratio: float = TAKEOVER_RATIO,
 ) -> str | None:
@@ -439,15 +442,20 @@ def evaluate(
     """
     probs = model.probabilities(evalset.images)
     scores = metrics.image_scores(probs)
-    boot = {"n_boot": n_boot, "seed": seed}
     record: dict = {"n_images": len(evalset)}
 
     labels = evalset.labels
-    pooled = metrics.auroc_ci(scores, labels, **boot) if labels is not None else None
-    by_group = metrics.auroc_by_group_ci(scores, labels, evalset.groups, **boot) if pooled else {}
+    pooled = (
+        metrics.auroc_ci(scores, labels, n_boot=n_boot, seed=seed) if labels is not None else None
+    )
+    by_group = (
+        metrics.auroc_by_group_ci(scores, labels, evalset.groups, n_boot=n_boot, seed=seed)
+        if pooled
+        else {}
+    )
     values = {name: r["value"] for name, r in by_group.items()}
     defined = {name: v for name, v in values.items() if np.isfinite(v)}
-    worst = min(defined, key=defined.get) if defined else None
+    worst = min(defined, key=defined.__getitem__) if defined else None
     conflicting = conflicting_group(values)
     record |= {
         "auroc": pooled["value"] if pooled else float("nan"),
@@ -498,7 +506,8 @@ def evaluate(
             evalset.band,
             inpainted=evalset.inpainted("band"),
             probs=probs,
-            **boot,
+            n_boot=n_boot,
+            seed=seed,
         )
         if evalset.band is not None and evalset.band.any()
         else None
