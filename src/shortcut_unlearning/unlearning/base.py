@@ -242,15 +242,18 @@ class Operator:
         rng = np.random.default_rng(self.seed)
         noise_rng = self.noise_generator()
         # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
-        start_metrics = distributed.from_main(lambda: data.probe(start)) if data.probe else None
+        probe = data.probe
+        start_metrics = distributed.from_main(lambda: probe(start)) if probe else None
         self.prepare(work)
-        history, phase = [], None
+        history: list[Progress] = []
+        previous_phase = None
         for step in range(1, self.steps + 1):
             if cancel:
                 return UnlearnResult(model=start, cancelled=True, steps=step - 1, history=history)
-            if self.phase(step) != phase:
-                phase = self.phase(step)
+            phase = self.phase(step)
+            if phase != previous_phase:  # a new phase gets a new optimiser
                 optimiser = self.optimiser(work, phase)
+                previous_phase = phase
             work.train_mode(self.batch_statistics_in(phase))
             # every rank draws the same rows and computes its part of them (distributed)
             drawn, others = self.batch_rows(rng, forget_rows, other_rows)
@@ -297,7 +300,7 @@ class Operator:
             # the host reads the device; the run's last step is probed, also an early stop
             if step % self.probe_every == 0 or step == self.steps or stopping:
                 divergence.check()
-                metrics = distributed.from_main(lambda: data.probe(work)) if data.probe else None
+                metrics = distributed.from_main(lambda: probe(work)) if probe else None
             history.append(Progress(step, self.steps, phase, Losses(terms), metrics))
             yield history[-1]
             if stopping:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import certificate as cert
 from .. import distributed, evaluation
@@ -74,14 +75,28 @@ def add_noise_(tensors, sigma: float, rng: np.random.Generator) -> None:
         t.add_(draw.to(t.device, t.dtype), alpha=sigma)
 
 
-def scope_batch_norms(model: Model, scope: str | None = None) -> list[torch.nn.Module]:
+def gradients(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The parameters' gradients from the last backward pass."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) != len(params):
+        raise RuntimeError("a scoped parameter got no gradient: the loss must reach every one")
+    return grads
+
+
+def add_decay_(params: list[torch.nn.Parameter], lam: float) -> None:
+    """g <- g + lam x for every parameter x with gradient g."""
+    for p, g in zip(params, gradients(params), strict=True):
+        g.add_(p.detach(), alpha=lam)
+
+
+def scope_batch_norms(model: Model, scope: str | None = None) -> list[_BatchNorm]:
     """The batch-norm layers of the scope that keep running statistics."""
     children = dict(model.net.named_children())
     return [
         m
         for name in SCOPE_MODULES[scope or model.config.scope]
         for m in children[name].modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        if isinstance(m, _BatchNorm) and m.track_running_stats
     ]
 
 
@@ -500,12 +515,11 @@ class GradientClipping(CertifiedOperator):
         if self.phase(step) != "noisy":
             return
         params = model.scoped_parameters()
-        project_([p.grad for p in params], self.c1)
+        project_(gradients(params), self.c1)
         if self.lam:
-            for p in params:
-                p.grad.add_(p.detach(), alpha=self.lam)
+            add_decay_(params, self.lam)
 
-    def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
+    def after_step(self, model: Model, step: int, rng: np.random.Generator) -> None:
         if self.phase(step) == "noisy":
             add_noise_(model.scoped_parameters(), self.sigma, rng)
 
@@ -557,10 +571,9 @@ class ModelClipping(CertifiedOperator):
 
     def on_gradients(self, model: Model, step: int) -> None:
         if self.phase(step) == "noisy" and self.lam:
-            for p in model.scoped_parameters():
-                p.grad.add_(p.detach(), alpha=self.lam)
+            add_decay_(model.scoped_parameters(), self.lam)
 
-    def after_step(self, model: Model, step: int, rng: torch.Generator) -> None:
+    def after_step(self, model: Model, step: int, rng: np.random.Generator) -> None:
         if self.phase(step) == "noisy":
             project_(model.scoped_parameters(), self.c2)
             add_noise_(model.scoped_parameters(), self.sigma, rng)

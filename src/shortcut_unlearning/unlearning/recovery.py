@@ -25,17 +25,18 @@ class ValidationProbe:
 
     def __init__(self, inputs: FrozenInputs, targets: torch.Tensor, rows: np.ndarray):
         self.inputs, self.targets, self.rows = inputs, targets, rows
-        self.best, self.best_step, self.best_state, self.stale = math.inf, 0, None, 0
+        self.best, self.best_step, self.stale = math.inf, 0, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.curve: list[tuple[int, float]] = []
 
     @torch.no_grad()
     def loss(self, model: Model) -> float:
         model.net.eval()  # the loop sets the mode again before its next step
-        logits = []
+        parts = []
         for start in range(0, len(self.rows), 32):
             with model.autocast():
-                logits.append(model.scoped_forward(self.inputs[self.rows[start : start + 32]]))
-        logits = torch.cat(logits).float()
+                parts.append(model.scoped_forward(self.inputs[self.rows[start : start + 32]]))
+        logits = torch.cat(parts).float()
         targets = self.targets[torch.as_tensor(self.rows, device=logits.device)]
         ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
         # rank 0 alone measures (measure): no collective in here
