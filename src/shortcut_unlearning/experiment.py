@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from pydantic import JsonValue
 
 from . import distributed, evaluation, figures, metrics, outputs, ranking, retain, saliency
 from . import masks as masklib
-from .certificate import NOT_ISSUED
+from .certificate import NOT_ISSUED, Certificate
 from .data.annotator import Annotator
 from .data.folders import read_folder
 from .data.lesion_set import LesionSet
@@ -26,6 +27,7 @@ from .files import write_json
 from .model import (
     Model,
     ModelConfig,
+    Provenance,
     check_encoder_weights,
     read_config,
     read_encoder_info,
@@ -33,7 +35,7 @@ from .model import (
 )
 from .progress import drive
 from .resources import SAMPLE_SET, sample_data_dir
-from .settings import OperatorSettings
+from .settings import OperatorSettings, Scope
 from .training import TrainConfig, train, validation_split
 from .unlearning import CERTIFIED, CertifiedOperator, Operator, UnlearnResult, unlearning_job
 from .unlearning.certified import issued
@@ -72,7 +74,7 @@ class RunConfig:
     probe_images: int = 32
     test_split: str = "test"  # the split evaluated on ("test", "test_balanced", "val")
     synth_balanced: int = 0  # with data "synthetic": images in a balanced test split
-    scope: str | None = None  # unlearning scope (None: the model's)
+    scope: Scope | None = None  # unlearning scope (None: the model's)
     accept_collapse: bool = False
     out: str = "out/run"
     overwrite: bool = False  # replace a non-empty out folder
@@ -164,10 +166,11 @@ def choose_refined(
     images' annotations (no fine mask, label or artefact map).
     """
     if config.order == "given":
-        missing = sorted(set(config.refined) - set(train_set.ids))
+        given = config.refined or []  # the given order has them (RunConfig.__post_init__)
+        missing = sorted(set(given) - set(train_set.ids))
         if missing:
             raise ValueError(f"--refined names images not in the training split: {missing[:5]}")
-        return np.array([train_set.ids.index(i) for i in config.refined])
+        return np.array([train_set.ids.index(i) for i in given])
     count = max(1, round(config.fine_fraction * len(train_set)))
     if config.order == "ranked":
         if model is None or coarse is None:
@@ -210,6 +213,16 @@ class Prepared:
     evalset: EvalSet  # the test split with its truth, S map, band and groups
     probe_set: EvalSet | None  # the first probe_images validation images, or None
     seconds: float = 0.0
+
+    @property
+    def pixel_split(self) -> masklib.PixelSplit:
+        """`split`, which training the baselines and unlearning need."""
+        if self.split is None:
+            raise ValueError(
+                "the ranked order chooses the refined images with the starting model: "
+                "call refine_ranked before training baselines or unlearning"
+            )
+        return self.split
 
     def coarse_of(self, data: LesionSet, config: RunConfig) -> np.ndarray:
         return masklib.coarse_masks(data.masks, config.coarse, config.coarse_margin)
@@ -260,6 +273,7 @@ def prepare_data(config: RunConfig) -> Prepared:
     data = load_data(config)
     train_set = training_split(data)
     test = evaluation_split(data, config.test_split)
+    val: LesionSet | None
     if (data.splits == "val").any() and test.splits[0] != "val":
         val = data.split("val")
     else:  # as training would hold them out (the same images for the same seed)
@@ -305,7 +319,9 @@ def train_model(images, targets, config: RunConfig, device, masks: str, val=None
     """A fresh model trained on (images, targets); `masks` names the targets in provenance.
 
     `val` (images, targets) validates training; without it training holds images out."""
-    provenance = {
+    # Provenance keeps keys beyond its fields (pydantic's extra="allow"); mypy's TypedDict
+    # does not know that.
+    provenance: Provenance = {  # type: ignore[typeddict-unknown-key]
         "data": config.data,
         "masks": masks,
         "images": len(images),
@@ -335,8 +351,8 @@ def train_or_load(config: RunConfig, prepared: Prepared, device) -> Trained:
     else:
         kind = f"coarse ({config.coarse} {config.coarse_margin:g})"
         val = prepared.val
-        val = (val.images, prepared.coarse_of(val, config)) if val is not None else None
-        model = train_model(prepared.train.images, prepared.coarse, config, device, kind, val)
+        checked = (val.images, prepared.coarse_of(val, config)) if val is not None else None
+        model = train_model(prepared.train.images, prepared.coarse, config, device, kind, checked)
     return Trained(model, time.perf_counter() - clock)
 
 
@@ -349,10 +365,11 @@ def train_baselines(config: RunConfig, prepared: Prepared, device) -> dict[str, 
     val_coarse = None if val is None else (val.images, prepared.coarse_of(val, config))
     val_fine = None if val is None else (val.images, val.masks)
     # The band width the retain set uses, read off the refinements' depth.
-    width = retain.band_width(prepared.coarse, prepared.split)
+    split = prepared.pixel_split
+    width = retain.band_width(prepared.coarse, split)
     band_ignored = retain.certain_targets(prepared.coarse, width)
     baselines = (
-        ("retrain", prepared.split.targets, "corrected (refined where refined)", val_coarse),
+        ("retrain", split.targets, "corrected (refined where refined)", val_coarse),
         (
             "retrain_band_ignored",
             band_ignored,
@@ -386,12 +403,17 @@ def unlearn(
     result and its seconds. A kept model records what unlearning it went through."""
     clock = time.perf_counter()
     job = unlearning_job(
-        operator, start, prepared.train.images, prepared.coarse, prepared.split, prepared.probe_set
+        operator,
+        start,
+        prepared.train.images,
+        prepared.coarse,
+        prepared.pixel_split,
+        prepared.probe_set,
     )
     outcome = drive(job, desc=config.method, quiet=config.quiet)
     seconds = time.perf_counter() - clock
     if outcome.model is not start:  # not kept back after a collapse
-        unlearned = {
+        unlearned: dict[str, JsonValue] = {
             "method": config.method,
             "steps": outcome.steps,
             "refined_images": len(prepared.refined),
@@ -537,7 +559,7 @@ def build_report(
         "verdict": judge(records["coarse"], records["unlearned"]).to_dict(),
         "refined_ids": [prepared.train.ids[i] for i in prepared.refined],
         "refine_order": config.order,
-        "forget_pixels": prepared.split.forget_count,
+        "forget_pixels": prepared.pixel_split.forget_count,
         "n_train": len(prepared.train),
         "n_test": len(prepared.test),
         "test_split": str(prepared.test.splits[0]),
@@ -581,7 +603,7 @@ class Unlearned:
     """An unlearning run before any test image is read: its outcome, its guarantee and time."""
 
     outcome: UnlearnResult
-    certificate: object | None  # certificate.Certificate of a certified operator
+    certificate: Certificate | None  # a certified operator's
     seconds: float
     exactness: Exactness | None = None  # what erase-and-relearn guarantees
 
@@ -590,8 +612,9 @@ def unlearn_stage(
     config: RunConfig, operator: Operator, prepared: Prepared, start: Trained
 ) -> Unlearned:
     """Unlearn from `start`; a certified operator's certificate says what its recovery did."""
-    certified = isinstance(operator, CertifiedOperator)
-    certificate = operator.certificate(start.model) if certified else None
+    certificate = (
+        operator.certificate(start.model) if isinstance(operator, CertifiedOperator) else None
+    )
     outcome, seconds = unlearn(config, operator, start.model, prepared)
     if certificate is not None:  # what the recovery did; none if the gate kept the start
         certificate = issued(certificate, outcome)
@@ -622,7 +645,7 @@ def report_run(
         )
     records = {"coarse": evaluated["coarse"], "unlearned": unlearned}
     records |= {k: v for k, v in evaluated.items() if k != "coarse"}
-    extra = {
+    extra: dict[str, dict[str, object]] = {
         name: {"training": model.config.provenance["training"]}
         for name, model in states.items()
         if model.config.provenance.get("training") is not None
@@ -745,16 +768,17 @@ def table(report: dict) -> str:
             f"[{ci['ci_low']:.3f},{ci['ci_high']:.3f}]" if ci and np.isfinite(ci["ci_low"]) else ""
         )
         by_class = r.dice_by_class  # empty without masks
-        s_global = r.s_global or {}
-        band = r.band_reliance or {}
+        s_global, band = r.s_global, r.band_reliance
         rows.append(
             f"{name:<20} {_cell(r.auroc, '.3f', 6)} {interval:>14} "
             f"{_cell(r.worst_group_auroc, '.3f', 6)} "
             f"{_cell(r.conflicting_auroc, '.3f', 6)} {_cell(r.dice, '.3f', 6)} "
             f"{_cell(by_class.get('benign'), '.3f', 6)} "
             f"{_cell(by_class.get('malignant'), '.3f', 6)} "
-            f"{_cell(r.malignant_share, '.0%', 6)} {_cell(band.get('value'), '.4f', 7)} "
-            f"{_cell(s_global.get('value'), '.2e', 9)} {_cell(s_global.get('excess'), '.2e', 9)}"
+            f"{_cell(r.malignant_share, '.0%', 6)} "
+            f"{_cell(band['value'] if band else None, '.4f', 7)} "
+            f"{_cell(s_global['value'] if s_global else None, '.2e', 9)} "
+            f"{_cell(s_global['excess'] if s_global else None, '.2e', 9)}"
         )
     rows += [
         "AUROC of the malignancy score with a bootstrap 95% CI; worst: lowest group AUROC; "

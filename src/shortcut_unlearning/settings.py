@@ -91,6 +91,9 @@ def _device(name: str) -> str:
     return name
 
 
+Scope = Literal["decoder", "head", "all"]  # model.SCOPES, spelled here without torch
+
+
 @dataclass(frozen=True)
 class OperatorSettings:
     """An unlearning operator as a person chooses it, and the device it runs on.
@@ -101,7 +104,7 @@ class OperatorSettings:
     """
 
     method: Annotated[str, Strict(), AfterValidator(_operator)] = "relearn"
-    scope: Literal["decoder", "head", "all"] | None = "decoder"  # None: the model's
+    scope: Scope | None = "decoder"  # None: the model's
     epsilon: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1.0
     delta: Annotated[float, Strict(), Field(gt=0, lt=1)] = 1e-5
     steps: Whole = 60
