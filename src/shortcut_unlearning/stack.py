@@ -67,7 +67,7 @@ class ImageStack:
     def __init__(self, images, extents: Sequence[tuple[int, int]] | None = None):
         self.images = images
         n, height, width = images.shape[:3]
-        self.extents = [tuple(map(int, e)) for e in extents] if extents else [(height, width)] * n
+        self.extents = [(int(h), int(w)) for h, w in extents] if extents else [(height, width)] * n
         if len(self.extents) != n or any(
             not (0 < h <= height and 0 < w <= width) for h, w in self.extents
         ):

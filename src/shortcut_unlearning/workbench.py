@@ -15,7 +15,6 @@ so the widget opens at once.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import site
 import sysconfig
 import threading
@@ -121,6 +120,13 @@ class RunRecord:
         return self.plan.parameters.method
 
     @property
+    def measured_after(self) -> Views:
+        """`after`, which a cancelled run lacks."""
+        if self.after is None:
+            raise ValueError(f"run {self.number} was cancelled: nothing was measured after it")
+        return self.after
+
+    @property
     def usable(self) -> bool:
         """Finished and not collapsed: may become the current model."""
         return not (self.result.cancelled or self.result.collapsed)
@@ -161,8 +167,8 @@ class RunRecord:
 
     def details(self) -> str:
         """The numbers behind the summary, with their intervals and chance levels."""
-        before, after = self.before.metrics, self.after.metrics
-        rb, ra = self.before.refined, self.after.refined
+        before, after = self.before.metrics, self.measured_after.metrics
+        rb, ra = self.before.refined, self.measured_after.refined
         lines = self.verdict.details()
         lines.append(
             f"Dice on the refined images {rb['dice']:.2f} -> {ra['dice']:.2f} (benign "
@@ -173,8 +179,8 @@ class RunRecord:
             f"Predicted lesion pixels called malignant: {_share(before.malignant_share)} -> "
             f"{_share(after.malignant_share)}."
         )
-        if np.isfinite(after.auroc):
-            cb, ca = before.auroc_ci, after.auroc_ci
+        cb, ca = before.auroc_ci, after.auroc_ci
+        if cb and ca and np.isfinite(ca["value"]):
             lines.append(
                 f"AUROC on these images {cb['value']:.2f} [{cb['ci_low']:.2f}, "
                 f"{cb['ci_high']:.2f}] -> {ca['value']:.2f} [{ca['ci_low']:.2f}, "
@@ -232,13 +238,14 @@ def new_folder(base: Path, name: str) -> Path:
     """A folder made for this call: `name`, or `name-2`, `name-3`... when it exists (two exports
     within one second), so nothing is ever overwritten."""
     base.mkdir(parents=True, exist_ok=True)
-    for n in itertools.count(1):
-        out = base / (name if n == 1 else f"{name}-{n}")
+    out, n = base / name, 1
+    while True:
         try:
             out.mkdir()
             return out
         except FileExistsError:
-            continue
+            n += 1
+            out = base / f"{name}-{n}"
 
 
 class Workbench:
@@ -271,9 +278,17 @@ class Workbench:
             )
         note = refinement.restore(autosave) if autosave else None
         self.stack, self.refinement, self.meta = stack, refinement, dict(meta or {})
-        self._inputs: dict[int, np.ndarray] = {}
+        self._inputs = {}
         self.shown = None
         return note
+
+    def opened(self) -> tuple[ImageStack, Refinement]:
+        """The stack and its refinement; MaskError before `open`."""
+        if self.stack is None or self.refinement is None:
+            raise masklib.MaskError(
+                "press Refine and erase what the coarse masks wrongly call lesion"
+            )
+        return self.stack, self.refinement
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -358,30 +373,28 @@ class Workbench:
         from .ranking import rank_images
         from .retain import band_width
 
+        stack, refinement = self.opened()
         model = self.current_model()
         size = model.config.image_size
         if size not in self._inputs:
-            self._inputs = {size: self.stack.to_model(size)}
-        coarse = self.stack.masks_to_model(self.refinement.coarse, size)
-        edited = np.flatnonzero(self.refinement.edited())
+            self._inputs = {size: stack.to_model(size)}
+        coarse = stack.masks_to_model(refinement.coarse, size)
+        edited = np.flatnonzero(refinement.edited())
         width = None
         if len(edited):  # the refinements so far say how deep the band is
-            refined = self.stack.masks_to_model(self.refinement.refined, size)
+            refined = stack.masks_to_model(refinement.refined, size)
             split = masklib.split_pixels(coarse, {int(i): refined[i] for i in edited}, "clip")
             width = band_width(coarse, split)
         ranking = rank_images(model, self._inputs[size], coarse, exclude=edited, width=width)
-        bands = self.stack.from_model(ranking.bands.astype(np.uint8), labels=True)
+        bands = stack.from_model(ranking.bands.astype(np.uint8), labels=True)
         why = {int(i): ranking.why(int(i)) for i in ranking.order}
         return Suggestion([int(i) for i in ranking.order], why, bands.astype(bool))
 
     # -- a run --------------------------------------------------------------------------------
     def plan(self, spurious: np.ndarray | None = None) -> Plan:
         """Validate and snapshot a run (UI thread); raises with a message for the user."""
-        if self.refinement is None:
-            raise masklib.MaskError(
-                "press Refine and erase what the coarse masks wrongly call lesion"
-            )
-        snapshot = self.refinement.snapshot()
+        _, refinement = self.opened()
+        snapshot = refinement.snapshot()
         snapshot.split()  # an empty or invalid refinement fails here, not in the worker
         if spurious is not None:
             spurious = np.asarray(spurious) != 0
@@ -414,24 +427,25 @@ class Workbench:
         from .unlearning.certified import issued
 
         clock = time.perf_counter()
+        stack, _ = self.opened()
         operator, steps = plan.operator, plan.operator.steps
         yield Progress(0, steps, "loading the model")
         model = self.current_model()
         start_name = self.models[-1][0]
         size = model.config.image_size
         if size not in self._inputs:  # the stack at the model's size, made once per stack
-            self._inputs = {size: self.stack.to_model(size)}
+            self._inputs = {size: stack.to_model(size)}
         images = self._inputs[size]
-        coarse = self.stack.masks_to_model(plan.refinement.coarse, size)
-        refined = self.stack.masks_to_model(plan.refinement.refined, size)
+        coarse = stack.masks_to_model(plan.refinement.coarse, size)
+        refined = stack.masks_to_model(plan.refinement.refined, size)
         edited = np.flatnonzero(plan.refinement.edited())
         split = masklib.split_pixels(coarse, {int(i): refined[i] for i in edited})
         s_map = (
             split.forget
             if plan.spurious is None
-            else self.stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
+            else stack.masks_to_model(plan.spurious.astype(np.uint8), size).astype(bool)
         )
-        measure = _Measure(self.stack, images, split, s_map, self.labels, plan.parameters.seed)
+        measure = _Measure(stack, images, split, s_map, self.labels, plan.parameters.seed)
         certificate = (
             operator.certificate(model) if isinstance(operator, CertifiedOperator) else None
         )
@@ -467,7 +481,7 @@ class Workbench:
         finished run joins the history of rounds."""
         self.shown = record if record is not None and record.after is not None else None
         if self.shown is not None:
-            self.history.append(self._round(record))
+            self.history.append(self._round(self.shown))
 
     def _round(self, record: RunRecord):
         """The run as a round of sequential refinement (rounds.Round)."""
@@ -519,6 +533,7 @@ class Workbench:
         record = self.shown
         if record is None:
             raise ValueError("no run is shown: run Unlearn first (Revert and Cancel clear it)")
+        stack, _ = self.opened()
         base = Path(folder).expanduser().resolve()
         refuse_package_folder(base)
         out = new_folder(base, f"run-{time.strftime('%Y%m%d-%H%M%S')}-{record.number}")
@@ -527,10 +542,10 @@ class Workbench:
 
         write_masks(
             record.plan.refinement.refined,
-            [self._id(i) for i in range(len(self.stack))],
-            self.meta.get("original_sizes") or self.stack.extents,
+            [self._id(i) for i in range(len(stack))],
+            self.meta.get("original_sizes") or stack.extents,
             out / "refined_masks",
-            extents=self.stack.extents,
+            extents=stack.extents,
         )
         write_json(out / "metrics.json", self.report(record), default=_plain)
         self._picture(record, out / "before_after.png")
@@ -549,7 +564,7 @@ class Workbench:
         sections["unlearning"] |= {"accepted": record.accepted, "start_model": record.start_name}
         return {
             "coarse": record.before.to_json(),
-            "unlearned": record.after.to_json() | {"collapsed": result.collapsed},
+            "unlearned": record.measured_after.to_json() | {"collapsed": result.collapsed},
             "verdict": record.verdict.to_dict(),
             "config": asdict(record.plan.parameters),
             "seed": record.plan.parameters.seed,
@@ -557,7 +572,7 @@ class Workbench:
             **sections,
             "refined_ids": [self._id(i) for i in record.refined_index],
             "forget_pixels": int(record.plan.refinement.forget.sum()),
-            "n_train": len(self.stack),
+            "n_train": len(self.opened()[0]),
             # The plugin measures on the images being refined (a sample of them when many).
             "n_test": len(record.before.measured),
             "timings": {"run_s": record.seconds},
@@ -575,16 +590,16 @@ class Workbench:
         from .figures import saliency_grid
 
         picks = record.refined_index[:6]
-        before, after = record.before.lesion_scores, record.after.lesion_scores
+        before, after = record.before.lesion_scores, record.measured_after.lesion_scores
         scores = zip(before[picks], after[picks], strict=True)
         captions = [
             f"{self._id(i)}\nlesion malignancy {_num(a)} -> {_num(b)}"
             for i, (a, b) in zip(picks, scores, strict=True)
         ]
         saliency_grid(
-            np.asarray(self.stack.images[picks]),
+            np.asarray(self.opened()[0].images[picks]),
             record.before.saliency[picks],
-            record.after.saliency[picks],
+            record.measured_after.saliency[picks],
             captions,
             out,
             title=f"Saliency of the malignant score, before and after run {record.number}",
@@ -667,7 +682,11 @@ def _cancelled(model):
 
 def refuse_package_folder(folder: Path) -> None:
     """Exports never go into the installed package, its sample data or site-packages."""
-    forbidden = [PACKAGE_DIR, *site.getsitepackages(), sysconfig.get_paths()["purelib"]]
+    forbidden: list[str | Path] = [
+        PACKAGE_DIR,
+        *site.getsitepackages(),
+        sysconfig.get_paths()["purelib"],
+    ]
     with contextlib.suppress(FileNotFoundError):
         forbidden.append(sample_data_dir())
     for place in forbidden:
