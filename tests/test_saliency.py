@@ -1,4 +1,5 @@
-"""Saliency maps, inpainting and the counterfactual artefact test (METHOD 7)."""
+"""Saliency maps, inpainting and the counterfactual artefact test (docs/method.md,
+"Saliency")."""
 
 from __future__ import annotations
 

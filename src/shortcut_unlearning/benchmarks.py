@@ -666,7 +666,7 @@ def _palette(n: int) -> list:
     return [colormaps["tab10"](i % 10) for i in range(n)]
 
 
-# --- Which image to refine next (issue 13) ---------------------------------------------------
+# --- Which image to refine next (docs/method.md, same title) ----------------------------------
 
 RANKING_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)
 # Per run; the first four are the ones whose share needed is reported.

@@ -1,6 +1,6 @@
 """(eps, delta) calibration of the certified operators (Koloskova et al., ICML 2025).
 
-METHOD.md sections 5.2-5.4.
+docs/method.md, "Gradient clipping (certified)" to "Model collapse".
 
 Gradient clipping: noisy projected SGD for T = ceil(C0 / (gamma C1)) steps, with sigma found
 numerically from a Renyi accountant (privacy amplification by iteration), converted to
@@ -208,7 +208,8 @@ def gradient_clipping_sigma_closed_form(
     lam: float = 0.0,
     steps: int | None = None,
 ) -> tuple[float, int]:
-    """METHOD 5.2's closed form, kept as a cross-check of gradient_clipping_sigma:
+    """The closed form of docs/method.md, "Gradient clipping (certified)", kept as a
+    cross-check of gradient_clipping_sigma:
 
         lam = 0:  sigma^2 = 9 log(1/delta) (C0 + gamma C1 T)^2 / (eps^2 T)
         lam > 0:  sigma^2 = 72 gamma lam log(1/delta) (C0 (1 - gamma lam)^T + C1 / lam)^2 / eps^2

@@ -642,9 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--context",
         choices=CONTEXT_TERMS,
         default="off",
-        help="the project's context term (docs/method.md section 10): the refined images' "
-        "retain loss also on copies with their forget pixels inpainted (blind), predictions "
-        "kept equal on both (consistent); off, the default, is the paper's method",
+        help="the project's context term (docs/method.md, 'The context term'): the refined "
+        "images' retain loss also on copies with their forget pixels inpainted (blind), "
+        "predictions kept equal on both (consistent); off, the default, is the paper's method",
     )
     run.add_argument(
         "--accept-collapse",

@@ -106,8 +106,9 @@ class EvalSet:
         groups: dict[str, np.ndarray] | None = None,
     ) -> EvalSet:
         """A LesionSet's images, fine masks and labels. S is the planted artefacts where the
-        data annotates them, else the band (the pixels a coarse mask wrongly calls lesion,
-        METHOD 4); the band is the coarse mask (method, margin) minus the fine mask."""
+        data annotates them, else the band (the pixels a coarse mask wrongly calls lesion;
+        docs/method.md, "Global Spurious Mutual Information, S_global"); the band is the coarse mask
+        (method, margin) minus the fine mask."""
         band = band_map(data.masks, coarse_method, coarse_margin)
         spurious = data.artefact_mask() if data.artefacts is not None and data.spurious else band
         return cls(data.images, data.masks, data.labels, spurious, band, groups or {}, data.ids)

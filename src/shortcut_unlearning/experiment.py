@@ -358,7 +358,8 @@ def train_or_load(config: RunConfig, prepared: Prepared, device) -> Trained:
 
 def train_baselines(config: RunConfig, prepared: Prepared, device) -> dict[str, Trained]:
     """Retrain-from-scratch on the corrected masks, on every coarse mask with its uncertain
-    band ignored (no refined mask used as a label), and the fine-mask oracle (METHOD 5.5)."""
+    band ignored (no refined mask used as a label), and the fine-mask oracle (docs/method.md,
+    "Baselines")."""
     val = prepared.val
     # The val split is unrefined: its coarse masks check both retrains, its fine masks the
     # oracle (validation Dice reads an ignored band as lesion, so coarse masks it is).

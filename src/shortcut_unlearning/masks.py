@@ -1,7 +1,8 @@
 """Coarse masks, the forget and retain sets of a refinement, and validation of refinements.
 
 Correcting a coarse mask C to a refined mask F (F inside C) forgets the pixels
-D_f = {C != 0 and F == 0} and keeps every other pixel (METHOD.md section 2).
+D_f = {C != 0 and F == 0} and keeps every other pixel (docs/method.md, "The unlearning
+isomorphism").
 Masks hold one lesion class per image: 0 background, 1 benign, 2 malignant.
 """
 

@@ -3,8 +3,8 @@
 Conventions: ``probs`` are softmax outputs of shape (N, K, H, W) with classes 0 background,
 1 benign, 2 malignant; fine masks / label maps are (N, H, W) ints of those classes.
 
-S_global (METHOD.md section 4) measures how much the model's predicted foreground is explained
-by the spurious map S beyond the true labels::
+S_global (docs/method.md, "Global Spurious Mutual Information, S_global") measures how much
+the model's predicted foreground is explained by the spurious map S beyond the true labels::
 
     S_global = max over k of  sum over cells c of  w_ck * I_ck(S ; Y_k)
 
@@ -45,7 +45,7 @@ from .data.lesion_set import BENIGN, MALIGNANT
 UNIT = "nats per pixel"
 
 
-# --- Classification by average pixel pooling (METHOD.md section 3) ---
+# --- Classification by average pixel pooling (docs/method.md, same title) ---
 
 
 def image_scores(probs, k: int = MALIGNANT) -> np.ndarray:
@@ -270,7 +270,8 @@ def binary_entropy(p):
 
 
 def disjoint_support_mi(a, b):
-    """I(S; Y) when S=1 never meets Y=1: a = P(S=1), b = P(Y=1 | S=0) (METHOD.md section 4)."""
+    """I(S; Y) when S=1 never meets Y=1: a = P(S=1), b = P(Y=1 | S=0) (the S_global section of
+    docs/method.md)."""
     return binary_entropy((1 - a) * b) - (1 - a) * binary_entropy(b)
 
 
@@ -294,7 +295,7 @@ def mutual_information(table) -> float:
     return float(_mi(table))
 
 
-# --- S_global (METHOD.md section 4) ---
+# --- S_global (docs/method.md, "Global Spurious Mutual Information, S_global") ---
 
 
 def _checked(probs, spurious, labels_map, k_classes, grid):

@@ -1,6 +1,7 @@
 """The segmentation model: an smp U-Net with a frozen part and a trainable scope.
 
-The *scope* is what training and unlearning update (METHOD 5): "decoder" (decoder and head,
+The *scope* is what training and unlearning update (docs/method.md, "Unlearning
+operators"): "decoder" (decoder and head,
 the default), "head", or "all"; the rest is frozen. Everything below the scope is a fixed
 function of the image, so its output can be computed once per image and cached
 (`frozen_features`), and the scope trained on the cache (`scoped_forward`).

@@ -11,12 +11,13 @@ may erase. Scores (higher: refine sooner; docs/method.md says which one measured
 - "band-lesion": the mean lesion probability (either class) the model puts on the band.
 - "band-reliance": how much the image's malignancy score (metrics.image_scores) falls when
   the band is painted over with skin (saliency.inpaint_background): the counterfactual test
-  of METHOD 7 on the band, per image.
+  of docs/method.md, "Saliency", on the band, per image.
 - "band-saliency": the share of the malignant score's saliency (saliency.saliency_maps) that
   falls on the band.
 - "disagreement": the share of band pixels whose predicted class is not the coarse mask's.
 - "s-global": how much the image adds to S_global computed with the bands as the spurious
-  map S and the coarse cores as the labels Y (METHOD 4), left out one image at a time.
+  map S and the coarse cores as the labels Y (docs/method.md, "Global Spurious Mutual
+  Information, S_global"), left out one image at a time.
 
 `alternate` (the default) interleaves the coarse masks' lesion classes (benign, malignant)
 down the order, so the refinements cover both classes. The default, band-mass with the

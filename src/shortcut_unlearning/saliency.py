@@ -1,4 +1,4 @@
-"""Saliency maps and the counterfactual artefact test (METHOD 7).
+"""Saliency maps and the counterfactual artefact test (docs/method.md, "Saliency").
 
 A segmentation net gives a map, not one number, so attribution needs a scalar per image: the sum
 of class-k logits over a fixed region R (by default the model's predicted foreground, computed
@@ -152,7 +152,8 @@ def normalise_maps(maps, vmax: float | None = None) -> tuple[np.ndarray, float]:
 
 
 def counterfactual_drop(model, images: np.ndarray, artefact_masks: np.ndarray, k: int = MALIGNANT):
-    """Image scores (METHOD 3) before and after the artefact pixels are inpainted away.
+    """Image scores (docs/method.md, "Classification by average pixel pooling") before and
+    after the artefact pixels are inpainted away.
 
     A clear positive drop means the score leaned on the artefact. mean_drop and n_images count
     only images that have artefact pixels (mean_drop is nan when none has).

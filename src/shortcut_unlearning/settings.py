@@ -113,7 +113,7 @@ class OperatorSettings:
     relearn_steps: Whole = 400
     device: Annotated[str, Strict(), AfterValidator(_device)] = "auto"
     seed: Seed = 0
-    # The project's context term (docs/method.md section 10); off: the paper's.
+    # The project's context term (docs/method.md, "The context term"); off: the paper's.
     context: Annotated[str, Strict(), AfterValidator(_context_term)] = "off"
 
     @staticmethod

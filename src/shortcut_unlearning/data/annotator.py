@@ -2,8 +2,8 @@
 
 An exact refinement is the fine mask. A person erasing a coarse mask's wrong pixels leaves the
 lesion's border a few pixels off (`jitter`) and misses part of the artefacts (`missed`). Both
-stay inside the coarse mask, so each is still a refinement (METHOD.md section 2, "The
-unlearning isomorphism"): the forget set shifts or shrinks, and no longer holds every
+stay inside the coarse mask, so each is still a refinement (docs/method.md, "The unlearning
+isomorphism"): the forget set shifts or shrinks, and no longer holds every
 artefact pixel.
 """
 

@@ -1,7 +1,7 @@
 """Synthetic dermoscopy with planted shortcuts.
 
 Each image holds one lesion (benign or malignant) on shaded skin, and artefacts from the ISIC
-catalogue (METHOD.md section 8), each with its exact pixel mask. The *spurious* artefacts are
+catalogue (docs/method.md, "Data"), each with its exact pixel mask. The *spurious* artefacts are
 painted inside the default coarse mask's dilation band (so a coarse mask labels them lesion;
 `placement` puts them elsewhere, see PLACEMENTS) and follow the label: P(artefact | malignant)
 = p and P(artefact | benign) = 1 - p in the train split, reversed in the test split, and

@@ -1,8 +1,8 @@
 """Real input for scripted sessions (the user-path test, the clinician task benchmark): Qt
 mouse events on napari's canvas and the dock's widgets, and checks of what a user sees.
 
-A data coordinate maps to canvas pixels through the vispy scene transform (docs: NAPARI.md,
-"Real input in tests"); events go to the canvas's native widget.
+A data coordinate maps to canvas pixels through the vispy view's scene transform; events go
+to the canvas's native widget.
 """
 
 from __future__ import annotations

@@ -48,10 +48,10 @@ CONTEXTS = {
     "blind+consistent": "Both",
 }
 TIPS = {
-    "context": "Context term (this project's, docs/method.md section 10; off is the paper's "
-    "method): the refined images are also learnt with their erased pixels filled in from the "
-    "skin around them (blind), or their prediction is held to that of the filled-in copy "
-    "(consistent). It lowered band reliance in a benchmark, at some cost in Dice.",
+    "context": "Context term (this project's, docs/method.md, 'The context term'; off is the "
+    "paper's method): the refined images are also learnt with their erased pixels filled in "
+    "from the skin around them (blind), or their prediction is held to that of the filled-in "
+    "copy (consistent). It lowered band reliance in a benchmark, at some cost in Dice.",
     "artefacts": "S in S_global: the pixels that hold artefacts. Paint them on a Labels layer "
     "and pick it here, or use the forget set (what the coarse masks wrongly call lesion).",
     "scope": "Scope: which parameters unlearning may change; the rest stays frozen. The "

@@ -235,9 +235,10 @@ class CertifiedOperator(Relearning):
     # non-negative int, every bit of it used) makes the noise reproducible, and voids the
     # guarantee against whoever knows it.
     noise_seed: int | None = None
-    # The collapse gate (METHOD 5.4): the released model's probe Dice below this floor keeps
-    # the start model. Absolute, so the gate reads nothing of the start model (trained with the
-    # forget set): half the lesion Dice at which training calls a fit converged.
+    # The collapse gate (docs/method.md, "Model collapse"): the released model's probe Dice
+    # below this floor keeps the start model. Absolute, so the gate reads nothing of the start
+    # model (trained with the forget set): half the lesion Dice at which training calls a fit
+    # converged.
     collapse_dice: float = 0.25
     # The signal-to-noise ratio the certificate says how to keep (eps or sigma that gives it).
     target_snr: float = 1.0

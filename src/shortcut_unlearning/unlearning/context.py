@@ -1,4 +1,5 @@
-"""The context term: the project's addition to the paper's method (docs/method.md section 10).
+"""The context term: the project's addition to the paper's method (docs/method.md, "The
+context term").
 
 A refined image's forget pixels are known wrong evidence: its coarse mask called them lesion
 and the clinician erased them. Unlearning their labels removes the pixel shortcut (the model

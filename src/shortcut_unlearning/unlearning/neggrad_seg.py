@@ -1,4 +1,4 @@
-"""NegGrad-Seg (METHOD 5.1): descend on retain pixels, ascend on forget pixels.
+"""NegGrad-Seg (docs/method.md, "NegGrad-Seg"): descend on retain pixels, ascend on forget pixels.
 
 L = beta * mean_R CE(retain) - (1 - beta) * mean_F min(CE(forget, coarse label), clamp)
 
