@@ -77,6 +77,7 @@ def test_bad_arguments_give_a_clear_error(tmp_path, capsys):
     assert "dilation band" in capsys.readouterr().err
 
 
+@pytest.mark.gui  # napari under Xvfb
 def test_headless_demo_drives_the_plugin_on_the_shipped_sample(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
     assert main(["demo", "--headless", "--steps", "3", "--out", str(tmp_path)]) == 0

@@ -14,6 +14,8 @@ from shortcut_unlearning.napari._demo import erase_band
 from shortcut_unlearning.napari._texts import CONTEXTS
 from shortcut_unlearning.resources import SAMPLE_SET, sample_data_dir
 
+pytestmark = pytest.mark.gui
+
 PLUGIN, WIDGET = "shortcut-unlearning", "Shortcut Unlearning"
 
 

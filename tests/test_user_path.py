@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui  # napari and a display, in a fresh process
 
 HERE = Path(__file__).parent
 
