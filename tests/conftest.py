@@ -9,6 +9,14 @@ from shortcut_unlearning.model import Model, ModelConfig
 torch.set_num_threads(2)
 
 TINY = ModelConfig(encoder="resnet18", decoder_channels=(16, 16, 8, 8, 8), image_size=48)
+GUI_FIXTURES = {"qtbot", "make_napari_viewer"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses a Qt or napari fixture needs a display: it gets the gui marker."""
+    for item in items:
+        if GUI_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.gui)
 
 
 @pytest.fixture(scope="session")

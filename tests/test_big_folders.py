@@ -298,7 +298,6 @@ def test_big_folders_open_lazily_by_default(tmp_path, monkeypatch):
     assert isinstance(by_name(_io.read_dataset(str(root)))["isic"][0], np.ndarray)
 
 
-@pytest.mark.gui
 def test_napari_reads_only_the_image_on_screen(make_napari_viewer, tmp_path, monkeypatch):
     root = isic_folder(tmp_path / "isic", SIZES * 4)
     monkeypatch.setenv(working.LAZY_ENV, "1")
