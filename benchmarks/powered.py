@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut_unlearning import benchmarks, evaluation, experiment
+from shortcut_unlearning import evaluation, experiment
 from shortcut_unlearning import masks as masklib
+from shortcut_unlearning.bench import seeds as benchmarks
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device

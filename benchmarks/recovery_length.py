@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shortcut_unlearning import benchmarks, evaluation, experiment
+from shortcut_unlearning import evaluation, experiment
+from shortcut_unlearning.bench import seeds as benchmarks
 from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from shortcut_unlearning import benchmarks, experiment
+from shortcut_unlearning import experiment
+from shortcut_unlearning.bench import seeds as benchmarks
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
 
@@ -107,7 +108,7 @@ def test_the_curve_plot_skips_what_a_test_split_cannot_measure(tmp_path):
 def test_seed_summaries_give_the_interval_of_the_mean_and_paired_differences():
     from scipy import stats
 
-    from shortcut_unlearning.benchmarks import _mean_interval, paired_differences
+    from shortcut_unlearning.bench.seeds import _mean_interval, paired_differences
 
     values = [0.61, 0.55, 0.70, 0.58, 0.66]
     got = _mean_interval(values)

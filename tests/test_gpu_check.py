@@ -6,10 +6,10 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from shortcut_unlearning import benchmarks
+from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench.gpu_check import BASELINE, VARIANTS
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
-from shortcut_unlearning.gpu_check import BASELINE, VARIANTS
 from shortcut_unlearning.model import Model, ModelConfig
 from shortcut_unlearning.saliency import METHODS
 from shortcut_unlearning.unlearning import OPERATORS
@@ -79,7 +79,7 @@ def test_s_global_timing_covers_sparse_and_dense_spurious_maps():
 
 
 def test_a_failing_path_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
-    from shortcut_unlearning import gpu_check
+    from shortcut_unlearning.bench import gpu_check
 
     def broken(*args):
         raise RuntimeError("no such kernel")
@@ -101,7 +101,7 @@ def test_a_failing_path_is_reported_and_the_others_still_run(tmp_path, monkeypat
 def test_the_gpu_checks_widget_part_runs_in_a_viewer_on_the_cpu(qtbot, tmp_path, monkeypatch):
     """The part `bench gpu` runs where there is a display (here Xvfb): the plugin's dock in a
     viewer, the sample refined and unlearned on the device the check names."""
-    from shortcut_unlearning import gpu_check
+    from shortcut_unlearning.bench import gpu_check
 
     monkeypatch.setenv("SHORTCUT_UNLEARNING_HOME", str(tmp_path / "home"))
     assert gpu_check._has_viewer()  # with a display the check takes this path

@@ -376,7 +376,7 @@ def test_reader_and_writer_round_trip(make_napari_viewer, tmp_path):
 
 
 def test_responsiveness_measurements_run(make_napari_viewer):
-    from shortcut_unlearning.napari import _bench
+    from shortcut_unlearning.bench import widget as _bench
 
     overlay = _bench.overlay_update(images=2, size=64, edits=3, viewer=make_napari_viewer())
     assert overlay["edits"] == 3 and overlay["max_ms"] >= overlay["median_ms"] > 0
@@ -423,7 +423,7 @@ def test_a_folder_opens_with_the_labels_csvs_the_user_picks(
 
 
 def test_the_dock_measurement_runs_in_a_fresh_process():
-    from shortcut_unlearning.napari import _bench
+    from shortcut_unlearning.bench import widget as _bench
 
     dock = _bench.dock_open()
     assert dock["menu_to_dock_ms"] > 0 and not dock["torch_imported_when_shown"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import TINY
 
-from shortcut_unlearning import benchmarks, ranking
 from shortcut_unlearning import masks as masklib
+from shortcut_unlearning import ranking
+from shortcut_unlearning.bench import seeds as benchmarks
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig, choose_refined
 from shortcut_unlearning.model import Model

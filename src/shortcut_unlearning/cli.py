@@ -326,10 +326,10 @@ def _pretrain(args) -> None:
 def _bench(args) -> None:
     import json
 
-    from . import benchmarks
+    from .bench import seeds as benchmarks
 
     if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
-        from .napari import _bench
+        from .bench import widget as _bench
 
         _scripted_home()
         measure = {
@@ -367,7 +367,7 @@ def _bench(args) -> None:
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
     if args.what == "gpu":
-        from .gpu_check import CheckConfig, markdown, run_check
+        from .bench.gpu_check import CheckConfig, markdown, run_check
 
         config = CheckConfig(
             images=args.n or 512,
@@ -448,7 +448,7 @@ def _jsonable(config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .benchmarks import RANKING_FRACTIONS
+    from .bench.seeds import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
     from .data.synthetic import PLACEMENTS
     from .experiment import REFINE_ORDERS, RunConfig
@@ -844,7 +844,7 @@ def _fraction_list(text: str) -> list[float]:
 
 
 def _order_list(text: str) -> list[str]:
-    from .benchmarks import parse_order
+    from .bench.seeds import parse_order
 
     orders = [o.strip() for o in text.split(",")]
     for order in orders:
@@ -858,7 +858,7 @@ def _order_list(text: str) -> list[str]:
 def _method_list(text: str) -> list[str]:
     """Comma-separated operator names, each optionally with /SCOPE, @EPSILON and
     :OPTION=VALUE settings (benchmarks._method_config)."""
-    from .benchmarks import _method_config
+    from .bench.seeds import _method_config
     from .experiment import RunConfig, build_operator
 
     methods = [m.strip() for m in text.split(",")]

@@ -10,16 +10,16 @@ from typing import Annotated
 import numpy as np
 from pydantic import Field, JsonValue, Strict
 
-from . import distributed, experiment, figures
-from . import masks as masklib
-from .data.synthetic import PLACEMENTS, generate
-from .evaluation import Evaluation
-from .experiment import RunConfig
-from .files import write_figure, write_json, write_text
-from .model import Model, ModelConfig, resolve_device
-from .progress import drive
-from .schemas import Seed, Text, read_json, validate
-from .training import TrainConfig, train
+from .. import distributed, experiment, figures
+from .. import masks as masklib
+from ..data.synthetic import PLACEMENTS, generate
+from ..evaluation import Evaluation
+from ..experiment import RunConfig
+from ..files import write_figure, write_json, write_text
+from ..model import Model, ModelConfig, resolve_device
+from ..progress import drive
+from ..schemas import Seed, Text, read_json, validate
+from ..training import TrainConfig, train
 
 
 def cache_speedup(
@@ -68,9 +68,9 @@ def open_times(
     on the edited image after a 40 x 40 erase with autosave, as the widget runs it after a
     stroke, on the first images of the folder, for each stack size in `overlay_images`.
     """
-    from .data.folders import default_workers
-    from .data.working import folder_cache, open_working
-    from .settings import cache_folder
+    from ..data.folders import default_workers
+    from ..data.working import folder_cache, open_working
+    from ..settings import cache_folder
 
     root = cache_folder()
     if root is None:
@@ -116,7 +116,7 @@ def _overlay_per_edit(coarse: np.ndarray, edits: int) -> dict:
     """Refinement.sync (forget set and autosave of the edited image) after 40 x 40 erases."""
     import tempfile
 
-    from .refinement import Refinement
+    from ..refinement import Refinement
 
     refinement = Refinement(coarse)
     seconds = []
@@ -501,7 +501,7 @@ CURVE_KEYS = ("worst_group_auroc", "conflicting_auroc", "dice", "s_global", "ban
 
 
 def curve_methods(epsilons) -> list[str]:
-    from .unlearning import CERTIFIED
+    from ..unlearning import CERTIFIED
 
     return [*CURVE_REFERENCES, *(f"{n}@{e:g}" for n in CERTIFIED for e in epsilons)]
 
@@ -613,7 +613,7 @@ def curve_plot(summary: dict, epsilons: list[float], path: Path) -> Path:
     model, NegGrad-Seg and the baselines as horizontal lines (their spread shaded)."""
     from matplotlib.figure import Figure
 
-    from .unlearning import CERTIFIED
+    from ..unlearning import CERTIFIED
 
     titles = {
         "worst_group_auroc": "worst-group AUROC",
@@ -717,8 +717,8 @@ def refinement_order(
 def _orders_on_one_seed(config: RunConfig, orders, fractions) -> tuple[list[dict], list[dict]]:
     """Train the seed's coarse model, then unlearn it once per order and fraction, every model
     measured by the one evaluator on the seed's test split."""
-    from . import evaluation
-    from .unlearning import unlearning_job
+    from .. import evaluation
+    from ..unlearning import unlearning_job
 
     device = resolve_device(config.device)
     prepared = experiment.prepare_data(replace(config, refine_order="random"))
@@ -764,7 +764,7 @@ def _orders_on_one_seed(config: RunConfig, orders, fractions) -> tuple[list[dict
 
 def parse_order(order: str) -> tuple[str, str | None, bool]:
     """(kind, ranking method or None, alternate) of an order name; ValueError if unknown."""
-    from .ranking import METHODS
+    from ..ranking import METHODS
 
     kind, _, how = order.partition("/")
     method = how.removesuffix("+alternate") or None
@@ -778,8 +778,8 @@ def parse_order(order: str) -> tuple[str, str | None, bool]:
 
 def _picks(order, train_set, config, coarse, model) -> np.ndarray:
     """The images `order` refines at config.fine_fraction."""
-    from .experiment import choose_refined
-    from .ranking import rank_images
+    from ..experiment import choose_refined
+    from ..ranking import rank_images
 
     kind, method, alternate = parse_order(order)
     if method is None:
@@ -813,7 +813,7 @@ def _ranking_row(record: Evaluation, seconds: float) -> dict:
 def _ranking_precision(model, train_set, coarse, hidden, fractions, seed) -> list[dict]:
     """Per ranking method and fraction: the share of its picks with a planted artefact in
     the band, and the share of all such band pixels its picks cover (hidden annotation)."""
-    from .ranking import METHODS, rank_images
+    from ..ranking import METHODS, rank_images
 
     has, total = hidden.any(axis=(1, 2)), hidden.sum()
     rows = [{"seed": seed, "method": "random (expected)", "seconds": 0.0}]
@@ -1084,9 +1084,9 @@ def time_to_removal(base: RunConfig, steps: int = 200, probe_every: int = 5) -> 
     subtracted) and the run stops there. The test split is read once, at the end: the
     worst-group AUROC of the coarse model, retraining and the stopped model.
     """
-    from . import evaluation, metrics
-    from .progress import Cancel
-    from .unlearning import NegGradSeg, unlearning_job
+    from .. import evaluation, metrics
+    from ..progress import Cancel
+    from ..unlearning import NegGradSeg, unlearning_job
 
     device = resolve_device(base.device)
     prepared = experiment.prepare_data(base)
@@ -1164,8 +1164,8 @@ def s_global_times(n: int = 1000, size: int = 256, distinct: int = 50, seed: int
     sizes and on how many pixels S covers, not on the pictures); the probabilities are those
     of a model that calls the artefacts malignant with probability about 0.7, plus noise.
     """
-    from . import metrics
-    from .evaluation import EvalSet
+    from .. import metrics
+    from ..evaluation import EvalSet
 
     data = generate(n=min(distinct, n), size=size, seed=seed, test_fraction=0.0)
     evalset = EvalSet.from_lesion_set(data)

@@ -38,15 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import evaluation, experiment, saliency
-from .experiment import RunConfig
-from .files import write_json, write_text
-from .model import Model, ModelConfig, resolve_device
-from .progress import drive
-from .retain import retain_set
-from .settings import OperatorSettings
-from .training import TrainConfig, train, validation_split
-from .unlearning import OPERATORS, NegGradSeg, make_operator, unlearning_job
+from .. import evaluation, experiment, saliency
+from ..experiment import RunConfig
+from ..files import write_json, write_text
+from ..model import Model, ModelConfig, resolve_device
+from ..progress import drive
+from ..retain import retain_set
+from ..settings import OperatorSettings
+from ..training import TrainConfig, train, validation_split
+from ..unlearning import OPERATORS, NegGradSeg, make_operator, unlearning_job
 
 VARIANTS = {  # name: (fast paths, cached encoder features)
     "plain fp32": (False, False),
@@ -444,7 +444,7 @@ def widget_job(config: CheckConfig, device, prepared, model: Model, images: int 
     there, else `Workbench.execute` in a worker thread read as the widget reads it."""
     if _has_viewer():
         return _widget_in_viewer(str(device), config.steps)
-    from .workbench import Workbench
+    from ..workbench import Workbench
 
     images = min(images, len(prepared.train))
     with tempfile.TemporaryDirectory() as folder:
@@ -516,8 +516,8 @@ def _has_viewer() -> bool:
 
 def _widget_in_viewer(device: str, steps: int) -> dict:
     """The plugin's widget on the shipped sample, unlearning on `device` (needs a display)."""
-    from .napari._demo import erase_band, open_viewer
-    from .napari._driver import unlearn, wait_loaded
+    from ..napari._demo import erase_band, open_viewer
+    from ..napari._driver import unlearn, wait_loaded
 
     viewer, widget = open_viewer(show=True)
     try:

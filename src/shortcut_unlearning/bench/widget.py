@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from ._demo import erase_band, open_viewer
-from ._driver import RunWatch, wait, wait_loaded
+from ..napari._demo import erase_band, open_viewer
+from ..napari._driver import RunWatch, wait, wait_loaded
 
 
 def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=None) -> dict:
