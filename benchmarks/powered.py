@@ -36,7 +36,7 @@ import numpy as np
 
 from shortcut_unlearning import evaluation, experiment
 from shortcut_unlearning import masks as masklib
-from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench.tables import table_head
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
@@ -266,7 +266,7 @@ def _mean_sd(values) -> tuple[float, float]:
 def table(rows: dict) -> str:
     """Mean ± sd over seeds, with the mean of the per-seed 95 % bootstrap intervals."""
     head = ["model", *(title for _, title in COLUMNS), "collapsed"]
-    lines = benchmarks.table_head(head)
+    lines = table_head(head)
     for name, per_seed in rows.items():
         cells = [name]
         for key, _ in COLUMNS:
@@ -352,7 +352,7 @@ def fraction_table(results: list[dict], split: str) -> tuple[str, dict]:
         "band reliance",
         "Dice",
     ]
-    lines = benchmarks.table_head(head)
+    lines = table_head(head)
     for method, by_fraction in curves.items():
         for fraction, stats in by_fraction.items():
             images = "/".join(map(str, stats["images"]))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from shortcut_unlearning import evaluation, experiment
-from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench.tables import table_head
 from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
@@ -101,7 +101,7 @@ def run(dataset: str, seeds: list[int], steps: list[int], out: Path) -> list[dic
 def summary(rows: list[dict]) -> str:
     names = list(dict.fromkeys(row["setting"] for row in rows))
     seeds = sorted({row["seed"] for row in rows})
-    lines = benchmarks.table_head(
+    lines = table_head(
         ["setting", *(f"seed {s}: WGA / Dice" for s in seeds), "mean WGA", "mean Dice"]
     )
     for name in names:

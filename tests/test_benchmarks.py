@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from shortcut_unlearning import experiment
-from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench import curve, data_matrix, seeds, timings
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
 
 
 def test_cache_benchmark_reports_a_ratio_of_two_measured_times():
-    result = benchmarks.cache_speedup(n=8, size=48, epochs=1, device="cpu")
+    result = timings.cache_speedup(n=8, size=48, epochs=1, device="cpu")
     assert result["plain_s"] > 0 and result["cached_s"] > 0
     assert result["speedup"] == result["plain_s"] / result["cached_s"]
 
@@ -26,7 +26,7 @@ def test_seed_benchmark_shares_the_coarse_model_across_methods(tmp_path):
         saliency_images=1,
         fine_fraction=0.2,
     )
-    result = benchmarks.seeds(base, [0, 1], ["neggrad-seg", "finetune"], tmp_path)
+    result = seeds.seeds(base, [0, 1], ["neggrad-seg", "finetune"], tmp_path)
     baselines = {"coarse", "retrain", "retrain_band_ignored", "fine_oracle"}
     assert set(result["summary"]) == baselines | {"neggrad-seg", "finetune"}
     assert len(result["runs"]["finetune"]) == 2
@@ -51,7 +51,7 @@ def test_runs_made_apart_merge_into_one_summary_over_all_their_seeds(tmp_path, c
         saliency_images=1, fine_fraction=0.25,
     )  # fmt: skip
     for seed in (0, 1):
-        benchmarks.seeds(base, [seed], ["neggrad-seg"], tmp_path / f"seed-{seed}")
+        seeds.seeds(base, [seed], ["neggrad-seg"], tmp_path / f"seed-{seed}")
     args = [
         "bench",
         "merge",
@@ -76,7 +76,7 @@ def test_runs_made_apart_merge_into_one_summary_over_all_their_seeds(tmp_path, c
     # The same seed twice, or runs of other settings, are refused with a reason.
     assert main([*args[:3], str(tmp_path / "seed-0"), "--runs", str(tmp_path / "seed-0")]) == 2
     assert "share a seed" in capsys.readouterr().err
-    benchmarks.seeds(base, [2], ["finetune"], tmp_path / "other")
+    seeds.seeds(base, [2], ["finetune"], tmp_path / "other")
     assert main([*args[:3], str(tmp_path / "seed-0"), "--runs", str(tmp_path / "other")]) == 2
     assert "other methods or settings" in capsys.readouterr().err
 
@@ -99,16 +99,16 @@ def test_the_curve_plot_skips_what_a_test_split_cannot_measure(tmp_path):
     epsilons = [1.0, 3.0]
     names = [*experiment.STATES, "neggrad-seg"]
     names += [f"{n}@{e:g}" for n in ("gradient-clipping", "model-clipping") for e in epsilons]
-    stats = {k: {"mean": 0.5, "std": 0.1} for k in benchmarks.CURVE_KEYS}
+    stats = {k: {"mean": 0.5, "std": 0.1} for k in curve.CURVE_KEYS}
     stats["conflicting_auroc"] = {"mean": math.nan, "std": math.nan}
-    path = benchmarks.curve_plot({n: stats for n in names}, epsilons, tmp_path / "curve.png")
+    path = curve.curve_plot({n: stats for n in names}, epsilons, tmp_path / "curve.png")
     assert path.stat().st_size > 0
 
 
 def test_seed_summaries_give_the_interval_of_the_mean_and_paired_differences():
     from scipy import stats
 
-    from shortcut_unlearning.bench.seeds import _mean_interval, paired_differences
+    from shortcut_unlearning.bench.tables import _mean_interval, paired_differences
 
     values = [0.61, 0.55, 0.70, 0.58, 0.66]
     got = _mean_interval(values)
@@ -132,7 +132,7 @@ def test_seed_summaries_give_the_interval_of_the_mean_and_paired_differences():
 
 def test_the_data_matrix_moves_one_factor_at_a_time(tmp_path, monkeypatch, capsys):
     base = RunConfig(data="synthetic", synth_n=40, image_size=48, quiet=True)
-    variants = benchmarks.data_variants(base)
+    variants = data_matrix.data_variants(base)
     names = [name for name, _ in variants]
     assert names[0] == "base" and len(names) == len(set(names)) == 11
     for name, config in variants[1:]:  # each moves its own factor and nothing else
@@ -140,13 +140,13 @@ def test_the_data_matrix_moves_one_factor_at_a_time(tmp_path, monkeypatch, capsy
         assert moved == {name.split("=")[0]}
     ran = []
 
-    def seeds(config, seed_list, methods, out):  # the runs themselves: the seeds test above
+    def fake_seeds(config, seed_list, methods, out):  # the runs themselves: the seeds test above
         ran.append((config, out.name))
         row = {key: {"mean": 0.5, "std": 0.1, "ci_low": 0.4, "ci_high": 0.6, "n": 2}
-               for key in benchmarks.DATA_KEYS}  # fmt: skip
+               for key in data_matrix.DATA_KEYS}  # fmt: skip
         return {"summary": {"coarse": row, "retrain": row, "neggrad-seg": row}}
 
-    monkeypatch.setattr(benchmarks, "seeds", seeds)
+    monkeypatch.setattr(data_matrix, "seeds", fake_seeds)
     args = ["bench", "data", "--synth-n", "40", "--image-size", "48", "--seeds", "0,1"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     assert [folder for _, folder in ran] == [name.replace("=", "-") for name in names]

@@ -6,7 +6,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench import removal
 from shortcut_unlearning.bench.gpu_check import BASELINE, VARIANTS
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig
@@ -54,7 +54,7 @@ def test_time_to_removal_counts_unlearning_only_and_stops_at_the_target():
         data="synthetic", synth_n=40, image_size=32, epochs=1, fine_fraction=0.2, quiet=True
     )
     with pytest.warns(UserWarning, match="did not converge"):  # one epoch at 32 px
-        result = benchmarks.time_to_removal(base, steps=4, probe_every=2)
+        result = removal.time_to_removal(base, steps=4, probe_every=2)
     assert result["retrain_s"] > 0 and result["coarse_train_s"] > 0
     curve = result["curve"]
     assert curve[0]["step"] == 0 and curve[0]["unlearning_s"] >= 0
@@ -69,7 +69,7 @@ def test_time_to_removal_counts_unlearning_only_and_stops_at_the_target():
 
 
 def test_s_global_timing_covers_sparse_and_dense_spurious_maps():
-    result = benchmarks.s_global_times(n=7, size=32, distinct=3)
+    result = removal.s_global_times(n=7, size=32, distinct=3)
     assert result["images"] == 7 and result["distinct_images"] == 3
     sparse, dense = result["artefacts"], result["band"]
     assert 0 < sparse["s_coverage"] < dense["s_coverage"] < 1

@@ -740,7 +740,8 @@ def test_any_settings_file_gives_valid_settings(tmp_path, monkeypatch, text):
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    from shortcut_unlearning.bench.seeds import COLUMNS, CURVE_KEYS, PAIRED_KEYS
+    from shortcut_unlearning.bench.curve import CURVE_KEYS
+    from shortcut_unlearning.bench.tables import COLUMNS, PAIRED_KEYS
 
     row = dict.fromkeys({*COLUMNS, *PAIRED_KEYS, *CURVE_KEYS, "wall_s", "collapsed"}, 0.5)
     return {"seeds": [0], "methods": ["neggrad-seg"], "config": {}, "runs": {"coarse": [row]}}
@@ -749,7 +750,7 @@ def summary(tmp_path_factory):
 @QUICK
 @given(data=st.data())
 def test_any_bench_summary_gives_a_record_or_the_tools_error(tmp_path, summary, data):
-    from shortcut_unlearning.bench.seeds import BenchSummary, read_summary
+    from shortcut_unlearning.bench.merge import BenchSummary, read_summary
 
     path = tmp_path / "summary.json"
     path.write_text(data.draw(mutated(summary)))

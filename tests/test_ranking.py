@@ -9,7 +9,7 @@ from conftest import TINY
 
 from shortcut_unlearning import masks as masklib
 from shortcut_unlearning import ranking
-from shortcut_unlearning.bench import seeds as benchmarks
+from shortcut_unlearning.bench import ranking as bench_ranking
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.experiment import RunConfig, choose_refined
 from shortcut_unlearning.model import Model
@@ -284,11 +284,11 @@ def _drive(job):
 
 def test_reached_interpolates_between_measured_shares():
     fractions = [0.01, 0.02, 0.05, 0.1]
-    got = benchmarks._reached(fractions, [0.5, 0.4, 0.2, 0.1], 0.3, lower_better=True)
+    got = bench_ranking._reached(fractions, [0.5, 0.4, 0.2, 0.1], 0.3, lower_better=True)
     assert got == {"fraction": pytest.approx(0.035), "bound": "interpolated"}
-    assert benchmarks._reached(fractions, [0.1] * 4, 0.3, True)["bound"] == "at_most"
-    assert benchmarks._reached(fractions, [0.5] * 4, 0.3, True)["bound"] == "not_reached"
-    assert benchmarks._reached(fractions, [0.6, 0.7, 0.8, 0.9], 0.75, False)["fraction"] == (
+    assert bench_ranking._reached(fractions, [0.1] * 4, 0.3, True)["bound"] == "at_most"
+    assert bench_ranking._reached(fractions, [0.5] * 4, 0.3, True)["bound"] == "not_reached"
+    assert bench_ranking._reached(fractions, [0.6, 0.7, 0.8, 0.9], 0.75, False)["fraction"] == (
         pytest.approx(0.035)
     )
 
@@ -298,7 +298,7 @@ def test_refinement_order_benchmark(tmp_path):
     base = RunConfig(
         data="synthetic", synth_n=30, image_size=48, epochs=1, steps=2, quiet=True, probe_images=8
     )
-    result = benchmarks.refinement_order(
+    result = bench_ranking.refinement_order(
         base, [0], tmp_path, fractions=(0.1, 0.2), orders=("ranked", "random")
     )
     cells = result["cells"]
@@ -311,4 +311,4 @@ def test_refinement_order_benchmark(tmp_path):
     assert "| ranked | 10% |" in table and "share needed" in table
     assert (tmp_path / "ranking.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="not one of"):
-        benchmarks.refinement_order(base, [0], tmp_path, orders=("ranked/oracle",))
+        bench_ranking.refinement_order(base, [0], tmp_path, orders=("ranked/oracle",))

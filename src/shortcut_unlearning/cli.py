@@ -326,7 +326,7 @@ def _pretrain(args) -> None:
 def _bench(args) -> None:
     import json
 
-    from .bench import seeds as benchmarks
+    from .bench import curve, data_matrix, merge, ranking, removal, seeds, tables, timings
 
     if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
         from .bench import widget as _bench
@@ -345,7 +345,7 @@ def _bench(args) -> None:
                 "bench open needs --data DIR, a dataset folder (benchmarks/make_isic_folder.py "
                 "writes a full-size ISIC 2018 one)"
             )
-        result = benchmarks.open_times(
+        result = timings.open_times(
             args.data, args.working_size, args.edits, tuple(args.overlay_images)
         )
         print(json.dumps(result, indent=2))
@@ -353,17 +353,17 @@ def _bench(args) -> None:
     if args.what == "merge":
         if len(args.runs) < 2:
             raise UsageError("bench merge needs two or more --runs DIR (the runs' --out folders)")
-        result = benchmarks.merge(args.runs, args.out)
-        print(benchmarks.markdown(result["summary"], result.get("paired")))
+        result = merge.merge(args.runs, args.out)
+        print(tables.markdown(result["summary"], result.get("paired")))
         print(f"written: {args.out / 'summary.json'}, {args.out / 'summary.md'}")
         return
     if args.what == "curve":
-        result = benchmarks.privacy_utility(
+        result = curve.privacy_utility(
             _config(args, quiet=True), args.seeds, args.epsilons, args.out
         )
         if not result:  # a rank other than 0 under torchrun
             return
-        print(benchmarks.markdown(result["summary"], result.get("paired")))
+        print(tables.markdown(result["summary"], result.get("paired")))
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
         return
     if args.what == "gpu":
@@ -388,8 +388,8 @@ def _bench(args) -> None:
         return
     if args.what == "removal":
         result = {
-            "removal": benchmarks.time_to_removal(_config(args, quiet=True), args.steps or 200),
-            "s_global": benchmarks.s_global_times(n=args.n or 1000),
+            "removal": removal.time_to_removal(_config(args, quiet=True), args.steps or 200),
+            "s_global": removal.s_global_times(n=args.n or 1000),
         }
         from .files import write_json
 
@@ -398,7 +398,7 @@ def _bench(args) -> None:
         print(json.dumps(result, indent=2))
         return
     if args.what == "cache":
-        result = benchmarks.cache_speedup(
+        result = timings.cache_speedup(
             n=args.n or 64,
             size=args.image_size,
             epochs=args.epochs,
@@ -408,23 +408,23 @@ def _bench(args) -> None:
         print(json.dumps(result, indent=2))
         return
     if args.what == "data":
-        result = benchmarks.data_matrix(
+        result = data_matrix.data_matrix(
             _config(args, quiet=True), args.seeds, args.methods, args.out
         )
-        print(benchmarks.data_markdown(result["settings"]))
+        print(data_matrix.data_markdown(result["settings"]))
         print(f"written: {Path(args.out) / 'summary.md'}")
         return
     if args.what == "ranking":
-        result = benchmarks.refinement_order(
+        result = ranking.refinement_order(
             _config(args, quiet=True), args.seeds, args.out, args.fractions, args.orders
         )
-        print(benchmarks.ranking_markdown(result))
+        print(ranking.ranking_markdown(result))
         print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
         return
-    result = benchmarks.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
+    result = seeds.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
     if not result:  # a rank other than 0 under torchrun: rank 0 reports
         return
-    print(benchmarks.markdown(result["summary"], result.get("paired")))
+    print(tables.markdown(result["summary"], result.get("paired")))
     print(f"written: {Path(args.out) / 'summary.md'}")
 
 
@@ -448,7 +448,7 @@ def _jsonable(config) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.seeds import RANKING_FRACTIONS
+    from .bench.ranking import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
     from .data.synthetic import PLACEMENTS
     from .experiment import REFINE_ORDERS, RunConfig
@@ -844,7 +844,7 @@ def _fraction_list(text: str) -> list[float]:
 
 
 def _order_list(text: str) -> list[str]:
-    from .bench.seeds import parse_order
+    from .bench.ranking import parse_order
 
     orders = [o.strip() for o in text.split(",")]
     for order in orders:
@@ -857,14 +857,14 @@ def _order_list(text: str) -> list[str]:
 
 def _method_list(text: str) -> list[str]:
     """Comma-separated operator names, each optionally with /SCOPE, @EPSILON and
-    :OPTION=VALUE settings (benchmarks._method_config)."""
-    from .bench.seeds import _method_config
+    :OPTION=VALUE settings (bench.seeds.method_config)."""
+    from .bench.seeds import method_config
     from .experiment import RunConfig, build_operator
 
     methods = [m.strip() for m in text.split(",")]
     for method in methods:
         try:
-            build_operator(_method_config(RunConfig(), method))
+            build_operator(method_config(RunConfig(), method))
         except (ValueError, TypeError) as error:
             raise argparse.ArgumentTypeError(
                 f"{method!r} is not a method setting: {error}"
