@@ -161,3 +161,40 @@ def test_the_data_matrix_moves_one_factor_at_a_time(tmp_path, monkeypatch, capsy
     table = (tmp_path / "summary.md").read_text()
     assert "| synth_placement=outside | neggrad-seg | 0.500 [0.400, 0.600] |" in table
     assert "| retrain |" not in table and table in capsys.readouterr().out
+
+
+def test_each_benchmark_has_its_own_flags_and_defaults(capsys):
+    from shortcut_unlearning.cli import build_parser
+
+    parser = build_parser()
+
+    def parsed(*argv):
+        return vars(parser.parse_args(["bench", *argv]))
+
+    # --n is the images a benchmark generates, with that benchmark's default
+    assert parsed("cache")["n"] == 64 and parsed("gpu")["n"] == 512
+    gpu = parsed("gpu")
+    assert (gpu["steps"], gpu["batch_size"], gpu["repeats"], gpu["seed"]) == (60, 32, 3, 0)
+    removal = parsed("removal")
+    assert (removal["max_steps"], removal["s_global_images"]) == (200, 1000)
+    assert "steps" not in removal  # not RunConfig.steps: removal gives NegGrad-Seg its own
+    assert parsed("seeds")["data"] == parsed("removal")["data"] == "synthetic"
+    assert vars(parser.parse_args(["run"]))["data"] == "sample"  # bench's default stays there
+    assert parsed("open", "--data", "some/folder")["working_size"] == 1024
+    for argv, flag in (
+        (["cache", "--seeds", "0"], "--seeds"),
+        (["seeds", "--n", "3"], "--n"),
+        (["gpu", "--methods", "finetune"], "--methods"),
+        (["merge", "--epsilons", "1"], "--epsilons"),
+        (["removal", "--n", "10"], "--n"),
+    ):
+        assert main(["bench", *argv]) == 2
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert main(["bench", "open"]) == 2
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "gpu", "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert "usage: shortcut-unlearning bench gpu" in shown and "--batch-size" in shown
+    assert "(default: 512)" in shown and "--methods" not in shown

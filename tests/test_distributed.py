@@ -215,7 +215,7 @@ def test_a_wrong_sharding_differs(runs):
     )  # measured: 2e-3
 
 
-@pytest.mark.parametrize("argv", [["synth", "--n", "8"], ["bench", "cache"]])
+@pytest.mark.parametrize("argv", [["synth", "--n", "8"], ["bench", "removal"]])
 def test_commands_that_run_in_one_process_refuse_torchrun(argv, tmp_path, monkeypatch, capsys):
     from shortcut_unlearning.cli import main
 

@@ -27,10 +27,28 @@ class UsageError(ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors reach main() instead of exiting with the usage text."""
+    """An ArgumentParser whose errors reach main() instead of exiting with the usage text.
+    `build`, if given, adds its arguments when it first parses: `bench` takes its subcommands
+    from the harness (shortcut_unlearning.bench), which no other command loads."""
+
+    def __init__(self, *args, build=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._build = build
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._build is not None:
+            build, self._build = self._build, None
+            build(self)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _bench_commands(parser: argparse.ArgumentParser) -> None:
+    from .bench.cli import add_commands
+
+    add_commands(parser)
 
 
 def _whole(low: int, high: int | None = None, why: str = ""):
@@ -323,111 +341,6 @@ def _pretrain(args) -> None:
     )
 
 
-def _bench(args) -> None:
-    import json
-
-    from .bench import curve, data_matrix, merge, ranking, removal, seeds, tables, timings
-
-    if args.what in ("stall", "overlay", "dock"):  # need a display: run under xvfb-run
-        from .bench import widget as _bench
-
-        _scripted_home()
-        measure = {
-            "stall": _bench.event_loop_stall,
-            "overlay": _bench.overlay_update,
-            "dock": _bench.dock_open,
-        }[args.what]
-        print(json.dumps(measure(), indent=2))
-        return
-    if args.what == "open":
-        if args.data in ("synthetic", "sample"):
-            raise UsageError(
-                "bench open needs --data DIR, a dataset folder (benchmarks/make_isic_folder.py "
-                "writes a full-size ISIC 2018 one)"
-            )
-        result = timings.open_times(
-            args.data, args.working_size, args.edits, tuple(args.overlay_images)
-        )
-        print(json.dumps(result, indent=2))
-        return
-    if args.what == "merge":
-        if len(args.runs) < 2:
-            raise UsageError("bench merge needs two or more --runs DIR (the runs' --out folders)")
-        result = merge.merge(args.runs, args.out)
-        print(tables.markdown(result["summary"], result.get("paired")))
-        print(f"written: {args.out / 'summary.json'}, {args.out / 'summary.md'}")
-        return
-    if args.what == "curve":
-        result = curve.privacy_utility(
-            _config(args, quiet=True), args.seeds, args.epsilons, args.out
-        )
-        if not result:  # a rank other than 0 under torchrun
-            return
-        print(tables.markdown(result["summary"], result.get("paired")))
-        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'curve.png'}")
-        return
-    if args.what == "gpu":
-        from .bench.gpu_check import CheckConfig, markdown, run_check
-
-        config = CheckConfig(
-            images=args.n or 512,
-            size=args.image_size,
-            batch_size=args.batch_size,
-            epochs=args.epochs,
-            steps=args.steps or 60,
-            repeats=args.repeats,
-            encoder=args.encoder,
-            device=args.device,
-            seed=args.seed,
-        )
-        report = run_check(config, args.out)
-        print(markdown(report))
-        print(f"written: {Path(args.out) / 'gpu_check.json'} and gpu_check.md")
-        if report["failed"]:
-            raise SystemExit(f"bench gpu: these paths failed: {', '.join(report['failed'])}")
-        return
-    if args.what == "removal":
-        result = {
-            "removal": removal.time_to_removal(_config(args, quiet=True), args.steps or 200),
-            "s_global": removal.s_global_times(n=args.n or 1000),
-        }
-        from .files import write_json
-
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / "removal.json", result, replace=True)
-        print(json.dumps(result, indent=2))
-        return
-    if args.what == "cache":
-        result = timings.cache_speedup(
-            n=args.n or 64,
-            size=args.image_size,
-            epochs=args.epochs,
-            encoder=args.encoder,
-            device=args.device,
-        )
-        print(json.dumps(result, indent=2))
-        return
-    if args.what == "data":
-        result = data_matrix.data_matrix(
-            _config(args, quiet=True), args.seeds, args.methods, args.out
-        )
-        print(data_matrix.data_markdown(result["settings"]))
-        print(f"written: {Path(args.out) / 'summary.md'}")
-        return
-    if args.what == "ranking":
-        result = ranking.refinement_order(
-            _config(args, quiet=True), args.seeds, args.out, args.fractions, args.orders
-        )
-        print(ranking.ranking_markdown(result))
-        print(f"written: {Path(args.out) / 'summary.md'}, {Path(args.out) / 'ranking.png'}")
-        return
-    result = seeds.seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
-    if not result:  # a rank other than 0 under torchrun: rank 0 reports
-        return
-    print(tables.markdown(result["summary"], result.get("paired")))
-    print(f"written: {Path(args.out) / 'summary.md'}")
-
-
 def shortcut_summary(data) -> str:
     """Per split, how often each spurious artefact appears with each label."""
     lines = ["artefact     split  P(artefact|malignant)  P(artefact|benign)"]
@@ -447,12 +360,151 @@ def _jsonable(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
+def training_flags() -> argparse.ArgumentParser:
+    """The flags of the model a command trains: run, train and the benches that train."""
+    from .experiment import RunConfig
+    from .model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    defaults = RunConfig()
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument(
+        "--image-size",
+        type=_side(MIN_IMAGE_SIZE),
+        default=defaults.image_size,
+        help=f"working size in pixels ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}: the U-Net halves "
+        "it five times)",
+    )
+    flags.add_argument(
+        "--epochs",
+        type=_whole(1),
+        default=defaults.epochs,
+        help="training epochs (>= 1; to start from a trained model use run --model)",
+    )
+    flags.add_argument(
+        "--encoder",
+        type=_encoder,
+        action=_Noted,
+        default=defaults.encoder,
+        help="the U-Net's encoder (with run --model: the checkpoint's, which it must match)",
+    )
+    flags.add_argument(
+        "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
+    )
+    return flags
+
+
+def seed_flag() -> argparse.ArgumentParser:
+    """--seed, for the commands that run with one seed."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--seed", type=_seed, default=0, help="seed of the data and the models")
+    return flags
+
+
+def run_flags() -> argparse.ArgumentParser:
+    """The flags of `run`'s data and model, shared by run, train and the benches that compose
+    run's stages."""
+    from .data.synthetic import PLACEMENTS
+    from .experiment import RunConfig
+    from .masks import COARSE_METHODS
+
+    defaults = RunConfig()
+    flags = argparse.ArgumentParser(add_help=False, parents=[training_flags()])
+    flags.add_argument(
+        "--data",
+        default=defaults.data,
+        help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
+    )
+    flags.add_argument(
+        "--labels",
+        action="append",
+        metavar="CSV",
+        help="a labels CSV of an ISIC 2018 folder; repeat the flag for several files. A file "
+        "name holding train, val or test assigns that split, as in Bissoto's "
+        "isic_annotated_train1.csv (default: every *.csv in the folder)",
+    )
+    flags.add_argument(
+        "--synth-n",
+        type=_whole(8),
+        default=defaults.synth_n,
+        help="images to generate with --data synthetic",
+    )
+    flags.add_argument(
+        "--synth-balanced",
+        type=_whole(0),
+        default=defaults.synth_balanced,
+        help="with --data synthetic: images in a test_balanced split (artefacts independent "
+        "of the label)",
+    )
+    flags.add_argument(
+        "--test-split",
+        default=defaults.test_split,
+        help="split to evaluate on: test (falls back to val), test_balanced or val",
+    )
+    flags.add_argument(
+        "--coarse",
+        choices=COARSE_METHODS,
+        default=defaults.coarse,
+        help="coarse masks: the fine mask dilated, its bounding box, or a loose hand-drawn-like "
+        "outline (a smooth random polygon around the lesion); each grown by --coarse-margin",
+    )
+    flags.add_argument(
+        "--coarse-margin",
+        type=_number(0, 1, high_open=True),
+        default=defaults.coarse_margin,
+        help="dilation radius or box margin, as a fraction of the image size",
+    )
+    flags.add_argument(
+        "--fine-fraction",
+        type=_number(0, 1, low_open=True),
+        default=defaults.fine_fraction,
+        help="share of training images that get refined masks",
+    )
+    flags.add_argument(
+        "--synth-placement",
+        choices=PLACEMENTS,
+        default=defaults.synth_placement,
+        help=f"with --data synthetic: {PLACEMENT_HELP}",
+    )
+    flags.add_argument(
+        "--refine-jitter",
+        type=_whole(0),
+        default=defaults.refine_jitter,
+        metavar="PX",
+        help="refinements as a person draws them: the fine mask's border moved in or out by up "
+        "to PX pixels, smoothly, kept inside the coarse mask (default 0: exact)",
+    )
+    flags.add_argument(
+        "--refine-missed",
+        type=_number(0, 1),
+        default=defaults.refine_missed,
+        metavar="SHARE",
+        help="refinements as a person draws them: this share of the artefact pixels in the "
+        "forget set left as lesion, in patches (needs artefact maps: synthetic data)",
+    )
+    flags.add_argument(
+        "--encoder-weights",
+        metavar="NAME",
+        default=defaults.encoder_weights,
+        help="start the frozen encoder from segmentation_models_pytorch's weights of this name, "
+        "e.g. imagenet (downloaded once; needs the network)",
+    )
+    flags.add_argument(
+        "--encoder-checkpoint",
+        metavar="PATH",
+        default=defaults.encoder_checkpoint,
+        help="start the frozen encoder from an encoder checkpoint written by pretrain-encoder "
+        "(PATH.safetensors with PATH.json); --encoder must name its encoder",
+    )
+    flags.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier result at --out"
+    )
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .bench.ranking import RANKING_FRACTIONS
     from .data.folders import MIN_SIDE
     from .data.synthetic import PLACEMENTS
     from .experiment import REFINE_ORDERS, RunConfig
-    from .masks import COARSE_METHODS
     from .model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, SCOPES
     from .unlearning import OPERATORS
     from .unlearning.context import CONTEXT_TERMS
@@ -489,124 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_synth)
 
     defaults = RunConfig()
-    # Flags that run, train and bench share: the data and the model to train.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--data",
-        default=defaults.data,
-        help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
-    )
-    common.add_argument(
-        "--labels",
-        action="append",
-        metavar="CSV",
-        help="a labels CSV of an ISIC 2018 folder; repeat the flag for several files. A file "
-        "name holding train, val or test assigns that split, as in Bissoto's "
-        "isic_annotated_train1.csv (default: every *.csv in the folder)",
-    )
-    common.add_argument(
-        "--synth-n",
-        type=_whole(8),
-        default=defaults.synth_n,
-        help="images to generate with --data synthetic",
-    )
-    common.add_argument(
-        "--synth-balanced",
-        type=_whole(0),
-        default=defaults.synth_balanced,
-        help="with --data synthetic: images in a test_balanced split (artefacts independent "
-        "of the label)",
-    )
-    common.add_argument(
-        "--test-split",
-        default=defaults.test_split,
-        help="split to evaluate on: test (falls back to val), test_balanced or val",
-    )
-    common.add_argument(
-        "--image-size",
-        type=_side(MIN_IMAGE_SIZE),
-        default=defaults.image_size,
-        help=f"working size in pixels ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}: the U-Net halves "
-        "it five times)",
-    )
-    common.add_argument(
-        "--coarse",
-        choices=COARSE_METHODS,
-        default=defaults.coarse,
-        help="coarse masks: the fine mask dilated, its bounding box, or a loose hand-drawn-like "
-        "outline (a smooth random polygon around the lesion); each grown by --coarse-margin",
-    )
-    common.add_argument(
-        "--coarse-margin",
-        type=_number(0, 1, high_open=True),
-        default=defaults.coarse_margin,
-        help="dilation radius or box margin, as a fraction of the image size",
-    )
-    common.add_argument(
-        "--fine-fraction",
-        type=_number(0, 1, low_open=True),
-        default=defaults.fine_fraction,
-        help="share of training images that get refined masks",
-    )
-    common.add_argument(
-        "--synth-placement",
-        choices=PLACEMENTS,
-        default=defaults.synth_placement,
-        help=f"with --data synthetic: {PLACEMENT_HELP}",
-    )
-    common.add_argument(
-        "--refine-jitter",
-        type=_whole(0),
-        default=defaults.refine_jitter,
-        metavar="PX",
-        help="refinements as a person draws them: the fine mask's border moved in or out by up "
-        "to PX pixels, smoothly, kept inside the coarse mask (default 0: exact)",
-    )
-    common.add_argument(
-        "--refine-missed",
-        type=_number(0, 1),
-        default=defaults.refine_missed,
-        metavar="SHARE",
-        help="refinements as a person draws them: this share of the artefact pixels in the "
-        "forget set left as lesion, in patches (needs artefact maps: synthetic data)",
-    )
-    common.add_argument(
-        "--epochs",
-        type=_whole(1),
-        default=defaults.epochs,
-        help="training epochs (>= 1; to start from a trained model use run --model)",
-    )
-    common.add_argument(
-        "--encoder",
-        type=_encoder,
-        action=_Noted,
-        default=defaults.encoder,
-        help="the U-Net's encoder (with run --model: the checkpoint's, which it must match)",
-    )
-    common.add_argument(
-        "--encoder-weights",
-        metavar="NAME",
-        default=defaults.encoder_weights,
-        help="start the frozen encoder from segmentation_models_pytorch's weights of this name, "
-        "e.g. imagenet (downloaded once; needs the network)",
-    )
-    common.add_argument(
-        "--encoder-checkpoint",
-        metavar="PATH",
-        default=defaults.encoder_checkpoint,
-        help="start the frozen encoder from an encoder checkpoint written by pretrain-encoder "
-        "(PATH.safetensors with PATH.json); --encoder must name its encoder",
-    )
-    common.add_argument("--seed", type=_seed, default=defaults.seed)
-    common.add_argument(
-        "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
-    )
-    common.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier result at --out"
-    )
+    common = run_flags()
+    seed = seed_flag()
 
     run = sub.add_parser(
-        "run", parents=[common], help="train on coarse masks, unlearn, evaluate, report"
+        "run", parents=[common, seed], help="train on coarse masks, unlearn, evaluate, report"
     )
     run.add_argument("--refined", type=_ids, help="comma-separated ids to refine instead")
     run.add_argument(
@@ -667,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     fit = sub.add_parser(
-        "train", parents=[common], help="train a model on coarse or fine masks and save it"
+        "train", parents=[common, seed], help="train a model on coarse or fine masks and save it"
     )
     fit.add_argument("--masks", choices=("coarse", "fine"), default="coarse")
     fit.add_argument(
@@ -700,95 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     pre.set_defaults(func=_pretrain)
 
-    bench = sub.add_parser(
-        "bench", parents=[common], help="benchmarks: cache speed-up, methods over seeds, GPU"
+    sub.add_parser(
+        "bench",
+        help="benchmarks and the GPU check (development tooling): bench BENCHMARK --help",
+        description="Benchmarks and the GPU check; each BENCHMARK takes its own flags.",
+        build=_bench_commands,
     )
-    bench.add_argument(
-        "what",
-        choices=(
-            "cache",
-            "seeds",
-            "data",
-            "curve",
-            "ranking",
-            "stall",
-            "overlay",
-            "dock",
-            "open",
-            "gpu",
-            "removal",
-            "merge",
-        ),
-        help="data: bench seeds once per setting, moving one factor at a time away from the "
-        "flags' setting (coarse mask kind, --synth-placement, refinement jitter and missed "
-        "artefacts, refined share) into folders of their own, and one table; "
-        "ranking: refinement orders against the share of refined images; curve: the "
-        "certified operators at each --epsilons beside NegGrad-Seg and the baselines (the "
-        "privacy-utility curve); stall, overlay "
-        "and dock measure the napari widget (need a display); open times opening --data DIR "
-        "at --working-size, cold and cached, and the overlay per edit; gpu runs every CUDA path "
-        "and the loops' speed ratios (benchmarks/gpu.sh); removal times NegGrad-Seg to "
-        "retraining's worst-group AUROC, and S_global on --n 256 px images; merge pools the "
-        "seeds of seeds or curve runs made apart (--runs DIR, once per run) into --out",
-    )
-    bench.add_argument(
-        "--working-size",
-        type=_working_size,
-        default=1024,
-        help="bench open: longer side in pixels above which images are shrunk, or 'original'",
-    )
-    bench.add_argument("--edits", type=_whole(1), default=20, help="bench open: edits to time")
-    bench.add_argument(
-        "--overlay-images",
-        type=_seed_list,
-        default=[32, 256],
-        help="bench open: stack sizes (images) at which to time the overlay, e.g. 32,256",
-    )
-    bench.add_argument(
-        "--n",
-        type=_whole(1),
-        help="images: cache 64, gpu 512 (generated), removal 1000 (S_global timing)",
-    )
-    bench.add_argument(
-        "--steps", type=_whole(1), help="unlearning steps: gpu 60 per run, removal at most 200"
-    )
-    bench.add_argument("--batch-size", type=_whole(1), default=32, help="bench gpu: batch size")
-    bench.add_argument("--repeats", type=_whole(1), default=3, help="bench gpu: timed runs")
-    bench.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
-    bench.add_argument(
-        "--epsilons",
-        type=_epsilon_list,
-        default=[1.0, 3.0, 10.0, 30.0],
-        help="bench curve: the epsilons, e.g. 1,3,10,30 (delta 1e-5)",
-    )
-    bench.add_argument(
-        "--methods",
-        type=_method_list,
-        default=[defaults.method],
-        help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; NAME/head unlearns in "
-        "the head scope, NAME@3 at eps 3, NAME:start=kept sets an operator option",
-    )
-    bench.add_argument(
-        "--fractions",
-        type=_fraction_list,
-        default=list(RANKING_FRACTIONS),
-        help="ranking: shares of the training images to refine, e.g. 0.01,0.1",
-    )
-    bench.add_argument(
-        "--orders",
-        type=_order_list,
-        default=["ranked", "random"],
-        help="ranking: random, ranked or ranked/METHOD[+alternate], comma-separated",
-    )
-    bench.add_argument("--out", type=Path, default=Path("out/bench"))
-    bench.add_argument(
-        "--runs",
-        type=Path,
-        action="append",
-        default=[],
-        help="bench merge: the --out folder of a seeds or curve run; give it once per run",
-    )
-    bench.set_defaults(func=_bench, data="synthetic")
 
     demo = sub.add_parser(
         "demo",
@@ -818,58 +674,6 @@ PLACEMENT_HELP = (
     "lesion's box outside the dilation band), crossing (a strip across the lesion), outside "
     "(near the lesion, outside every coarse mask kind)"
 )
-
-
-def _working_size(text: str) -> int | None:
-    from .data.working import parse_working_size
-
-    try:
-        return parse_working_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def _seed_list(text: str) -> list[int]:
-    return [_seed(part.strip()) for part in text.split(",")]
-
-
-def _epsilon_list(text: str) -> list[float]:
-    parse = _number(0, float("inf"), low_open=True, high_open=True)
-    return [parse(part.strip()) for part in text.split(",")]
-
-
-def _fraction_list(text: str) -> list[float]:
-    parse = _number(0, 1, low_open=True)
-    return sorted({parse(part.strip()) for part in text.split(",")})
-
-
-def _order_list(text: str) -> list[str]:
-    from .bench.ranking import parse_order
-
-    orders = [o.strip() for o in text.split(",")]
-    for order in orders:
-        try:
-            parse_order(order)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from err
-    return orders
-
-
-def _method_list(text: str) -> list[str]:
-    """Comma-separated operator names, each optionally with /SCOPE, @EPSILON and
-    :OPTION=VALUE settings (bench.seeds.method_config)."""
-    from .bench.seeds import method_config
-    from .experiment import RunConfig, build_operator
-
-    methods = [m.strip() for m in text.split(",")]
-    for method in methods:
-        try:
-            build_operator(method_config(RunConfig(), method))
-        except (ValueError, TypeError) as error:
-            raise argparse.ArgumentTypeError(
-                f"{method!r} is not a method setting: {error}"
-            ) from None
-    return methods
 
 
 # What runs under torchrun with several processes (distributed.py); bench seeds composes the
