@@ -1,7 +1,7 @@
 """Development sets in the official ISIC 2018 Task 1 layout, rendered from the synthetic generator.
 
-    python benchmarks/make_dev_isic.py --variant dev --out /tmp/isic-dev
-    python benchmarks/make_dev_isic.py --variant check --out /tmp/isic-check   # evaluate only
+    python -m benchmarks.make_dev_isic --variant dev --out /tmp/isic-dev
+    python -m benchmarks.make_dev_isic --variant check --out /tmp/isic-check   # evaluate only
 
 Two variants, rendered differently on purpose: "dev" is the one to look at while developing,
 "check" (another artefact mix, image sizes, colour rendering, JPEG quality and seed) is only
@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_isic_folder import INPUT, TRUTH, writable_folder  # the same layout and checks
+from .make_isic_folder import INPUT, TRUTH, writable_folder  # the same layout and checks
 
 FLAGS = ("dark_corner", "hair", "gel_border", "gel_bubble", "ruler", "ink", "patches")
 

@@ -1,8 +1,8 @@
 """The powered benchmark (issue 9, item 6): five seeds, a reversed and a balanced test split,
 bootstrap intervals, and the refined fraction from 1 to 50 %.
 
-    nice python benchmarks/powered.py --out /tmp/powered --seeds 0,1,2,3,4
-    python benchmarks/powered.py --out /tmp/powered --report-only      # tables and plot again
+    nice python -m benchmarks.powered --out /tmp/powered --seeds 0,1,2,3,4
+    python -m benchmarks.powered --out /tmp/powered --report-only      # tables and plot again
 
 Per seed: the "dev" variant of benchmarks/make_dev_isic.py written with that seed (480
 images: about 320 training, 160 in the reversed test split, plus 240 in a balanced test split
@@ -24,7 +24,6 @@ and fraction.png. Data folders go to OUT/data (outside the repository).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -35,14 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from shortcut_unlearning import evaluation, experiment
-from shortcut_unlearning import masks as masklib
 from shortcut_unlearning.bench.tables import table_head
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
 from shortcut_unlearning.unlearning import make_operator
 
-HERE = Path(__file__).resolve().parent
+from . import make_dev_isic
+
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 0.50)
 MAIN_FRACTION = 0.10
 # name -> (operator, options): the paper's NegGrad-Seg, ours with the context term, fine-tune.
@@ -56,13 +55,6 @@ METHOD_COLOURS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:brown"), stri
 SPLITS = ("balanced", "reversed")
 # Per-image lists left out of the stored records (they are most of their size).
 DROP = ("image_scores", "scores_inpainted")
-
-
-def _dev_module():
-    spec = importlib.util.spec_from_file_location("make_dev_isic", HERE / "make_dev_isic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def lean(record: dict) -> dict:
@@ -92,12 +84,11 @@ def evalsets(folder: Path, size: int, spurious: tuple[str, ...], prepared):
 
 
 def refinement(prepared, order: np.ndarray, fraction: float):
-    """`prepared` with the first `fraction` of the seeded order of training images refined."""
+    """`prepared` with the first `fraction` of the seeded order of training images refined
+    (exactly: their fine masks)."""
     count = max(1, round(fraction * len(order)))
     refined = np.sort(order[:count])
-    split = masklib.split_pixels(
-        prepared.coarse, {int(i): prepared.train.masks[i] for i in refined}
-    )
+    split = experiment.refinement_split(prepared.train, prepared.coarse, refined)
     return replace(prepared, refined=refined, split=split)
 
 
@@ -117,7 +108,7 @@ def run_seed(
     clock = time.perf_counter()
     folder = data_dir / f"dev{seed}-n{n}-b{balanced}"
     if not (folder / "generator.json").is_file():
-        _dev_module().write_folder(folder, "dev", n=n, balanced=balanced, seed=seed, overwrite=True)
+        make_dev_isic.write_folder(folder, "dev", n=n, balanced=balanced, seed=seed, overwrite=True)
     card = json.loads((folder / "generator.json").read_text())
     traps = folder / "trap_sets"
     config = RunConfig(

@@ -1,8 +1,8 @@
 """The certified operators' recovery length (issue 10, item 5): eps 1, delta 1e-5, recovery of
 100 against 400 steps, NegGrad-Seg and the coarse model beside them, per seed.
 
-    python benchmarks/recovery_length.py --out /tmp/recovery --seeds 0,1,2                # dev set
-    python benchmarks/recovery_length.py --out /tmp/recovery-synth --dataset synthetic   # generator
+    python -m benchmarks.recovery_length --out /tmp/recovery --seeds 0,1,2                # dev set
+    python -m benchmarks.recovery_length --out /tmp/recovery-synth --dataset synthetic   # generator
 
 dev: the `dev` variant of benchmarks/make_dev_isic.py (as benchmarks/powered.py writes it, 64
 px, 10 % refined, evaluated on the balanced test split); synthetic: 240 generated images at 64
@@ -28,8 +28,7 @@ from shortcut_unlearning.evaluation import Evaluation
 from shortcut_unlearning.experiment import RunConfig
 from shortcut_unlearning.model import resolve_device
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import powered  # the dev set's folders, refinement and test splits
+from . import make_dev_isic, powered  # the dev set's folders, refinement and test splits
 
 KEYS = ("worst_group_auroc", "conflicting_auroc", "auroc", "dice", "band_reliance")
 
@@ -57,7 +56,7 @@ def prepared_seed(dataset: str, seed: int, data_dir: Path):
         return config, prepared, prepared.evalset
     folder = data_dir / f"dev{seed}-n480-b240"
     if not (folder / "generator.json").is_file():
-        powered._dev_module().write_folder(folder, "dev", n=480, balanced=240, seed=seed)
+        make_dev_isic.write_folder(folder, "dev", n=480, balanced=240, seed=seed)
     card = json.loads((folder / "generator.json").read_text())
     traps = folder / "trap_sets"
     labels = [str(traps / f"isic_annotated_{split}1.csv") for split in ("train", "test")]

@@ -3,7 +3,6 @@ lazy (dask) arrays for big folders, and the open-time benchmark."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import warnings
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import make_isic_folder
 from shortcut_unlearning import masks as masklib
 from shortcut_unlearning.cli import main
 from shortcut_unlearning.data import folders, working
@@ -337,16 +337,8 @@ def test_ids_cannot_make_the_reader_look_outside_the_folder(tmp_path, monkeypatc
 # The benchmark
 
 
-def load_script():
-    path = Path(__file__).parents[1] / "benchmarks" / "make_isic_folder.py"
-    spec = importlib.util.spec_from_file_location("make_isic_folder", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_open_on_a_small_folder_from_the_script(tmp_path, capsys):
-    script = load_script()
+    script = make_isic_folder
     with pytest.raises(SystemExit, match="inside the repository"):
         script.write_folder(Path(__file__).parents[1] / "isic-here", n=1)
     out = tmp_path / "isic20"
@@ -362,4 +354,6 @@ def test_bench_open_on_a_small_folder_from_the_script(tmp_path, capsys):
     assert result["canvas"] == [96, 128] and [o["images"] for o in result["overlay"]] == [2, 4]
     assert all(o["edits"] == 3 and o["max_ms"] >= o["median_ms"] > 0 for o in result["overlay"])
     assert main(["bench", "open"]) == 2
-    assert "needs --data DIR" in capsys.readouterr().err
+    assert "required: --data" in capsys.readouterr().err
+    assert main(["bench", "open", "--data", "sample"]) == 2
+    assert "needs --data DIR, a dataset folder" in capsys.readouterr().err

@@ -1,13 +1,13 @@
 """The development sets of benchmarks/make_dev_isic.py: the ISIC 2018 layout with Bissoto's
 CSV quirks, read back by the project's own reader; and the generator options behind them."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks import make_dev_isic
 from shortcut_unlearning import masks as masklib
 from shortcut_unlearning.data.folders import read_folder
 from shortcut_unlearning.data.synthetic import SynthConfig, generate
@@ -15,16 +15,9 @@ from shortcut_unlearning.data.synthetic import SynthConfig, generate
 ROOT = Path(__file__).parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("variant", ["dev", "check"])
 def test_dev_folder_reads_back_with_its_trap_set_csvs(tmp_path, variant):
-    script = load("make_dev_isic")
+    script = make_dev_isic
     with pytest.raises(SystemExit, match="inside the repository"):
         script.write_folder(ROOT / "dev-here", variant, n=2, balanced=0)
     out = script.write_folder(tmp_path / variant, variant, n=30, balanced=10, seed=1)

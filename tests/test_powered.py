@@ -1,22 +1,17 @@
 """The powered benchmark's report (benchmarks/powered.py) on hand-made records: the seeds are
 matched when some ran fewer methods or fractions, and the numbers come out as put in."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from benchmarks import powered as powered_module
 
 
 @pytest.fixture(scope="module")
 def powered():
-    spec = importlib.util.spec_from_file_location("powered", ROOT / "benchmarks" / "powered.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return powered_module
 
 
 def record(worst: float, band: float = 0.01) -> dict:
