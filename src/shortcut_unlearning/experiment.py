@@ -1,7 +1,7 @@
 """The pipeline as stages: prepare data -> train or load -> unlearn -> evaluate -> report.
 
 Each stage is a function over in-memory objects. `run` composes them for the command line;
-`benchmarks.seeds` composes the same stages to share one coarse model between methods. Every
+`bench.seeds.seeds` composes the same stages to share one coarse model between methods. Every
 number comes from the one evaluator (evaluation.py), every unlearning run is watched by its
 one probe, and files are written by the last stage alone (`write_run`).
 """

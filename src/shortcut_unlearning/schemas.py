@@ -8,7 +8,7 @@ too large or nested too deep before parsing it, and names the file when it is no
 
 Types are strict: an int field takes no float or bool (128.0 and true are refused), a text
 field no number, and floats must be finite. The schemas themselves live beside their readers
-(model.ModelConfig, data.folders.DatasetInfo, benchmarks.BenchSummary, settings.OperatorSettings).
+(model.ModelConfig, data.folders.DatasetInfo, bench.merge.BenchSummary, settings.OperatorSettings).
 """
 
 from __future__ import annotations
