@@ -11,7 +11,7 @@ model. On "dev" at 64 px and 322 training images it is (benchmarks/BENCHMARKS.md
 fine-mask oracle against the coarse model, five seeds": fine oracle minus coarse, worst-group
 AUROC +0.066, 95 % interval over 5 seeds [+0.005, +0.126]); at 32 px and about 100 training
 images it was not (benchmarks/HISTORY.md, "The powered benchmark run small"). "check" was read
-once (benchmarks/BENCHMARKS.md, "The default method: erase and relearn, on a set whose coarse
+once (benchmarks/BENCHMARKS.md, "The default method, on a set whose coarse
 model follows the artefact").
 
 The folder (refused inside this repository) holds:
