@@ -198,7 +198,7 @@ def test_a_certified_run_whose_gate_kept_the_start_carries_no_certificate(
 
 
 def test_privacy_flags_belong_to_certified_operators(tmp_path, capsys):
-    args = tiny_run(str(tmp_path), 20, "--epsilon", "1")
+    args = tiny_run(str(tmp_path), 20, "--method", "neggrad-seg", "--epsilon", "1")
     assert main(args) == 2
     assert "apply to gradient-clipping and model-clipping only" in capsys.readouterr().err
 
