@@ -187,7 +187,7 @@ def collapse_warning(certificate: Certificate) -> str | None:
     # Erasing the scope and relearning it is what removed the diagnostic shortcut on the dev
     # sets (docs/method.md, "Erase and relearn (ours)"): a smaller scope is no remedy.
     remedy = (
-        "That is an erase and relearn, which the relearn method does without noise; to keep "
+        "That erase is what removed the diagnostic shortcut best on the dev sets; to keep "
         "more of what the scope learned, use a larger epsilon or delta."
     )
     return (
