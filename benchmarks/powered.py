@@ -489,9 +489,9 @@ def report(results: list[dict], out: Path) -> dict:
         + ", ".join(f"{split} split {sizes[split]['min_group']}" for split in SPLITS)
         + " images; "
         + (
-            "the issue's power target (at least 100 images per group, 5 seeds) is met."
+            "the power target (at least 100 images per group, 5 seeds) is met."
             if powered
-            else "BELOW the issue's power target (at least 100 images per group, 5 seeds)."
+            else "BELOW the power target (at least 100 images per group, 5 seeds)."
         ),
         "",
         *text,

@@ -70,7 +70,7 @@ def test_report_matches_seeds_and_reports_the_fine_minus_coarse_gap(powered, tmp
     assert curve["0.1"]["seeds"] == 2 and curve["0.5"]["seeds"] == 1
     assert curve["0.5"]["worst_group_auroc"][0] == pytest.approx(0.7)
     assert summary["powered"] is False  # 50 images a group, 3 seeds
-    assert "BELOW the issue's power target" in (tmp_path / "summary.md").read_text()
+    assert "BELOW the power target" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "fraction_reversed.png").stat().st_size > 0
     json.loads((tmp_path / "summary.json").read_text())
 

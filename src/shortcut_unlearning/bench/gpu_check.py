@@ -4,7 +4,7 @@ Runs on whatever device it is given: on a GPU machine through `benchmarks/gpu.sh
 small sizes (a test does). Writes gpu_check.json and gpu_check.md into its output folder.
 
 - bare: the anchor's loop stripped of ours (Adam steps on tensors already on the device, no
-  data movement, validation or metrics), for the issue's anchor model (smp's default U-Net,
+  data movement, validation or metrics), for the anchor model (smp's default U-Net,
   every layer trained) and for our default model (small decoder, decoder scope), each variant
   with cuDNN's autotuner off and on: what a loop can gain from bf16 and the cache on this card;
 - speed: training (`training.train`) and unlearning (NegGrad-Seg through `Operator.run`) as
