@@ -102,7 +102,7 @@ def scripted(
 
 
 # The README's pictures: the method most use, erase and relearn, and a certified method.
-SCREENSHOT_METHODS = ("neggrad-seg", "relearn", "gradient-clipping")
+SCREENSHOT_METHODS = ("model-clipping", "neggrad-seg", "relearn", "gradient-clipping")
 
 
 def screenshots(out: Path, steps: int | None = 40) -> list[Path]:
