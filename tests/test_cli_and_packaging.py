@@ -84,7 +84,7 @@ def test_headless_demo_drives_the_plugin_on_the_shipped_sample(tmp_path, capsys,
     printed = capsys.readouterr().out
     # the dock's verdict leads, in plain words, with the class decision
     assert "the model's class decision" in printed.lower()
-    assert (tmp_path / "widget-1600x1000-model-clipping.png").stat().st_size > 20_000
+    assert (tmp_path / "widget-1600x1000-relearn.png").stat().st_size > 20_000
     assert (tmp_path / "widget-1600x1000-refined.png").stat().st_size > 20_000
     assert (tmp_path / "synthetic.png").is_file()
     assert (tmp_path / "run" / "metrics.json").is_file()

@@ -74,7 +74,7 @@ def test_run_writes_metrics_for_every_model_state(report):
         assert math.isfinite(written[state]["s_global"]["value"])
         assert written[state]["s_global"]["unit"] == "nats per pixel"
         assert any(k.endswith(":conflicting") for k in written[state]["auroc_by_group"])
-    assert written["config"]["method"] == RunConfig.method and written["seed"] == 0
+    assert written["config"]["method"] == "relearn" and written["seed"] == 0
     assert len(written["refined_ids"]) == round(0.2 * written["n_train"])
     assert written["forget_pixels"] > 0
     assert {"coarse_train_s", "unlearn_s", "retrain_train_s"} <= set(written["timings"])
@@ -198,7 +198,7 @@ def test_a_certified_run_whose_gate_kept_the_start_carries_no_certificate(
 
 
 def test_privacy_flags_belong_to_certified_operators(tmp_path, capsys):
-    args = tiny_run(str(tmp_path), 20, "--method", "neggrad-seg", "--epsilon", "1")
+    args = tiny_run(str(tmp_path), 20, "--epsilon", "1")
     assert main(args) == 2
     assert "apply to gradient-clipping and model-clipping only" in capsys.readouterr().err
 

@@ -315,7 +315,7 @@ def test_the_canvas_text_is_warmed_up_unseen_and_left_as_it_was(
 def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, qtbot, small_model)
-    assert widget.method.currentData() == "model-clipping"  # the default
+    assert widget.method.currentData() == "relearn"  # the default
     widget.method.setCurrentIndex(widget.method.findData("neggrad-seg"))
     widget.steps.setValue(12)
     widget.method.setCurrentIndex(widget.method.findData("model-clipping"))
@@ -338,15 +338,13 @@ def test_parameters_persist_and_reset(make_napari_viewer, qtbot, small_model):
     widget.method.setCurrentIndex(widget.method.findData("model-clipping"))
     assert widget.steps.value() == 90
     assert widget.bench.operator({"context": "off"}).finetune_steps == 90
-    widget.method.setCurrentIndex(widget.method.findData("relearn"))  # not the default
     viewer2 = make_napari_viewer()
     second = open_widget(viewer2, qtbot, small_model)
-    assert second.method.currentData() == "relearn" and second.seed.value() == 7
-    assert second.steps.value() == 90  # the relearning steps, shared with model clipping
+    assert second.method.currentData() == "model-clipping" and second.seed.value() == 7
     assert second.context.currentData() == "blind+consistent"
     defaults = [b for b in second.findChildren(type(second.run)) if b.text() == "Restore defaults"]
     click(qtbot, defaults[0])
-    assert second.method.currentData() == "model-clipping" and second.seed.value() == 0
+    assert second.method.currentData() == "relearn" and second.seed.value() == 0
     assert second.context.currentData() == "off" and second.bench.operator().context == "off"
     # Every mode of the core's context term has its words in the dock.
     from shortcut_unlearning.unlearning.context import CONTEXT_TERMS

@@ -103,10 +103,7 @@ class OperatorSettings:
     types are the schema of the plugin's settings file (widget.json), checked on read.
     """
 
-    # The default by the dev-set rules in benchmarks/results/relearn_default_dev0w/decision.txt
-    # (benchmarks/BENCHMARKS.md, "The default method, on a set whose coarse model follows the
-    # artefact"): the noisy erase of model clipping.
-    method: Annotated[str, Strict(), AfterValidator(_operator)] = "model-clipping"
+    method: Annotated[str, Strict(), AfterValidator(_operator)] = "relearn"
     scope: Scope | None = "decoder"  # None: the model's
     epsilon: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] = 1.0
     delta: Annotated[float, Strict(), Field(gt=0, lt=1)] = 1e-5
