@@ -17,8 +17,8 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import t
+from shortcut_unlearning.bench.tables import _mean_interval as mean_interval
+from shortcut_unlearning.bench.tables import interval_cell
 
 BASELINES = ("coarse", "retrain", "retrain_band_ignored", "fine_oracle")
 KEYS = ("worst_group_auroc", "auroc", "dice", "malignant_share", "band_reliance")
@@ -42,12 +42,8 @@ def seed_rows(folder: Path) -> dict[str, dict[str, float]]:
 
 
 def interval(values, signed: bool = False) -> str:
-    values = np.asarray(values, float)
-    mean, digits = values.mean(), "+.3f" if signed else ".3f"
-    if len(values) < 2:
-        return format(mean, digits)
-    half = t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return f"{mean:{digits}} [{mean - half:{digits}}, {mean + half:{digits}}]"
+    """The mean [95 % t interval of the mean], as the bench tables write it."""
+    return interval_cell(mean_interval(values), "+.3f" if signed else ".3f")
 
 
 def main(argv=None) -> None:
