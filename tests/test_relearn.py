@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, refinement
 
-from shortcut_unlearning.model import Model
+from shortcut_unlearning.model import FrozenInputs, Model
 from shortcut_unlearning.progress import drive
 from shortcut_unlearning.unlearning import UnlearnData, make_operator
 from shortcut_unlearning.unlearning.relearn import Relearn
@@ -31,7 +31,10 @@ def relearn(**options):
     return make_operator("relearn", steps=6, batch_size=4, validate_every=2, **options)
 
 
-def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data):
+@pytest.mark.parametrize(
+    "options", [{}, {"start": "noise"}, {"start": "noise", "statistics": "fixed"}]
+)
+def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data, options):
     """Two starting models that share the frozen encoder and differ in the scope, and forget
     pixels whose coarse class differs: the released scope is the same to the bit."""
     first = Model(TINY)
@@ -42,19 +45,20 @@ def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned
     coarse = data.coarse.copy()
     coarse[data.split.forget] = 3 - coarse[data.split.forget]  # 1 <-> 2 on the forget pixels
     other = UnlearnData(data.images, coarse, data.split)
-    a = drive(relearn().run(first, data), quiet=True).model
-    b = drive(relearn().run(second, other), quiet=True).model
+    a = drive(relearn(**options).run(first, data), quiet=True).model
+    b = drive(relearn(**options).run(second, other), quiet=True).model
     assert same(scope(a), scope(b))
     # while a start that keeps the coarse weights releases something else
     kept = drive(relearn(start="kept").run(second, data), quiet=True).model
     assert not same(scope(a), scope(kept))
 
 
-def test_the_scope_is_erased_before_relearning(data):
+@pytest.mark.parametrize("start_kind", ["fresh", "noise"])
+def test_the_scope_is_erased_before_relearning(data, start_kind):
     start = Model(TINY)
-    op = Relearn(seed=3)
+    op = Relearn(seed=3, start=start_kind)
     work = start.copy()
-    op.prepare(work)
+    op.prepare(work, FrozenInputs(work, data.images[:4], cache=False), np.arange(4))
     fresh = Model(replace(TINY, seed=0))  # another initialisation of the same architecture
     moved = [
         not torch.equal(a, b)
@@ -79,11 +83,12 @@ def test_exactness_holds_only_when_the_frozen_blocks_never_saw_the_coarse_labels
     assert record.to_dict()["epsilon"] == (0.0 if holds else None)
     assert ("Exact unlearning" in record.summary()) is holds
     assert not Relearn(start="rescaled").exactness(model).holds
+    assert Relearn(start="noise", statistics="fixed").exactness(model).holds is holds
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="start must be one of"):
-        Relearn(start="noisy")
+        Relearn(start="noisy-ish")
     with pytest.raises(ValueError, match="validation_share"):
         Relearn(validation_share=1.0)
     with pytest.raises(ValueError, match="batches one of"):

@@ -133,8 +133,9 @@ class Operator:
         """Loss terms from the batch's mean retain CE and per-pixel forget CE; key 'total'."""
         raise NotImplementedError
 
-    def prepare(self, model: Model) -> None:
-        """Called once on the working copy before the first step."""
+    def prepare(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
+        """Called once on the working copy before the first step, with the inputs of the
+        retain images it trains on."""
 
     def on_gradients(self, model: Model, step: int) -> None:
         """Called between backward and the optimiser step (e.g. gradient clipping)."""
@@ -244,7 +245,7 @@ class Operator:
         # the probe runs on rank 0 and its metrics are broadcast (distributed.from_main)
         probe = data.probe
         start_metrics = distributed.from_main(lambda: probe(start)) if probe else None
-        self.prepare(work)
+        self.prepare(work, inputs, retain_rows)
         history: list[Progress] = []
         previous_phase = None
         for step in range(1, self.steps + 1):

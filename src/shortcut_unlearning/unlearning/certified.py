@@ -343,7 +343,7 @@ class CertifiedOperator(Relearning):
         # logged: the trajectory would carry it from every step, recovery included.
         return {"total": retain_ce, "retain": retain_ce.detach()}
 
-    def prepare(self, model: Model) -> None:
+    def prepare(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
         warning = collapse_warning(self.certificate(model))
         if warning:
             warnings.warn(warning, stacklevel=2)
@@ -508,8 +508,8 @@ class GradientClipping(CertifiedOperator):
         # The read-out ratio is inversely proportional to sigma.
         return cert.gradient_clipping_snr(1.0, *self._constants()) / snr
 
-    def prepare(self, model: Model) -> None:
-        super().prepare(model)
+    def prepare(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
+        super().prepare(model, inputs, retain_rows)
         project_(model.scoped_parameters(), self.c0)
 
     def on_gradients(self, model: Model, step: int) -> None:

@@ -33,15 +33,18 @@ from .certified import (
 )
 from .recovery import Relearning
 
-# How the scope starts: "fresh" a new initialisation (seeded; exact unlearning), "rescaled"
-# the coarse weights given a fresh initialisation's scale (what the certified operators'
-# recovery starts from when their noise is negligible), "kept" the coarse weights as they are
-# (fine-tuning with the same schedule: the ablation's control).
-STARTS = ("fresh", "rescaled", "kept")
+# How the scope starts: "fresh" a new initialisation (seeded; exact unlearning), "noise" a
+# seeded Gaussian draw given a fresh initialisation's scale (the start the certified
+# operators' recovery gets from their noise, without the coarse remainder; exact too),
+# "rescaled" the coarse weights given that scale (the certified start when their noise is
+# negligible), "kept" the coarse weights as they are (fine-tuning with the same schedule: the
+# ablation's control).
+STARTS = ("fresh", "noise", "rescaled", "kept")
 # The scope's batch-norm statistics: "reestimated" reset, learnt from batch statistics while
-# relearning and re-estimated on the retain images for the release; "kept" the coarse
-# model's, normalising with them throughout (an ablation: do they carry the shortcut?).
-STATISTICS = ("reestimated", "kept")
+# relearning and re-estimated on the retain images for the release; "fixed" estimated on the
+# retain images at the start and normalised with throughout, as the certified recovery does;
+# "kept" the coarse model's, normalising with them throughout (do they carry the shortcut?).
+STATISTICS = ("reestimated", "fixed", "kept")
 # A step's batches: "paired" half from the refined images, half from the others (the loop's,
 # which the forget term of the other operators needs), "pooled" both drawn from all retain
 # images alike, as training draws them, so the few refined images do not set the class mix.
@@ -133,13 +136,17 @@ class Relearn(Relearning):
         pool = np.union1d(refined, others)
         return rng.choice(pool, self.batch_size), rng.choice(pool, self.batch_size)
 
-    def prepare(self, model: Model) -> None:
+    def prepare(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
         if self.start == "fresh":
             fresh_scope_(model, self.seed)
+        elif self.start == "noise":
+            noise_scope_(model, self.seed)
         elif self.start == "rescaled":
             rescale_to_initial_norms(model)
         if self.statistics == "reestimated":
             reset_batch_statistics(model)
+        elif self.statistics == "fixed":
+            estimate_batch_statistics(model, inputs, retain_rows, self.batch_size)
 
     def batch_statistics_in(self, phase: str) -> bool:
         return self.statistics == "reestimated" or self.batch_statistics
@@ -156,7 +163,7 @@ class Relearn(Relearning):
         """What a run from `model` guarantees."""
         scope = self.scope or model.config.scope
         frozen, saw = frozen_provenance(model, scope)
-        if self.start != "fresh" or self.statistics == "kept":
+        if self.start in ("rescaled", "kept") or self.statistics == "kept":
             saw = True  # the release keeps something of the coarse scope
         return Exactness(scope, FORGETS[self.retain_images], frozen, saw)
 
@@ -168,3 +175,13 @@ def fresh_scope_(model: Model, seed: int) -> None:
     reference = initial_parameters(model, seed)
     for name, p in model.scoped_named_parameters().items():
         p.copy_(reference[name].detach().to(p.device, p.dtype))
+
+
+@torch.no_grad()
+def noise_scope_(model: Model, seed: int) -> None:
+    """Replace the scope's parameters with standard Gaussian draws seeded by `seed` (on the
+    host: the same on every rank), then give them a fresh initialisation's scale."""
+    draw = torch.Generator().manual_seed(seed)
+    for p in model.scoped_parameters():
+        p.copy_(torch.randn(p.shape, generator=draw).to(p.device, p.dtype))
+    rescale_to_initial_norms(model)
