@@ -130,6 +130,7 @@ def test_the_auroc_where_the_artefact_misleads_leads_the_verdict():
     moves = spread(0.06)
     stayed = judge(record(moves, auroc=stuck), record(moves / 6, auroc=(0.35, 0.26, 0.44)))
     assert stayed.reading == SAME and stayed.evidence[1].reading == LESS
+    assert "as much as before, although the score change" in stayed.headline
     assert any(
         "within chance" in w
         for w in judge(record(auroc=stuck), record(auroc=(fixed[0], 0.45, 0.9))).warnings
