@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast, get_args
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -32,6 +32,7 @@ from .schemas import (
     Flag,
     Float,
     InputError,
+    Scope,
     Seed,
     Share,
     Text,
@@ -41,7 +42,7 @@ from .schemas import (
     validate,
 )
 
-SCOPES = ("decoder", "head", "all")
+SCOPES: tuple[str, ...] = get_args(Scope)
 # The U-Net's top-level blocks that each scope trains.
 SCOPE_MODULES = {
     "all": ("encoder", "decoder", "segmentation_head"),
@@ -84,7 +85,6 @@ def _three_classes(count: int) -> int:
     return count
 
 
-Scope = Literal[SCOPES]
 Channels = Annotated[int, Strict(), Field(gt=0, le=4096)]
 Positive = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
 
@@ -149,7 +149,9 @@ class ModelConfig:
     mean: tuple[Float, Float, Float] = IMAGENET_MEAN
     std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     seed: Seed = 0  # initialises the weights (the frozen encoder too, when not pretrained)
-    provenance: Provenance = field(default_factory=dict, compare=False)  # data, masks, training
+    provenance: Provenance = field(
+        default_factory=Provenance, compare=False
+    )  # data, masks, training
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -168,10 +170,13 @@ def encoder_origin(config: ModelConfig) -> str:
     source = {"random": "random weights", FROM_CHECKPOINT: "pretrained"}.get(
         weights, f"{weights} weights"
     )
-    seen = {
+    seen_labels: dict[bool | None, str] = {
         True: "saw the coarse labels",
         False: "never saw the coarse labels",
-    }.get(record.get("saw_coarse_labels"), "not known whether it saw the coarse labels")
+    }
+    seen = seen_labels.get(
+        record.get("saw_coarse_labels"), "not known whether it saw the coarse labels"
+    )
     return f"Encoder: {config.encoder} (frozen), {source}; {seen}"
 
 
@@ -237,6 +242,7 @@ class Model:
             classes=self.config.classes,
             decoder_channels=self.config.decoder_channels,
         )
+        record: EncoderRecord
         if encoder_checkpoint is not None:
             record = load_encoder(self.net.encoder, encoder_checkpoint, self.config.encoder)
             weights = FROM_CHECKPOINT
@@ -261,7 +267,7 @@ class Model:
         return self.fast_paths and self.device.type == "cuda"
 
     # -- scope ------------------------------------------------------------------------------
-    def set_scope(self, scope: str) -> None:
+    def set_scope(self, scope: Scope) -> None:
         """Make `scope` trainable and freeze the rest."""
         self.config = replace(self.config, scope=scope)
         trainable = SCOPE_MODULES[scope]
@@ -348,7 +354,8 @@ class Model:
     def parameter_norm(self) -> float:
         """L2 norm of the scoped parameters, all concatenated."""
         with torch.no_grad():
-            return float(torch.sqrt(sum((p.float() ** 2).sum() for p in self.scoped_parameters())))
+            norms = [torch.linalg.vector_norm(p.float()) for p in self.scoped_parameters()]
+            return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def save(self, path: str | Path) -> Path:
         """Write PATH.safetensors and PATH.json; returns the weights path."""
@@ -452,8 +459,8 @@ class EncoderInfo:
 
     __pydantic_config__ = ConfigDict(extra="forbid")
 
-    format: Literal[ENCODER_FORMAT]
-    version: Literal[ENCODER_VERSION]
+    format: Literal["shortcut-unlearning-encoder"]  # ENCODER_FORMAT
+    version: Literal[1]  # ENCODER_VERSION
     encoder: Annotated[str, Strict(), AfterValidator(_known_encoder)]
     storage: Literal["float16", "float32"]
     provenance: EncoderProvenance
@@ -481,7 +488,7 @@ def read_encoder_info(path: str | Path) -> EncoderInfo:
     return validate(EncoderInfo, info, sidecar, ENCODER_FIX)
 
 
-def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
+def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> EncoderRecord:
     """Load an encoder checkpoint into `encoder` (an smp encoder named `name`), cast to its
     dtypes; returns the provenance record the model keeps (file, SHA-256, what it saw)."""
     info = read_encoder_info(path)
@@ -513,7 +520,7 @@ def load_encoder(encoder: torch.nn.Module, path: str | Path, name: str) -> dict:
         "checkpoint": weights.name,
         "sha256": digest,
         "saw_coarse_labels": info.provenance["saw_coarse_labels"],
-        "pretraining": info.provenance,
+        "pretraining": cast(dict[str, JsonValue], info.provenance),
     }
 
 
@@ -608,7 +615,8 @@ class FrozenInputs:
     """
 
     def __init__(self, model: Model, images: np.ndarray, cache: bool = True, batch_size: int = 32):
-        self.model, self.images, self.cache = model, images, None
+        self.model, self.cache = model, None
+        self.images: np.ndarray | torch.Tensor = images
         if cache:
             parts = [
                 self._compute(np.arange(s, min(s + batch_size, len(images))))

@@ -17,7 +17,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field, Strict, TypeAdapter, ValidationError
@@ -41,6 +41,8 @@ Float = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # ints are taken
 Share = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
+# The parts of the U-Net an operator or training updates (model.SCOPE_MODULES).
+Scope = Literal["decoder", "head", "all"]
 
 T = TypeVar("T")
 

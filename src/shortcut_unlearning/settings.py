@@ -12,13 +12,13 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated
 
 import platformdirs
 from pydantic import AfterValidator, Field, Strict
 
 from .files import write_json
-from .schemas import InputError, Seed, Whole, read_json, validate
+from .schemas import InputError, Scope, Seed, Whole, read_json, validate
 
 if TYPE_CHECKING:
     from .unlearning import Operator
@@ -89,9 +89,6 @@ def _device(name: str) -> str:
     ):
         raise ValueError(f"device {name!r} is not auto, cpu, cuda, cuda:N or mps")
     return name
-
-
-Scope = Literal["decoder", "head", "all"]  # model.SCOPES, spelled here without torch
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from ..masks import PixelSplit
 from ..model import FrozenInputs, Model, to_device
 from ..progress import Cancel, Losses, Progress
 from ..retain import IGNORE, RETAIN_SETS, retain_set
+from ..schemas import Scope
 from ..settings import OperatorSettings
 from ..training import Divergence, soft_dice_loss
 from .context import CONTEXT_TERMS, ContextTerm
@@ -96,7 +97,7 @@ class Operator:
     # The retain set (see retain.py): "refined+certain" adds the pixels of every other image
     # that its coarse mask is surely right about, so both classes stay in the retain data.
     retain_images: str = RETAIN_SETS[0]
-    scope: str | None = None  # None: keep the model's scope
+    scope: Scope | None = None  # None: keep the model's scope
     probe_every: int = 10
     cache_features: bool = True
     # Collapse (evaluation.collapsed): the probe's Dice falls below this share of the starting
