@@ -70,6 +70,19 @@ def test_sample_opens_as_one_stack_with_coarse_masks(make_napari_viewer):
     assert ((coarse.data != 0) >= (viewer.layers["reference masks"].data != 0)).all()
 
 
+def test_another_model_turns_the_run_off_until_it_has_loaded(
+    make_napari_viewer, qtbot, small_model, tmp_path
+):
+    widget = open_widget(make_napari_viewer(), qtbot, small_model)
+    other = Model.load(small_model)
+    other.save(tmp_path / "other")
+    widget.model_path.setText(str(tmp_path / "other.safetensors"))
+    widget.model_path.editingFinished.emit()
+    assert not widget.ready and not widget.run.isEnabled()
+    qtbot.waitUntil(lambda: widget.ready and widget.bench.loaded, timeout=60_000)
+    assert widget.run.isEnabled() and widget.bench.model_path.name == "other.safetensors"
+
+
 def test_cancel_keeps_the_old_model_and_shows_no_result(make_napari_viewer, qtbot, small_model):
     viewer = make_napari_viewer()
     widget = open_widget(viewer, qtbot, small_model)

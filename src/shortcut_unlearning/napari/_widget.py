@@ -403,6 +403,9 @@ class ShortcutUnlearningWidget(QWidget):
     def _model_changed(self) -> None:
         self.bench.set_model_path(self.model_path.text())
         self._show_results(None)
+        self._ready = False  # until the new model is loaded (_on_ready)
+        for control in self._run_controls:
+            control.setEnabled(False)
         self._warm_up()
 
     # -- refinement ------------------------------------------------------------------------------
@@ -725,7 +728,7 @@ class ShortcutUnlearningWidget(QWidget):
 
     @property
     def ready(self) -> bool:
-        """PyTorch is loaded and the model was loaded (or its error shown): the run controls
+        """PyTorch is loaded and the chosen model was loaded (or its error shown): the run controls
         are on. `bench.loaded` says whether the model loaded."""
         return self._ready
 
