@@ -138,7 +138,8 @@ def test_the_wheel_ships_the_sample_data(tmp_path):
 def test_the_options_for_unflattering_data_reach_the_generator_and_the_run(tmp_path, capsys):
 
     from shortcut_unlearning import masks
-    from shortcut_unlearning.cli import _config, _run_config, build_parser
+    from shortcut_unlearning.cli import _run_config, build_parser
+    from shortcut_unlearning.flags import config_from
 
     out = tmp_path / "set"
     assert (
@@ -154,7 +155,7 @@ def test_the_options_for_unflattering_data_reach_the_generator_and_the_run(tmp_p
     parser = build_parser()
     for config in (
         _run_config(parser.parse_args(["run", *flags, "--data", "synthetic"])),
-        _config(parser.parse_args(["bench", "seeds", *flags])),
+        config_from(parser.parse_args(["bench", "seeds", *flags])),
     ):
         assert (config.coarse, config.synth_placement) == ("outline", "crossing")
         assert (config.refine_jitter, config.refine_missed, config.fine_fraction) == (2, 0.25, 0.01)

@@ -7,6 +7,15 @@ import sys
 import traceback
 from pathlib import Path
 
+from . import flags
+from .flags import (
+    PLACEMENT_HELP,
+    UsageError,
+    config_from,
+    run_flags,
+    seed_flag,
+)
+
 # Failures a user can act on: their message says what is wrong and what to do, so the command
 # prints it on one line and exits 2 (so do a full or read-only disk and running out of memory).
 # Any other exception is a bug: one line names it and the log file that holds its traceback,
@@ -20,10 +29,6 @@ EXPECTED_ERRORS = (
     IsADirectoryError,
     NotADirectoryError,
 )
-
-
-class UsageError(ValueError):
-    """A command line that cannot be parsed or holds a value outside its range."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,98 +54,6 @@ def _bench_commands(parser: argparse.ArgumentParser) -> None:
     from .bench.cli import add_commands
 
     add_commands(parser)
-
-
-def _whole(low: int, high: int | None = None, why: str = ""):
-    """An argparse type: a whole number >= low (and <= high, for the reason `why`)."""
-    span = f">= {low}" if high is None else f"from {low} to {high}{why}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be a whole number {span}, got {text!r:.40}")
-        return value
-
-    return parse
-
-
-def _seed(text: str) -> int:
-    """An argparse type: a seed, a whole number that fits 32 bits (schemas.MAX_SEED)."""
-    from .schemas import MAX_SEED
-
-    return _whole(0, MAX_SEED, " (seeds are 32-bit)")(text)
-
-
-def _side(low: int):
-    """An argparse type: an image side in pixels, from `low` to model.MAX_IMAGE_SIZE."""
-    from .model import MAX_IMAGE_SIZE
-
-    return _whole(low, MAX_IMAGE_SIZE, " (larger images do not fit in memory)")
-
-
-def _number(low: float, high: float, low_open: bool = False, high_open: bool = False):
-    """An argparse type: a float in the interval between low and high."""
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (above and below):  # nan fails both
-            raise argparse.ArgumentTypeError(f"must lie in {interval}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _device(text: str) -> str:
-    """auto, cpu, mps, cuda or cuda:N; whether it is present is checked before any work."""
-    kind, _, index = text.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (
-        index and not (kind == "cuda" and index.isdigit())
-    ):
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda, cuda:N or mps, got {text!r}")
-    return text
-
-
-def _encoder(text: str) -> str:
-    from .model import check_encoder
-
-    try:
-        return check_encoder(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
-
-
-def _ids(text: str) -> list[str]:
-    """A comma-separated list of image ids, none of them empty, none repeated."""
-    ids = [i.strip() for i in text.split(",")]
-    if not all(ids):
-        raise argparse.ArgumentTypeError(
-            f"needs comma-separated image ids, got {text!r}; leave --refined out to refine a "
-            "random --fine-fraction of the training images"
-        )
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise argparse.ArgumentTypeError(
-            f"names {', '.join(map(repr, repeated))} more than once; name each image once"
-        )
-    return ids
-
-
-class _Noted(argparse.Action):
-    """Stores the value and notes that the flag was given (in args.given), so a default can
-    be told from the same value given on purpose."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        namespace.given = {*getattr(namespace, "given", ()), self.dest}
 
 
 def _synth(args) -> None:
@@ -173,16 +86,6 @@ def _synth(args) -> None:
         print(f"picture: {synthetic_grid(data, args.preview)}")
 
 
-def _scripted_home() -> None:
-    """Scripted GUI runs keep their settings and autosaves in a folder of their own, so the
-    user's next session neither restores a demo's edits nor inherits a benchmark's steps."""
-    import os
-    import tempfile
-
-    if not os.environ.get("SHORTCUT_UNLEARNING_HOME"):
-        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
-
-
 def _demo(args) -> None:
     import os
     from importlib import import_module
@@ -200,7 +103,9 @@ def _demo(args) -> None:
     if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
         raise ValueError("no display: run the demo under Xvfb (`make demo` does) or on a desktop")
     if args.screenshots or args.headless:
-        _scripted_home()
+        from .settings import use_scripted_home
+
+        use_scripted_home()
     if args.screenshots:
         for shot in _demo.screenshots(Path(args.screenshots), steps=args.steps or 40):
             print(f"screenshot: {shot}")
@@ -237,16 +142,6 @@ def _headless_report(out: Path) -> None:
     print(f"report: {out / 'run'}")
 
 
-def _config(args, **overrides):
-    """A RunConfig from the parsed flags that share its field names."""
-    from dataclasses import fields
-
-    from .experiment import RunConfig
-
-    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    return RunConfig(**{**given, "out": str(args.out), **overrides})
-
-
 def _run_config(args):
     """The RunConfig of `run`: the flags, epsilon and delta among the operator's options.
     With --model the checkpoint's encoder is the run's; another --encoder is refused."""
@@ -260,7 +155,7 @@ def _run_config(args):
                 f"--model {args.model} holds a {held} model but --encoder says {args.encoder}; "
                 f"drop --encoder (the checkpoint's encoder is used) or pass --encoder {held}"
             )
-    return _config(args, operator_options={**privacy, "context": args.context})
+    return config_from(args, operator_options={**privacy, "context": args.context})
 
 
 def _expectation(config) -> str | None:
@@ -294,7 +189,7 @@ def _train(args) -> None:
     from .experiment import check_encoder_settings, load_data, train_model, training_split
     from .model import ModelConfig, resolve_device
 
-    config = _config(args)
+    config = config_from(args)
     # Everything that can fail without training fails first: the device, then the output.
     resolve_device(config.device)
     check_encoder_settings(config)
@@ -360,147 +255,6 @@ def _jsonable(config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
-def training_flags() -> argparse.ArgumentParser:
-    """The flags of the model a command trains: run, train and the benches that train."""
-    from .experiment import RunConfig
-    from .model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-
-    defaults = RunConfig()
-    flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument(
-        "--image-size",
-        type=_side(MIN_IMAGE_SIZE),
-        default=defaults.image_size,
-        help=f"working size in pixels ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}: the U-Net halves "
-        "it five times)",
-    )
-    flags.add_argument(
-        "--epochs",
-        type=_whole(1),
-        default=defaults.epochs,
-        help="training epochs (>= 1; to start from a trained model use run --model)",
-    )
-    flags.add_argument(
-        "--encoder",
-        type=_encoder,
-        action=_Noted,
-        default=defaults.encoder,
-        help="the U-Net's encoder (with run --model: the checkpoint's, which it must match)",
-    )
-    flags.add_argument(
-        "--device", type=_device, default=defaults.device, help="auto, cuda, cuda:N, mps or cpu"
-    )
-    return flags
-
-
-def seed_flag() -> argparse.ArgumentParser:
-    """--seed, for the commands that run with one seed."""
-    flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--seed", type=_seed, default=0, help="seed of the data and the models")
-    return flags
-
-
-def run_flags() -> argparse.ArgumentParser:
-    """The flags of `run`'s data and model, shared by run, train and the benches that compose
-    run's stages."""
-    from .data.synthetic import PLACEMENTS
-    from .experiment import RunConfig
-    from .masks import COARSE_METHODS
-
-    defaults = RunConfig()
-    flags = argparse.ArgumentParser(add_help=False, parents=[training_flags()])
-    flags.add_argument(
-        "--data",
-        default=defaults.data,
-        help="a dataset folder, 'sample' (shipped) or 'synthetic' (generated)",
-    )
-    flags.add_argument(
-        "--labels",
-        action="append",
-        metavar="CSV",
-        help="a labels CSV of an ISIC 2018 folder; repeat the flag for several files. A file "
-        "name holding train, val or test assigns that split, as in Bissoto's "
-        "isic_annotated_train1.csv (default: every *.csv in the folder)",
-    )
-    flags.add_argument(
-        "--synth-n",
-        type=_whole(8),
-        default=defaults.synth_n,
-        help="images to generate with --data synthetic",
-    )
-    flags.add_argument(
-        "--synth-balanced",
-        type=_whole(0),
-        default=defaults.synth_balanced,
-        help="with --data synthetic: images in a test_balanced split (artefacts independent "
-        "of the label)",
-    )
-    flags.add_argument(
-        "--test-split",
-        default=defaults.test_split,
-        help="split to evaluate on: test (falls back to val), test_balanced or val",
-    )
-    flags.add_argument(
-        "--coarse",
-        choices=COARSE_METHODS,
-        default=defaults.coarse,
-        help="coarse masks: the fine mask dilated, its bounding box, or a loose hand-drawn-like "
-        "outline (a smooth random polygon around the lesion); each grown by --coarse-margin",
-    )
-    flags.add_argument(
-        "--coarse-margin",
-        type=_number(0, 1, high_open=True),
-        default=defaults.coarse_margin,
-        help="dilation radius or box margin, as a fraction of the image size",
-    )
-    flags.add_argument(
-        "--fine-fraction",
-        type=_number(0, 1, low_open=True),
-        default=defaults.fine_fraction,
-        help="share of training images that get refined masks",
-    )
-    flags.add_argument(
-        "--synth-placement",
-        choices=PLACEMENTS,
-        default=defaults.synth_placement,
-        help=f"with --data synthetic: {PLACEMENT_HELP}",
-    )
-    flags.add_argument(
-        "--refine-jitter",
-        type=_whole(0),
-        default=defaults.refine_jitter,
-        metavar="PX",
-        help="refinements as a person draws them: the fine mask's border moved in or out by up "
-        "to PX pixels, smoothly, kept inside the coarse mask (default 0: exact)",
-    )
-    flags.add_argument(
-        "--refine-missed",
-        type=_number(0, 1),
-        default=defaults.refine_missed,
-        metavar="SHARE",
-        help="refinements as a person draws them: this share of the artefact pixels in the "
-        "forget set left as lesion, in patches (needs artefact maps: synthetic data)",
-    )
-    flags.add_argument(
-        "--encoder-weights",
-        metavar="NAME",
-        default=defaults.encoder_weights,
-        help="start the frozen encoder from segmentation_models_pytorch's weights of this name, "
-        "e.g. imagenet (downloaded once; needs the network)",
-    )
-    flags.add_argument(
-        "--encoder-checkpoint",
-        metavar="PATH",
-        default=defaults.encoder_checkpoint,
-        help="start the frozen encoder from an encoder checkpoint written by pretrain-encoder "
-        "(PATH.safetensors with PATH.json); --encoder must name its encoder",
-    )
-    flags.add_argument(
-        "--overwrite", action="store_true", help="replace an earlier result at --out"
-    )
-    return flags
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .data.folders import MIN_SIDE
     from .data.synthetic import PLACEMENTS
@@ -514,17 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write synthetic dermoscopy with planted shortcuts")
     synth.add_argument("--out", required=True, type=Path, help="folder to write")
-    synth.add_argument("--n", type=_whole(1), default=600, help="number of images")
+    synth.add_argument("--n", type=flags.whole(1), default=600, help="number of images")
     synth.add_argument(
         "--size",
-        type=_side(MIN_SIDE),
+        type=flags.side(MIN_SIDE),
         default=128,
         help=f"image side in pixels ({MIN_SIDE} to {MAX_IMAGE_SIZE})",
     )
-    synth.add_argument("--seed", type=_seed, default=0)
+    synth.add_argument("--seed", type=flags.seed_number, default=0)
     synth.add_argument(
         "--p",
-        type=_number(0, 1),
+        type=flags.number(0, 1),
         default=0.9,
         help="P(spurious artefact | malignant) in train; reversed in test",
     )
@@ -547,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", parents=[common, seed], help="train on coarse masks, unlearn, evaluate, report"
     )
-    run.add_argument("--refined", type=_ids, help="comma-separated ids to refine instead")
+    run.add_argument("--refined", type=flags.ids, help="comma-separated ids to refine instead")
     run.add_argument(
         "--refine-order",
         choices=REFINE_ORDERS,
@@ -558,18 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", choices=sorted(OPERATORS), default=defaults.method)
     run.add_argument(
         "--steps",
-        type=_whole(1),
+        type=flags.whole(1),
         help="unlearning steps (default: the operator's; for "
         "the certified operators, the fine-tuning steps after the noisy phase)",
     )
     run.add_argument(
         "--epsilon",
-        type=_number(0, float("inf"), low_open=True, high_open=True),
+        type=flags.number(0, float("inf"), low_open=True, high_open=True),
         help="certified operators: epsilon (default 1)",
     )
     run.add_argument(
         "--delta",
-        type=_number(0, 1, low_open=True, high_open=True),
+        type=flags.number(0, 1, low_open=True, high_open=True),
         help="certified operators: delta (default 1e-5)",
     )
     run.add_argument(
@@ -623,19 +377,19 @@ def build_parser() -> argparse.ArgumentParser:
         "set without a shortcut) and save it for --encoder-checkpoint",
     )
     pre.add_argument("--out", type=Path, required=True, help="writes OUT.safetensors and OUT.json")
-    pre.add_argument("--encoder", type=_encoder, default="mobilenet_v2")
-    pre.add_argument("--n", type=_whole(8), default=600, help="synthetic training images")
-    pre.add_argument("--image-size", type=_side(MIN_IMAGE_SIZE), default=96)
-    pre.add_argument("--epochs", type=_whole(1), default=30, help="at most (early stopping)")
-    pre.add_argument("--seed", type=_seed, default=0)
+    pre.add_argument("--encoder", type=flags.encoder, default="mobilenet_v2")
+    pre.add_argument("--n", type=flags.whole(8), default=600, help="synthetic training images")
+    pre.add_argument("--image-size", type=flags.side(MIN_IMAGE_SIZE), default=96)
+    pre.add_argument("--epochs", type=flags.whole(1), default=30, help="at most (early stopping)")
+    pre.add_argument("--seed", type=flags.seed_number, default=0)
     pre.add_argument(
         "--p",
-        type=_number(0, 1),
+        type=flags.number(0, 1),
         default=0.5,
         help="P(spurious artefact | malignant) of the pretraining set; 0.5: no shortcut",
     )
     pre.add_argument("--float32", action="store_true", help="store float32 (default float16)")
-    pre.add_argument("--device", type=_device, default="auto")
+    pre.add_argument("--device", type=flags.device, default="auto")
     pre.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     pre.set_defaults(func=_pretrain)
 
@@ -657,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--steps",
-        type=_whole(1),
+        type=flags.whole(1),
         help="unlearning steps of the demo run (default: the dock's, at most, for the method)",
     )
     demo.add_argument(
@@ -667,13 +421,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=_demo)
     return parser
-
-
-PLACEMENT_HELP = (
-    "where the spurious artefacts go: band (the dilation band, the default), corner (in the "
-    "lesion's box outside the dilation band), crossing (a strip across the lesion), outside "
-    "(near the lesion, outside every coarse mask kind)"
-)
 
 
 # What runs under torchrun with several processes (distributed.py); bench seeds composes the

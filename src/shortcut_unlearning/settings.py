@@ -39,6 +39,15 @@ def _home(kind: str) -> Path:
     return Path(platformdirs.user_data_dir(APP))
 
 
+def use_scripted_home() -> None:
+    """Scripted GUI runs keep their settings and autosaves in a folder of their own, so the
+    user's next session neither restores a demo's edits nor inherits a benchmark's steps."""
+    import tempfile
+
+    if not os.environ.get("SHORTCUT_UNLEARNING_HOME"):
+        os.environ["SHORTCUT_UNLEARNING_HOME"] = tempfile.mkdtemp(prefix="shortcut-unlearning-")
+
+
 def settings_file() -> Path:
     return _home("config") / "widget.json"
 

@@ -10,17 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import (
+from .. import flags
+from ..flags import (
     UsageError,
-    _config,
-    _number,
-    _scripted_home,
-    _seed,
-    _whole,
+    config_from,
     run_flags,
     seed_flag,
     training_flags,
 )
+from ..settings import use_scripted_home
 
 OUT = Path("out/bench")
 
@@ -108,13 +106,13 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "--steps",
         dest="max_steps",
         metavar="STEPS",
-        type=_whole(1),
+        type=flags.whole(1),
         default=200,
         help="NegGrad-Seg's unlearning steps, at most",
     )
     removal.add_argument(
         "--s-global-images",
-        type=_whole(1),
+        type=flags.whole(1),
         metavar="N",
         default=1000,
         help="images on which S_global and its report are timed",
@@ -126,7 +124,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         "training with cached encoder features against the plain loop, on the same steps",
         training,
     )
-    cache.add_argument("--n", type=_whole(1), default=64, help="synthetic images to train on")
+    cache.add_argument("--n", type=flags.whole(1), default=64, help="synthetic images to train on")
 
     gpu = command(
         "gpu",
@@ -136,10 +134,10 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         seed,
         out,
     )
-    gpu.add_argument("--n", type=_whole(1), default=512, help="synthetic images to train on")
-    gpu.add_argument("--batch-size", type=_whole(1), default=32, help="training batch size")
-    gpu.add_argument("--steps", type=_whole(1), default=60, help="unlearning steps per run")
-    gpu.add_argument("--repeats", type=_whole(1), default=3, help="timed runs of each variant")
+    gpu.add_argument("--n", type=flags.whole(1), default=512, help="synthetic images to train on")
+    gpu.add_argument("--batch-size", type=flags.whole(1), default=32, help="training batch size")
+    gpu.add_argument("--steps", type=flags.whole(1), default=60, help="unlearning steps per run")
+    gpu.add_argument("--repeats", type=flags.whole(1), default=3, help="timed runs of each variant")
 
     opened = command(
         "open",
@@ -158,7 +156,7 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         default=1024,
         help="longer side in pixels above which images are shrunk, or 'original'",
     )
-    opened.add_argument("--edits", type=_whole(1), default=20, help="edits to time")
+    opened.add_argument("--edits", type=flags.whole(1), default=20, help="edits to time")
     opened.add_argument(
         "--overlay-images",
         type=_whole_list,
@@ -195,43 +193,43 @@ class _WithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _seeds_flags() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
-    flags.add_argument(
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--seeds", type=_seed_list, default=[0, 1, 2], help="e.g. 0,1,2")
+    group.add_argument(
         "--steps",
-        type=_whole(1),
+        type=flags.whole(1),
         help="unlearning steps (default: the operator's; for the certified operators, the "
         "fine-tuning steps after the noisy phase)",
     )
-    return flags
+    return group
 
 
 def _methods_flag() -> argparse.ArgumentParser:
     from ..experiment import RunConfig
     from ..unlearning import OPERATORS
 
-    flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument(
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument(
         "--methods",
         type=_method_list,
         default=[RunConfig.method],
         help=f"comma-separated, from {', '.join(sorted(OPERATORS))}; NAME/head unlearns in "
         "the head scope, NAME@3 at eps 3, NAME:start=kept sets an operator option",
     )
-    return flags
+    return group
 
 
 def _out_flag() -> argparse.ArgumentParser:
-    flags = argparse.ArgumentParser(add_help=False)
-    flags.add_argument("--out", type=Path, default=OUT, help="folder to write")
-    return flags
+    group = argparse.ArgumentParser(add_help=False)
+    group.add_argument("--out", type=Path, default=OUT, help="folder to write")
+    return group
 
 
 def _seeds(args) -> None:
     from .seeds import seeds
     from .tables import markdown
 
-    result = seeds(_config(args, quiet=True), args.seeds, args.methods, args.out)
+    result = seeds(config_from(args, quiet=True), args.seeds, args.methods, args.out)
     if not result:  # a rank other than 0 under torchrun: rank 0 reports
         return
     print(markdown(result["summary"], result.get("paired")))
@@ -241,7 +239,7 @@ def _seeds(args) -> None:
 def _data(args) -> None:
     from .data_matrix import data_markdown, data_matrix
 
-    result = data_matrix(_config(args, quiet=True), args.seeds, args.methods, args.out)
+    result = data_matrix(config_from(args, quiet=True), args.seeds, args.methods, args.out)
     print(data_markdown(result["settings"]))
     print(f"written: {args.out / 'summary.md'}")
 
@@ -250,7 +248,7 @@ def _curve(args) -> None:
     from .curve import privacy_utility
     from .tables import markdown
 
-    result = privacy_utility(_config(args, quiet=True), args.seeds, args.epsilons, args.out)
+    result = privacy_utility(config_from(args, quiet=True), args.seeds, args.epsilons, args.out)
     if not result:  # a rank other than 0 under torchrun: rank 0 reports
         return
     print(markdown(result["summary"], result.get("paired")))
@@ -260,7 +258,7 @@ def _curve(args) -> None:
 def _ranking(args) -> None:
     from .ranking import ranking_markdown, refinement_order
 
-    config = _config(args, quiet=True)
+    config = config_from(args, quiet=True)
     result = refinement_order(config, args.seeds, args.out, args.fractions, args.orders)
     print(ranking_markdown(result))
     print(f"written: {args.out / 'summary.md'}, {args.out / 'ranking.png'}")
@@ -271,7 +269,7 @@ def _removal(args) -> None:
     from .removal import s_global_times, time_to_removal
 
     result = {
-        "removal": time_to_removal(_config(args, quiet=True), args.max_steps),
+        "removal": time_to_removal(config_from(args, quiet=True), args.max_steps),
         "s_global": s_global_times(n=args.s_global_images),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +333,7 @@ def _merge(args) -> None:
 def _widget(args) -> None:
     from . import widget  # napari and Qt: only these three benchmarks need them
 
-    _scripted_home()
+    use_scripted_home()
     measure = {
         "stall": widget.event_loop_stall,
         "overlay": widget.overlay_update,
@@ -354,20 +352,20 @@ def _working_size(text: str) -> int | None:
 
 
 def _seed_list(text: str) -> list[int]:
-    return [_seed(part.strip()) for part in text.split(",")]
+    return [flags.seed_number(part.strip()) for part in text.split(",")]
 
 
 def _whole_list(text: str) -> list[int]:
-    return [_whole(1)(part.strip()) for part in text.split(",")]
+    return [flags.whole(1)(part.strip()) for part in text.split(",")]
 
 
 def _epsilon_list(text: str) -> list[float]:
-    parse = _number(0, float("inf"), low_open=True, high_open=True)
+    parse = flags.number(0, float("inf"), low_open=True, high_open=True)
     return [parse(part.strip()) for part in text.split(",")]
 
 
 def _fraction_list(text: str) -> list[float]:
-    parse = _number(0, 1, low_open=True)
+    parse = flags.number(0, 1, low_open=True)
     return sorted({parse(part.strip()) for part in text.split(",")})
 
 
