@@ -114,7 +114,7 @@ def main(out: Path, images: int, size: tuple[int, int]) -> dict:
     with task.step("Unlearn (pressed, to the worker started)"):
         watch = RunWatch(widget, lambda: task.press(widget.run))
     run_start = time.perf_counter()
-    wait(lambda: widget.worker is None, 3600)
+    wait(lambda: not widget.running, 3600)
     task.run_s = time.perf_counter() - run_start
     with task.step("results drawn"):
         watch.wait(600)

@@ -43,7 +43,7 @@ def event_loop_stall(steps: int = 40, refine: int = 3, runs: int = 2, viewer=Non
         start = time.perf_counter()
         watch = RunWatch(widget)  # Unlearn, on the UI thread: the parameters, the masks' snapshot
         launched = time.perf_counter()
-        wait(lambda: widget.worker is None, 1800)
+        wait(lambda: not widget.running, 1800)
         finished = time.perf_counter()
         watch.wait(600)
         shown = time.perf_counter()

@@ -733,9 +733,14 @@ class ShortcutUnlearningWidget(QWidget):
         return self._ready
 
     @property
+    def running(self) -> bool:
+        """A run's worker is going (its results are drawn after it ends)."""
+        return self.worker is not None
+
+    @property
     def busy(self) -> bool:
         """A run is going, or its results are still being drawn."""
-        return self.worker is not None or self.results.displaying
+        return self.running or self.results.displaying
 
     def _announce_end(self) -> None:
         """run_finished, once the run has ended and nothing is left to draw."""
