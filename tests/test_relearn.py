@@ -32,7 +32,7 @@ def relearn(**options):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"start": "noise"}, {"start": "noise", "statistics": "fixed"}]
+    "options", [{}, {"statistics": "reestimated"}, {"start": "noise"}]
 )
 def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data, options):
     """Two starting models that share the frozen encoder and differ in the scope, and forget
