@@ -31,9 +31,7 @@ def relearn(**options):
     return make_operator("relearn", steps=6, batch_size=4, validate_every=2, **options)
 
 
-@pytest.mark.parametrize(
-    "options", [{}, {"statistics": "reestimated"}, {"start": "noise"}]
-)
+@pytest.mark.parametrize("options", [{}, {"statistics": "reestimated"}, {"start": "noise"}])
 def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data, options):
     """Two starting models that share the frozen encoder and differ in the scope, and forget
     pixels whose coarse class differs: the released scope is the same to the bit."""

@@ -104,12 +104,12 @@ def test_s_global_within_chance_before_the_run_cannot_tell():
     assert fell.evidence[0].reading == LESS and not fell.warnings
 
 
-def test_a_swing_of_the_malignant_share_above_15_points_warns():
-    swung = judge(record(share=0.45), record(share=0.76))
+def test_a_swing_of_the_malignant_share_above_10_points_warns():
+    swung = judge(record(share=0.45), record(share=0.57))
     (warning,) = swung.warnings
-    assert "from 45% to 76% (31 points)" in warning
+    assert "from 45% to 57% (12 points)" in warning
     assert "WARNING: " + warning in swung.lines()
-    assert not judge(record(share=0.45), record(share=0.55)).warnings
+    assert not judge(record(share=0.45), record(share=0.54)).warnings
 
 
 def test_band_reliance_reads_less_as_much_more_or_cannot_tell():

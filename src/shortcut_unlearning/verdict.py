@@ -23,7 +23,9 @@ from .evaluation import BandReliance, Evaluation
 
 LESS, SAME, MORE, UNSURE = "less", "as much", "more", "cannot tell"
 OPPOSITE = {LESS: MORE, MORE: LESS}
-SHARE_SWING = 0.15  # a larger swing of the malignant share of the predicted lesion warns
+# A larger swing of the malignant share of the predicted lesion warns: more than the 10
+# points a run may move the class balance before the clinician should look.
+SHARE_SWING = 0.10
 # "As much": the change's 95% interval lies within this share of the value before the run.
 EQUIVALENT = 0.5
 N_BOOT = 1000
