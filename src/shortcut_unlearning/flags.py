@@ -149,7 +149,12 @@ def seed_flag() -> argparse.ArgumentParser:
     """--seed, for the commands that run with one seed."""
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument(
-        "--seed", type=seed_number, default=0, help="seed of the data and the models"
+        "--seed",
+        type=seed_number,
+        default=0,
+        help="seed of the data, the models and the unlearning: the same seed on the same "
+        "number of threads gives the same run, but for the certified operators, whose noise "
+        "is drawn from fresh OS entropy",
     )
     return flags
 
