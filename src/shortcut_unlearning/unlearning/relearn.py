@@ -13,8 +13,9 @@ soft Dice term, stopped by a validation probe on a seeded share of the unrefined
 held out of it (their retain loss, the uncertain band ignored); the best weights measured are
 released. The scope's batch norms normalise with statistics estimated on the retain images at
 the erased start and fixed, as the certified operators' recovery does: relearnt on batch
-statistics, as training learns, the class decision kept more of the artefact
-(benchmarks/BENCHMARKS.md, "What made model clipping's erase better").
+statistics, as training learns, the class decision kept more of the artefact, though the
+runs varied less (benchmarks/BENCHMARKS.md, "What made model clipping's erase better: fixed
+batch-norm statistics").
 """
 
 from __future__ import annotations
