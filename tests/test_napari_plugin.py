@@ -76,8 +76,10 @@ def test_another_model_turns_the_run_off_until_it_has_loaded(
     widget = open_widget(make_napari_viewer(), qtbot, small_model)
     other = Model.load(small_model)
     other.save(tmp_path / "other")
-    widget.model_path.setText(str(tmp_path / "other.safetensors"))
-    widget.model_path.editingFinished.emit()
+    widget.model_path.setFocus()
+    qtbot.keyClick(widget.model_path, Qt.Key.Key_A, Qt.KeyboardModifier.ControlModifier)
+    qtbot.keyClicks(widget.model_path, str(tmp_path / "other.safetensors"))
+    qtbot.keyClick(widget.model_path, Qt.Key.Key_Return)  # typed, as a user changes it
     assert not widget.ready and not widget.run.isEnabled()
     qtbot.waitUntil(lambda: widget.ready and widget.bench.loaded, timeout=60_000)
     assert widget.run.isEnabled() and widget.bench.model_path.name == "other.safetensors"

@@ -139,8 +139,8 @@ def overall(lead: list[Evidence], support: list[Evidence]) -> tuple[str, str]:
             f"the measures disagree ({_lower(first.name)}: {first.reading}; "
             f"{_lower(against[0].name)}: {against[0].reading})."
         )
-    moved = [e for e in support if first.reading == SAME and e.reading in OPPOSITE]
-    if moved:  # the lead holds, but a change the reader sees below must not look ignored
+    moved = [e for e in support if e.reading in OPPOSITE]
+    if first.reading == SAME and moved:  # a change the reader sees below must not look ignored
         way = "fell" if moved[0].reading == LESS else "rose"
         return SAME, (
             f"By {_lower(first.name)}, the model's class decision relies on the erased pixels "

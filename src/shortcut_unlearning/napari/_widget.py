@@ -211,8 +211,7 @@ class ShortcutUnlearningWidget(QWidget):
 
         self._run_controls = (self.method, self.scope, self.context, self.steps, self.epsilon)
         self._run_controls += (self.delta, self.device, self.seed, defaults, self.run)
-        for control in self._run_controls:
-            control.setEnabled(False)
+        self._set_ready(False)
         self.model_path.editingFinished.connect(self._model_changed)
         for combo in (self.method, self.scope, self.context, self.device):
             combo.currentIndexChanged.connect(self._parameters_changed)
@@ -273,9 +272,7 @@ class ShortcutUnlearningWidget(QWidget):
                 self.method.setItemData(self.method.count() - 1, tip, Qt.ItemDataRole.ToolTipRole)
             self.method.blockSignals(False)
             self._fit_width()
-        self._ready = True
-        for control in self._run_controls:
-            control.setEnabled(True)
+        self._set_ready(True)
         self._set_parameters(self.bench.parameters)
         self.results.current.setText(self.bench.status())
         self.results.warm_text()
@@ -403,9 +400,7 @@ class ShortcutUnlearningWidget(QWidget):
     def _model_changed(self) -> None:
         self.bench.set_model_path(self.model_path.text())
         self._show_results(None)
-        self._ready = False  # until the new model is loaded (_on_ready)
-        for control in self._run_controls:
-            control.setEnabled(False)
+        self._set_ready(False)  # until the new model is loaded (_on_ready)
         self._warm_up()
 
     # -- refinement ------------------------------------------------------------------------------
@@ -725,6 +720,11 @@ class ShortcutUnlearningWidget(QWidget):
             "" if record is None else f"Finished run {record.number} in {duration(record.seconds)}."
         )
         self._announce_end()
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        for control in self._run_controls:
+            control.setEnabled(ready)
 
     @property
     def ready(self) -> bool:
