@@ -5,8 +5,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, refinement
 
+from shortcut_unlearning import metrics
 from shortcut_unlearning.model import FrozenInputs, Model
 from shortcut_unlearning.progress import drive
 from shortcut_unlearning.unlearning import UnlearnData, make_operator
@@ -31,7 +33,10 @@ def relearn(**options):
     return make_operator("relearn", steps=6, batch_size=4, validate_every=2, **options)
 
 
-@pytest.mark.parametrize("options", [{}, {"statistics": "reestimated"}, {"start": "noise"}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"statistics": "reestimated"}, {"start": "noise"}, {"average": 0.9, "calibrate": True}],
+)
 def test_a_fresh_start_releases_the_same_scope_whatever_the_coarse_scope_learned(data, options):
     """Two starting models that share the frozen encoder and differ in the scope, and forget
     pixels whose coarse class differs: the released scope is the same to the bit."""
@@ -91,6 +96,8 @@ def test_settings_are_checked():
         Relearn(validation_share=1.0)
     with pytest.raises(ValueError, match="batches one of"):
         Relearn(batches="stratified")
+    with pytest.raises(ValueError, match="average must lie"):
+        Relearn(average=1.0)
 
 
 def test_pooled_batches_draw_every_retain_image_alike():
@@ -113,3 +120,40 @@ def test_pooled_batches_draw_every_retain_image_alike():
 def test_pooled_relearning_runs(data):
     result = drive(relearn(batches="pooled").run(Model(TINY), data), quiet=True)
     assert result.steps >= 1 and not result.collapsed
+
+
+class Watched(Relearn):
+    """Relearn that keeps the scope after the erase and after every step."""
+
+    def prepare(self, model, inputs, retain_rows):
+        super().prepare(model, inputs, retain_rows)
+        self.seen = [[p.detach().clone() for p in model.scoped_parameters()]]
+
+    def after_step(self, model, step, rng):
+        super().after_step(model, step, rng)
+        self.seen.append([p.detach().clone() for p in model.scoped_parameters()])
+
+
+def test_averaging_releases_the_moving_average_of_the_weights(data):
+    """Measured at the last step only, the release is the exponential moving average of the
+    erased start and every step's weights, not the last step's weights."""
+    op = Watched(steps=5, batch_size=4, validate_every=5, average=0.6)
+    released = drive(op.run(Model(TINY), data), quiet=True).model.scoped_parameters()
+    average = op.seen[0]
+    for weights in op.seen[1:]:
+        average = [0.6 * a + 0.4 * w for a, w in zip(average, weights, strict=True)]
+    assert all(torch.allclose(r, a, atol=1e-6) for r, a in zip(released, average, strict=True))
+    assert not all(torch.equal(r, w) for r, w in zip(released, op.seen[-1], strict=True))
+
+
+def test_calibration_gives_the_held_out_images_their_labels_class_mix(data):
+    op = relearn(calibrate=True, validation_share=0.5)
+    result = drive(op.run(Model(TINY), data), quiet=True)
+    record = result.stopping["class_calibration"]
+    logits, targets = op._probe.logits(result.model)  # the released model's
+    lesion = (targets == 1) | (targets == 2)
+    wanted = float((targets == 2).sum() / lesion.sum())
+    called = metrics.malignant_share(F.softmax(logits, dim=1).cpu().numpy())
+    assert record["target_share"] == pytest.approx(wanted)
+    assert called == pytest.approx(wanted, abs=0.02)
+    assert abs(record["share_before"] - wanted) > 0.02  # there was something to correct

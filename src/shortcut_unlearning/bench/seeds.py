@@ -125,7 +125,10 @@ def method_config(base: RunConfig, method: str) -> RunConfig:
 
 
 def _option_value(text: str):
-    """An operator option's value from its text: a number where it reads as one."""
+    """An operator option's value from its text: true or false, a number where it reads as
+    one, else the text."""
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)

@@ -158,8 +158,10 @@ class Operator:
         may keep some back to validate on)."""
         return train_rows
 
-    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
-        """Called once on the weights the run releases (after a stop or the last step)."""
+    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> dict | None:
+        """Called once on the weights the run releases (after a stop or the last step); what
+        it returns is added to the stop record."""
+        return None
 
     def should_stop(self, model: Model, step: int) -> dict | None:
         """Called after each step: a record of why the run ends here (key 'reason'), or None.
@@ -297,7 +299,9 @@ class Operator:
                 self.phase_end(work, phase, inputs, retain_rows)
             stopping = self.should_stop(work, step)
             if stopping or step == self.steps:
-                self.release(work, inputs, retain_rows)
+                released = self.release(work, inputs, retain_rows)
+                if released:
+                    stopping = {**(stopping or {}), **released}
             metrics = None
             # the host reads the device; the run's last step is probed, also an early stop
             if step % self.probe_every == 0 or step == self.steps or stopping:

@@ -30,14 +30,18 @@ class ValidationProbe:
         self.curve: list[tuple[int, float]] = []
 
     @torch.no_grad()
-    def loss(self, model: Model) -> float:
+    def logits(self, model: Model) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out images' logits (float) and retain targets."""
         model.net.eval()  # the loop sets the mode again before its next step
         parts = []
         for start in range(0, len(self.rows), 32):
             with model.autocast():
                 parts.append(model.scoped_forward(self.inputs[self.rows[start : start + 32]]))
         logits = torch.cat(parts).float()
-        targets = self.targets[torch.as_tensor(self.rows, device=logits.device)]
+        return logits, self.targets[torch.as_tensor(self.rows, device=logits.device)]
+
+    def loss(self, model: Model) -> float:
+        logits, targets = self.logits(model)
         ce = F.cross_entropy(logits, targets, ignore_index=IGNORE)
         # rank 0 alone measures (measure): no collective in here
         return float(ce + soft_dice_loss(logits, targets, pooled=False))
@@ -97,6 +101,11 @@ class Relearning(Operator):
         self._probe = ValidationProbe(inputs, targets, np.sort(held))
         return np.setdiff1d(train_rows, held)
 
+    def measure(self, model: Model, step: int) -> None:
+        """The validation probe's measurement at `step` (of the weights it would release)."""
+        assert self._probe is not None
+        self._probe.measure(model, step)
+
     def should_stop(self, model: Model, step: int) -> dict | None:
         start, probe = self.relearn_from(), self._probe
         if step < start or probe is None:
@@ -104,7 +113,7 @@ class Relearning(Operator):
         last = step == self.steps
         since = step - start  # relearning steps taken
         if len(probe.rows) and (since % self.validate_every == 0 or last):
-            probe.measure(model, step)
+            self.measure(model, step)
         if last:
             reason = self.finished if since else "no recovery"
         elif since and probe.stale >= self.patience:

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import brentq
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ..data.lesion_set import BENIGN, MALIGNANT
 from ..model import FrozenInputs, Model, frozen_provenance
 from ..retain import FORGETS
 from ..settings import OperatorSettings
@@ -34,7 +37,7 @@ from .certified import (
     rescale_to_initial_norms,
     reset_batch_statistics,
 )
-from .recovery import Relearning
+from .recovery import Relearning, ValidationProbe
 
 # How the scope starts: "fresh" a new initialisation (seeded; exact unlearning), "noise" a
 # seeded Gaussian draw given a fresh initialisation's scale (the start the certified
@@ -111,6 +114,12 @@ class Relearn(Relearning):
     start: str = "fresh"
     statistics: str = "fixed"
     batches: str = "paired"
+    # Decay of an exponential moving average of the scope's weights, which the validation
+    # probe measures and the run releases; 0: the weights as they are.
+    average: float = 0.0
+    # Shift the malignant logit of the release so that the held-out images' predicted lesion
+    # pixels are malignant in the share their labels are (the training split's class mix).
+    calibrate: bool = False
 
     name = "relearn"
 
@@ -128,6 +137,11 @@ class Relearn(Relearning):
             )
         if not self.dice_weight >= 0:
             raise ValueError(f"dice_weight must be at least 0, got {self.dice_weight}")
+        if not 0 <= self.average < 1:
+            raise ValueError(f"average must lie in [0, 1), got {self.average}")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"calibrate must be true or false, got {self.calibrate!r}")
+        self._average: list[torch.Tensor] | None = None
 
     def loss(self, retain_ce: torch.Tensor, forget_ce: torch.Tensor) -> dict[str, torch.Tensor]:
         # The retain loss alone; the forget pixels are not read.
@@ -150,6 +164,22 @@ class Relearn(Relearning):
             reset_batch_statistics(model)
         elif self.statistics == "fixed":
             estimate_batch_statistics(model, inputs, retain_rows, self.batch_size)
+        self._average = None
+        if self.average:
+            self._average = [p.detach().clone() for p in model.scoped_parameters()]
+
+    @torch.no_grad()
+    def after_step(self, model: Model, step: int, rng: np.random.Generator) -> None:
+        if self._average is not None:
+            params = [p.detach() for p in model.scoped_parameters()]
+            get_ema_multi_avg_fn(self.average)(self._average, params, step)
+
+    def measure(self, model: Model, step: int) -> None:
+        if self._average is None:
+            return super().measure(model, step)
+        trained = _swap_parameters(model, self._average)
+        super().measure(model, step)
+        _swap_parameters(model, trained)
 
     def batch_statistics_in(self, phase: str) -> bool:
         return self.statistics == "reestimated" or self.batch_statistics
@@ -157,10 +187,16 @@ class Relearn(Relearning):
     def dice_weight_in(self, phase: str) -> float:
         return self.dice_weight
 
-    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> None:
+    def release(self, model: Model, inputs: FrozenInputs, retain_rows: np.ndarray) -> dict | None:
+        probe = self._probe
+        if self._average is not None and (probe is None or probe.best_state is None):
+            _swap_parameters(model, self._average)  # nothing measured: the average itself
         # the released weights' own statistics, not the running averages of the relearning
         if self.statistics == "reestimated":
             estimate_batch_statistics(model, inputs, retain_rows, self.batch_size)
+        if not self.calibrate:
+            return None
+        return {"class_calibration": calibrate_classes_(model, probe)}
 
     def exactness(self, model: Model) -> Exactness:
         """What a run from `model` guarantees."""
@@ -188,3 +224,61 @@ def noise_scope_(model: Model, seed: int) -> None:
     for p in model.scoped_parameters():
         p.copy_(torch.randn(p.shape, generator=draw).to(p.device, p.dtype))
     rescale_to_initial_norms(model)
+
+
+@torch.no_grad()
+def _swap_parameters(model: Model, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Give the scope's parameters `values`; returns the ones they had."""
+    params = model.scoped_parameters()
+    before = [p.detach().clone() for p in params]
+    for p, v in zip(params, values, strict=True):
+        p.copy_(v)
+    return before
+
+
+@torch.no_grad()
+def calibrate_classes_(model: Model, probe: ValidationProbe | None) -> dict:
+    """Add to the head's malignant bias the shift that makes the share of the held-out
+    images' predicted lesion pixels called malignant equal to their retain targets' share
+    (the training split's class mix); what was done, as a record."""
+    if probe is None or not len(probe.rows):
+        return {"shift": 0.0, "note": "no image was held out: not calibrated"}
+    logits, targets = probe.logits(model)
+    lesion = (targets == BENIGN) | (targets == MALIGNANT)
+    if not lesion.any():
+        return {"shift": 0.0, "note": "the held-out images have no lesion pixel: not calibrated"}
+    target = float((targets == MALIGNANT).sum() / lesion.sum())
+
+    def share(shift: float) -> float:
+        moved = logits.clone()
+        moved[:, MALIGNANT] += shift
+        pred = moved.argmax(dim=1)
+        called = int((pred != 0).sum())
+        return float((pred == MALIGNANT).sum()) / called if called else 0.0
+
+    before = share(0.0)
+    low, high = -_SHIFT_RANGE, _SHIFT_RANGE
+    if not share(low) < target < share(high):
+        return {
+            "shift": 0.0,
+            "target_share": target,
+            "share_before": before,
+            "note": "no shift in range reaches the target share: not calibrated",
+        }
+    shift = float(brentq(lambda d: share(d) - target, low, high, xtol=1e-3))
+    head = [m for m in model.net.segmentation_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    bias = head[-1].bias
+    if bias is None:
+        raise ValueError("the segmentation head's last convolution has no bias to calibrate")
+    bias[MALIGNANT] += shift
+    return {
+        "shift": shift,
+        "target_share": target,
+        "share_before": before,
+        "share_after": share(shift),
+        "images": len(probe.rows),
+    }
+
+
+# The largest shift of the malignant logit the calibration tries, either way.
+_SHIFT_RANGE = 20.0
