@@ -157,3 +157,17 @@ def test_calibration_gives_the_held_out_images_their_labels_class_mix(data):
     assert record["target_share"] == pytest.approx(wanted)
     assert called == pytest.approx(wanted, abs=0.02)
     assert abs(record["share_before"] - wanted) > 0.02  # there was something to correct
+
+
+def test_a_benchmark_names_relearn_options_in_its_method():
+    from shortcut_unlearning.bench.seeds import method_config
+    from shortcut_unlearning.experiment import RunConfig, build_operator
+
+    def built(method):
+        return build_operator(method_config(RunConfig(), method))
+
+    op = built("relearn:average=0.95:calibrate=true:seed=7")
+    assert (op.average, op.calibrate, op.seed) == (0.95, True, 7)
+    assert built("relearn:calibrate=false").calibrate is False
+    with pytest.raises(ValueError, match="calibrate must be true or false"):
+        built("relearn:calibrate=yes")
